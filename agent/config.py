@@ -1,0 +1,316 @@
+"""Configuration: TOML, every key documented in ``etc/pathagent.toml``.
+
+``load(path)`` returns a ``Config`` or raises ``ConfigError`` listing *every* problem with its key
+(unknown keys, wrong types, bad values, and settings that break the self-fencing inequality, see
+``docs/fencing.md``). Durations are seconds (numbers); addresses are ``host:port``.
+
+Lookup order for the file: ``--config``, ``$PATHAGENT_CONFIG``, ``/etc/pathagent/pathagent.toml``.
+A missing default file means "all defaults"; a missing file that was named explicitly is an error.
+"""
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+from agent.errors import ConfigError
+
+DEFAULT_PATH = "/etc/pathagent/pathagent.toml"
+
+
+@dataclass(frozen=True)
+class ConsulConfig:
+    address: str = "127.0.0.1:8500"
+    scheme: str = "http"
+    token: str = field(default="", repr=False)
+    token_file: str = ""
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    prefix: str = "pathagent"
+    session_name: str = "iSCSITarget"
+    checks: tuple[str, ...] = ()
+    lock_delay: float = 8.0
+    fence_after: float = 4.0
+    confirm_interval: float = 1.0
+    timeout: float = 1.5
+    wait: float = 30.0
+    detection_min: float = 2.0
+    election_stall: float = 3.5
+
+    @property
+    def host(self) -> str:
+        return self.address.rsplit(":", 1)[0]
+
+    @property
+    def port(self) -> int:
+        return int(self.address.rsplit(":", 1)[1])
+
+    def resolved_token(self) -> str:
+        """The ACL token from ``token`` or ``token_file`` (empty: none). Never logged."""
+        if self.token:
+            return self.token
+        if self.token_file:
+            with open(self.token_file, encoding="utf-8") as f:
+                return f.read().strip()
+        return ""
+
+
+@dataclass(frozen=True)
+class CephConfig:
+    conf: str = "/etc/ceph/ceph.conf"
+    client_id: str = "admin"
+    pool: str = "rbd"
+    refresh: float = 30.0
+    timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class PluginTable:
+    backend: str
+    options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def own(self) -> Mapping[str, Any]:
+        return self.options.get(self.backend, {})
+
+
+@dataclass(frozen=True)
+class Config:
+    node_name: str = ""
+    consul: ConsulConfig = ConsulConfig()
+    ceph: CephConfig = CephConfig()
+    state_dir: str = "/var/lib/pathagent"
+    target: PluginTable = PluginTable("lio")
+    port: int = 3260
+    stop_time: float = 2.0
+    network: PluginTable = PluginTable("iproute")
+    catalog: PluginTable = PluginTable("rbd")
+    placement_grace: float = 3.0
+    metrics_listen: str = ""
+    log_level: str = "INFO"
+    log_format: str = "text"
+    source: str = ""
+
+
+# --- schema: table -> key -> (type check, description) -----------------------------------------------
+
+def _num(lo: float, hi: float) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return f"must be a number of seconds, not {type(v).__name__}"
+        if not lo <= v <= hi:
+            return f"must be between {lo:g} and {hi:g}"
+        return None
+    return check
+
+
+def _int(lo: int, hi: int) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        if isinstance(v, bool) or not isinstance(v, int):
+            return f"must be an integer, not {type(v).__name__}"
+        if not lo <= v <= hi:
+            return f"must be between {lo} and {hi}"
+        return None
+    return check
+
+
+def _str(allow_empty: bool = True) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        if not isinstance(v, str):
+            return f"must be a string, not {type(v).__name__}"
+        if not allow_empty and not v:
+            return "must not be empty"
+        return None
+    return check
+
+
+def _choice(*choices: str) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        if v not in choices:
+            return f"must be one of {', '.join(choices)}"
+        return None
+    return check
+
+
+def _address(v: Any) -> str | None:
+    if not isinstance(v, str) or ":" not in v:
+        return "must be host:port"
+    host, port = v.rsplit(":", 1)
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return "must be host:port with a port 1-65535"
+    return None
+
+
+def _address_or_empty(v: Any) -> str | None:
+    return None if v == "" else _address(v)
+
+
+def _str_list(v: Any) -> str | None:
+    if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v):
+        return "must be a list of check names"
+    return None
+
+
+SCHEMA: dict[str, dict[str, Callable[[Any], str | None]]] = {
+    "node": {"name": _str()},
+    "consul": {
+        "address": _address, "scheme": _choice("http", "https"), "token": _str(), "token_file": _str(),
+        "ca_file": _str(), "cert_file": _str(), "key_file": _str(), "prefix": _str(False),
+        "session_name": _str(False), "checks": _str_list, "lock_delay": _num(1, 60),
+        "fence_after": _num(0.5, 60), "confirm_interval": _num(0.1, 10), "timeout": _num(0.2, 10),
+        "wait": _num(1, 300), "detection_min": _num(0.5, 60), "election_stall": _num(0, 60),
+    },
+    "ceph": {"conf": _str(False), "client_id": _str(False), "pool": _str(False), "refresh": _num(1, 3600),
+             "timeout": _num(1, 300)},
+    "state": {"dir": _str(False)},
+    "target": {"backend": _str(False), "port": _int(1, 65535), "stop_time": _num(0.1, 60)},
+    "network": {"backend": _str(False)},
+    "catalog": {"backend": _str(False)},
+    "placement": {"grace": _num(0, 600)},
+    "metrics": {"listen": _address_or_empty},
+    "log": {"level": _choice("DEBUG", "INFO", "WARNING", "ERROR"), "format": _choice("text", "json")},
+}
+PLUGIN_TABLES = ("target", "network", "catalog")
+
+
+def _plugin_keys(kind: str, name: str) -> Mapping[str, str] | None:
+    """The config keys plugin ``name`` accepts, or None when it cannot be loaded (reported elsewhere)."""
+    from agent import plugins  # stevedore import only when checking plugin tables
+    try:
+        return dict(getattr(plugins.plugin_class(kind, name), "config_keys", {}))
+    except ConfigError:
+        return None
+
+
+def parse(data: Mapping[str, Any], source: str = "") -> Config:
+    """Build a ``Config`` from decoded TOML, or raise ``ConfigError`` with every problem."""
+    problems: list[tuple[str, str]] = []
+    values: dict[str, dict[str, Any]] = {t: {} for t in SCHEMA}
+    sub: dict[str, dict[str, Mapping[str, Any]]] = {t: {} for t in PLUGIN_TABLES}
+    for table, body in data.items():
+        if table not in SCHEMA:
+            problems.append((table, "unknown table"))
+            continue
+        if not isinstance(body, dict):
+            problems.append((table, "must be a table"))
+            continue
+        for key, v in body.items():
+            name = f"{table}.{key}"
+            if table in PLUGIN_TABLES and isinstance(v, dict):
+                sub[table][key] = v
+                continue
+            check = SCHEMA[table].get(key)
+            if check is None:
+                problems.append((name, "unknown key"))
+                continue
+            err = check(v)
+            if err:
+                problems.append((name, err))
+            else:
+                values[table][key] = v
+
+    c = values["consul"]
+    consul_kw = dict(c)
+    if "checks" in consul_kw:
+        consul_kw["checks"] = tuple(consul_kw["checks"])
+    consul = ConsulConfig(**consul_kw)
+    if consul.token and consul.token_file:
+        problems.append(("consul.token_file", "set either token or token_file, not both"))
+    if consul.token_file and not os.path.isfile(consul.token_file):
+        problems.append(("consul.token_file", "no such file"))
+    if consul.scheme == "https":
+        for k in ("ca_file", "cert_file", "key_file"):
+            p = getattr(consul, k)
+            if p and not os.path.isfile(p):
+                problems.append((f"consul.{k}", "no such file"))
+    if bool(consul.cert_file) != bool(consul.key_file):
+        problems.append(("consul.key_file", "cert_file and key_file go together"))
+
+    targets = {**values["target"]}
+    cfg = Config(
+        node_name=values["node"].get("name", ""),
+        consul=consul,
+        ceph=CephConfig(**values["ceph"]),
+        state_dir=values["state"].get("dir", Config.state_dir),
+        target=PluginTable(targets.get("backend", "lio"), sub["target"]),
+        port=targets.get("port", 3260),
+        stop_time=targets.get("stop_time", 2.0),
+        network=PluginTable(values["network"].get("backend", "iproute"), sub["network"]),
+        catalog=PluginTable(values["catalog"].get("backend", "rbd"), sub["catalog"]),
+        placement_grace=values["placement"].get("grace", 3.0),
+        metrics_listen=values["metrics"].get("listen", ""),
+        log_level=values["log"].get("level", "INFO"),
+        log_format=values["log"].get("format", "text"),
+        source=source,
+    )
+    problems.extend(fencing_problems(cfg))
+    for kind in PLUGIN_TABLES:
+        table: PluginTable = getattr(cfg, kind)
+        for name, body in table.options.items():
+            keys = _plugin_keys(kind, name)
+            if keys is None:
+                problems.append((f"{kind}.{name}", f"no {kind} plugin named {name!r}"))
+                continue
+            for k in body:
+                if k not in keys:
+                    problems.append((f"{kind}.{name}.{k}", "unknown key"))
+        if _plugin_keys(kind, table.backend) is None:
+            from agent import plugins
+            problems.append((f"{kind}.backend", f"unknown {kind} plugin {table.backend!r}; available: "
+                                                f"{', '.join(plugins.available(kind))}"))
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def fencing_problems(cfg: Config) -> list[tuple[str, str]]:
+    """The self-fencing inequality (docs/fencing.md):
+
+    - ``fence_after + timeout + stop_time < detection_min + lock_delay``: a cut-off node has stopped
+      serving before any other node can lock its paths;
+    - ``fence_after > election_stall + timeout``: a Consul leader election does not fence healthy nodes;
+    - ``fence_after > confirm_interval + timeout``: a confirmation can succeed within the window.
+    """
+    c = cfg.consul
+    out: list[tuple[str, str]] = []
+    worst = c.fence_after + c.timeout + cfg.stop_time
+    safe = c.detection_min + c.lock_delay
+    if not worst < safe:
+        out.append(("consul.fence_after",
+                    f"fence_after + timeout + target.stop_time = {worst:g}s must be below "
+                    f"detection_min + lock_delay = {safe:g}s, or another node could take the paths while "
+                    f"this one still serves them"))
+    if not c.fence_after > c.election_stall + c.timeout:
+        out.append(("consul.fence_after", f"must exceed election_stall + timeout = "
+                                          f"{c.election_stall + c.timeout:g}s, or a Consul leader election "
+                                          f"fences healthy nodes"))
+    if not c.fence_after > c.confirm_interval + c.timeout:
+        out.append(("consul.confirm_interval", "confirm_interval + timeout must be below fence_after"))
+    return out
+
+
+def config_path(explicit: str | None) -> tuple[str, bool]:
+    """The file to read and whether it was named explicitly."""
+    if explicit:
+        return explicit, True
+    env = os.environ.get("PATHAGENT_CONFIG")
+    if env:
+        return env, True
+    return DEFAULT_PATH, False
+
+
+def load(explicit: str | None = None) -> Config:
+    path, named = config_path(explicit)
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        if named:
+            raise ConfigError([("(file)", f"{path}: no such file")]) from None
+        data = {}
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError([("(file)", f"{path}: not valid TOML: {e}")]) from None
+    except OSError as e:
+        raise ConfigError([("(file)", f"{path}: {e.strerror}")]) from None
+    return parse(data, path)

@@ -1,0 +1,58 @@
+"""The Consul key layout, in one place.
+
+``{prefix}/disks/{disk_id}``            disk record (JSON ``{"pool", "image", ...}``), exists while started
+``{prefix}/disks/{disk_id}/{index}``    path lock key, 1-based index = TPG tag; value while held:
+                                        ``{"node", "session", "since"}``
+``{prefix}/nodes/{node}``               node record, locked by the node's session while its agent runs
+                                        (value ``{"node", "session", "since", "backend"}``); the set of
+                                        locked node records is the set of live agents used for placement
+``{prefix}/moves/{disk_id}/{index}``    a pending ``path move`` request (value ``{"node": target}``)
+
+Pure: parsing and formatting only.
+"""
+from __future__ import annotations
+
+import re
+
+from agent.model import PathKey
+
+DISK_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+
+
+def disks_prefix(prefix: str) -> str:
+    return f"{prefix}/disks/"
+
+
+def disk_key(prefix: str, disk_id: str) -> str:
+    return f"{prefix}/disks/{disk_id}"
+
+
+def path_key(prefix: str, path: PathKey) -> str:
+    return f"{prefix}/disks/{path.disk}/{path.index}"
+
+
+def node_key(prefix: str, node: str) -> str:
+    return f"{prefix}/nodes/{node}"
+
+
+def move_key(prefix: str, path: PathKey) -> str:
+    return f"{prefix}/moves/{path.disk}/{path.index}"
+
+
+def parse(prefix: str, key: str) -> tuple[str, str | PathKey] | None:
+    """Classify a key under ``prefix``: ``("disk", id)``, ``("path", PathKey)``, ``("node", name)``,
+    ``("move", PathKey)``; ``None`` for anything else (it is ignored, never an error)."""
+    head = prefix + "/"
+    if not key.startswith(head):
+        return None
+    parts = key[len(head):].split("/")
+    if len(parts) == 2 and parts[0] == "disks" and DISK_ID_RE.match(parts[1]):
+        return ("disk", parts[1])
+    if len(parts) == 3 and parts[0] in ("disks", "moves") and DISK_ID_RE.match(parts[1]):
+        if parts[2].isdigit() and not parts[2].startswith("0"):
+            kind = "path" if parts[0] == "disks" else "move"
+            return (kind, PathKey(parts[1], int(parts[2])))
+        return None
+    if len(parts) == 2 and parts[0] == "nodes" and parts[1]:
+        return ("node", parts[1])
+    return None

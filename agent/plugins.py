@@ -1,0 +1,49 @@
+"""Typed stevedore loading of plugins by kind and name."""
+from __future__ import annotations
+
+from typing import Type, TypeVar
+
+from stevedore import driver, extension
+from stevedore.exception import NoMatches
+
+from agent.backend import Catalog, NetworkBackend, PluginContext, TargetBackend
+from agent.errors import ConfigError
+
+NAMESPACES: dict[str, tuple[str, type]] = {
+    "target": ("pathagent.targets", TargetBackend),
+    "network": ("pathagent.network", NetworkBackend),
+    "catalog": ("pathagent.catalogs", Catalog),
+}
+
+T = TypeVar("T")
+
+
+def available(kind: str) -> list[str]:
+    """Names registered for a plugin kind (``target``, ``network``, ``catalog``)."""
+    ns, _ = NAMESPACES[kind]
+    mgr = extension.ExtensionManager(namespace=ns, invoke_on_load=False)
+    return sorted(mgr.names())
+
+
+def plugin_class(kind: str, name: str) -> type:
+    """The class registered as ``name`` for ``kind``; ``ConfigError`` naming the choices if unknown."""
+    ns, base = NAMESPACES[kind]
+    try:
+        mgr = driver.DriverManager(namespace=ns, name=name, invoke_on_load=False)
+    except NoMatches:
+        raise ConfigError([(f"{kind}.backend", f"unknown {kind} plugin {name!r}; available: "
+                            f"{', '.join(available(kind)) or 'none'}")]) from None
+    except Exception as e:  # a plugin that fails to import
+        raise ConfigError([(f"{kind}.backend", f"{kind} plugin {name!r} failed to load: {e}")]) from e
+    cls = mgr.driver
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise ConfigError([(f"{kind}.backend", f"{name!r} in {ns} is not a {base.__name__}")])
+    return cls
+
+
+def load(kind: str, name: str, base: Type[T], context: PluginContext) -> T:
+    """Instantiate plugin ``name`` of ``kind`` with ``context``."""
+    cls = plugin_class(kind, name)
+    obj = cls(context)
+    assert isinstance(obj, base)
+    return obj

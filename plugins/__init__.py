@@ -1,0 +1,1 @@
+"""Built-in plugins. Each registers in ``setup.cfg`` exactly as a third-party plugin would."""

@@ -1,0 +1,1 @@
+"""Lab building blocks for tests, benchmarks and the demo: real Consul, Ceph, tgtd and namespaces."""
