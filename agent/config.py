@@ -37,7 +37,7 @@ class ConsulConfig:
     timeout: float = 1.5
     wait: float = 30.0
     detection_min: float = 2.0
-    election_stall: float = 3.5
+    election_stall: float = 2.0
 
     @property
     def host(self) -> str:
@@ -81,7 +81,7 @@ class Config:
     consul: ConsulConfig = ConsulConfig()
     ceph: CephConfig = CephConfig()
     state_dir: str = "/var/lib/pathagent"
-    target: PluginTable = PluginTable("lio")
+    target: PluginTable = PluginTable("tgt")
     port: int = 3260
     stop_time: float = 2.0
     network: PluginTable = PluginTable("iproute")
@@ -233,7 +233,7 @@ def parse(data: Mapping[str, Any], source: str = "") -> Config:
         consul=consul,
         ceph=CephConfig(**values["ceph"]),
         state_dir=values["state"].get("dir", Config.state_dir),
-        target=PluginTable(targets.get("backend", "lio"), sub["target"]),
+        target=PluginTable(targets.get("backend", "tgt"), sub["target"]),
         port=targets.get("port", 3260),
         stop_time=targets.get("stop_time", 2.0),
         network=PluginTable(values["network"].get("backend", "iproute"), sub["network"]),
@@ -246,8 +246,8 @@ def parse(data: Mapping[str, Any], source: str = "") -> Config:
     )
     problems.extend(fencing_problems(cfg))
     for kind in PLUGIN_TABLES:
-        table: PluginTable = getattr(cfg, kind)
-        for name, body in table.options.items():
+        ptable: PluginTable = getattr(cfg, kind)
+        for name, body in ptable.options.items():
             keys = _plugin_keys(kind, name)
             if keys is None:
                 problems.append((f"{kind}.{name}", f"no {kind} plugin named {name!r}"))
@@ -255,9 +255,9 @@ def parse(data: Mapping[str, Any], source: str = "") -> Config:
             for k in body:
                 if k not in keys:
                     problems.append((f"{kind}.{name}.{k}", "unknown key"))
-        if _plugin_keys(kind, table.backend) is None:
+        if _plugin_keys(kind, ptable.backend) is None:
             from agent import plugins
-            problems.append((f"{kind}.backend", f"unknown {kind} plugin {table.backend!r}; available: "
+            problems.append((f"{kind}.backend", f"unknown {kind} plugin {ptable.backend!r}; available: "
                                                 f"{', '.join(plugins.available(kind))}"))
     if problems:
         raise ConfigError(problems)

@@ -292,6 +292,15 @@ class ConsulStore:
         k = keys.path_key(self.prefix, path)
         return self.txn(TxnOps().check_index(k, modify_index).lock(k, value, session))
 
+    def acquire_many(self, items: Sequence[tuple[PathKey, int]], session: str, value: bytes) -> TxnResult:
+        """``acquire`` for up to 32 paths in one transaction: all are locked, or none (a single stale
+        index rolls the whole batch back; the caller then acquires one by one)."""
+        ops = TxnOps()
+        for path, index in items:
+            k = keys.path_key(self.prefix, path)
+            ops.check_index(k, index).lock(k, value, session)
+        return self.txn(ops)
+
     def release(self, path: PathKey, session: str, value: bytes = b"") -> TxnResult:
         """Unlock the path key if ``session`` holds it. Refused (ok=False) when the key is gone or held
         by another session: nothing to release then."""
@@ -305,6 +314,10 @@ class ConsulStore:
     def release_node_record(self, node: str, session: str) -> TxnResult:
         k = keys.node_key(self.prefix, node)
         return self.txn(TxnOps().check_session(k, session).unlock(k, b"", session))
+
+    def txn_delete(self, key: str) -> None:
+        """Delete one key (idempotent)."""
+        self.txn(TxnOps().delete(key))
 
     def close(self) -> None:
         try:

@@ -103,6 +103,7 @@ class Snapshot:
     - ``serviceable``: disks whose definition this node has loaded and validated.
     - ``blocked``: paths backing off after a failure on this node; not exported nor acquired now.
     - ``overdue``: free paths that have stayed free longer than the placement grace; anyone may take them.
+    - ``moves``: pending ``path move`` requests (path -> target node).
     """
 
     node: str
@@ -116,6 +117,7 @@ class Snapshot:
     stopping: bool = False
     blocked: frozenset[PathKey] = frozenset()
     overdue: frozenset[PathKey] = frozenset()
+    moves: Mapping[PathKey, str] = field(default_factory=dict)
 
     def held(self) -> frozenset[PathKey]:
         """Path keys locked by our session (empty when we have no session)."""

@@ -1,7 +1,7 @@
 """Typed stevedore loading of plugins by kind and name."""
 from __future__ import annotations
 
-from typing import Type, TypeVar
+from typing import Any
 
 from stevedore import driver, extension
 from stevedore.exception import NoMatches
@@ -15,13 +15,10 @@ NAMESPACES: dict[str, tuple[str, type]] = {
     "catalog": ("pathagent.catalogs", Catalog),
 }
 
-T = TypeVar("T")
-
-
 def available(kind: str) -> list[str]:
     """Names registered for a plugin kind (``target``, ``network``, ``catalog``)."""
     ns, _ = NAMESPACES[kind]
-    mgr = extension.ExtensionManager(namespace=ns, invoke_on_load=False)
+    mgr: extension.ExtensionManager[Any] = extension.ExtensionManager(namespace=ns, invoke_on_load=False)
     return sorted(mgr.names())
 
 
@@ -29,7 +26,7 @@ def plugin_class(kind: str, name: str) -> type:
     """The class registered as ``name`` for ``kind``; ``ConfigError`` naming the choices if unknown."""
     ns, base = NAMESPACES[kind]
     try:
-        mgr = driver.DriverManager(namespace=ns, name=name, invoke_on_load=False)
+        mgr: driver.DriverManager[Any] = driver.DriverManager(namespace=ns, name=name, invoke_on_load=False)
     except NoMatches:
         raise ConfigError([(f"{kind}.backend", f"unknown {kind} plugin {name!r}; available: "
                             f"{', '.join(available(kind)) or 'none'}")]) from None
@@ -41,9 +38,26 @@ def plugin_class(kind: str, name: str) -> type:
     return cls
 
 
-def load(kind: str, name: str, base: Type[T], context: PluginContext) -> T:
-    """Instantiate plugin ``name`` of ``kind`` with ``context``."""
-    cls = plugin_class(kind, name)
-    obj = cls(context)
-    assert isinstance(obj, base)
+def _load(kind: str, name: str, context: PluginContext) -> Any:
+    return plugin_class(kind, name)(context)
+
+
+def load_target(name: str, context: PluginContext) -> TargetBackend:
+    """Instantiate target backend ``name`` (namespace ``pathagent.targets``)."""
+    obj = _load("target", name, context)
+    assert isinstance(obj, TargetBackend)
+    return obj
+
+
+def load_network(name: str, context: PluginContext) -> NetworkBackend:
+    """Instantiate network backend ``name`` (namespace ``pathagent.network``)."""
+    obj = _load("network", name, context)
+    assert isinstance(obj, NetworkBackend)
+    return obj
+
+
+def load_catalog(name: str, context: PluginContext) -> Catalog:
+    """Instantiate catalog ``name`` (namespace ``pathagent.catalogs``)."""
+    obj = _load("catalog", name, context)
+    assert isinstance(obj, Catalog)
     return obj

@@ -66,7 +66,7 @@ def _int(v: Any, disk: str, field: str, lo: int, hi: int) -> int:
         raise _fail(disk, field, f"must be an integer, not {type(v).__name__}")
     if not lo <= v <= hi:
         raise _fail(disk, field, f"must be between {lo} and {hi}")
-    return v
+    return int(v)
 
 
 def _chap(v: Any, disk: str, field: str) -> Chap | None:

@@ -1,0 +1,263 @@
+"""The ``pathagent`` command line.
+
+``--config FILE`` and ``--json`` are accepted before or after the subcommand. Exit codes: 0 success,
+1 operation failed, 2 usage or configuration error.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+from agent import config as config_mod
+from agent import plugins
+from agent.backend import Catalog
+from agent.config import Config
+from agent.errors import AgentError, CatalogError, ConfigError
+from agent.model import PathKey
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+Handler = Callable[[argparse.Namespace, Config], int]
+
+
+def _common(p: argparse.ArgumentParser, top: bool) -> None:
+    d: Any = None if top else argparse.SUPPRESS
+    p.add_argument("--config", metavar="FILE", default=d,
+                   help="config file (default: $PATHAGENT_CONFIG or /etc/pathagent/pathagent.toml)")
+    p.add_argument("--json", action="store_true", default=False if top else argparse.SUPPRESS,
+                   help="machine-readable output")
+
+
+class _Parser(argparse.ArgumentParser):
+    def add_subparsers(self, **kw: Any) -> Any:  # every subcommand accepts the common options too
+        kw.setdefault("parser_class", _Parser)
+        sp = super().add_subparsers(**kw)
+        orig = sp.add_parser
+
+        def add_parser(name: str, **k: Any) -> argparse.ArgumentParser:
+            p: argparse.ArgumentParser = orig(name, **k)
+            _common(p, top=False)
+            return p
+        sp.add_parser = add_parser  # type: ignore[method-assign]
+        return sp
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="pathagent", description="iSCSI gateway path agent (Ceph RBD, Consul locks)")
+    _common(parser, top=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("run", help="run the node service in the foreground")
+    p.set_defaults(func=cmd_run, needs_config=True)
+
+    p = sub.add_parser("paths", help="every path with its owner")
+    p.add_argument("--mine", action="store_true", help="only this node's paths")
+    p.add_argument("--node", metavar="N", help="only paths owned by node N")
+    p.set_defaults(func=cmd_paths)
+
+    p = sub.add_parser("status", help="this node: session, lease, leader, counts, backend")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("check-config", help="list every problem in the config")
+    p.set_defaults(func=cmd_check_config, raw_config=True)
+
+    try:  # TEMPORARY until agent/cli_disk.py lands
+        from agent import cli_disk
+        cli_disk.register(sub)
+    except ImportError:
+        pass
+
+    p = sub.add_parser("path", help="path operations")
+    psub = p.add_subparsers(dest="path_command", metavar="SUBCOMMAND", required=True)
+    m = psub.add_parser("move", help="move one path to a node, without lock-delay")
+    m.add_argument("path", metavar="DISK_ID/INDEX")
+    m.add_argument("node", metavar="NODE")
+    m.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the move (default 30)")
+    m.set_defaults(func=cmd_path_move)
+    return parser
+
+
+def emit(args: argparse.Namespace, data: Any, text: str) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(data, indent=2, sort_keys=True))
+    elif text:
+        print(text)
+
+
+def fail(msg: str, code: int = EXIT_FAILED) -> int:
+    print(f"pathagent: {msg}", file=sys.stderr)
+    return code
+
+
+# --- commands ------------------------------------------------------------------------------------------
+
+def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
+    from agent import log, service
+    log.setup(cfg.log_level, cfg.log_format)
+    return service.run(cfg)
+
+
+def cmd_check_config(args: argparse.Namespace, cfg: Config | None) -> int:
+    path, _ = config_mod.config_path(args.config)
+    try:
+        config_mod.load(args.config)
+    except ConfigError as e:
+        emit(args, {"file": path, "ok": False, "problems": [{"key": k, "problem": m} for k, m in e.problems]},
+             "\n".join(f"{path}: {k}: {m}" for k, m in e.problems))
+        return EXIT_USAGE
+    emit(args, {"file": path, "ok": True, "problems": []}, f"{path}: OK")
+    return EXIT_OK
+
+
+def _catalog(cfg: Config) -> Catalog:
+    from agent.service import plugin_context
+    return plugins.load_catalog(cfg.catalog.backend, plugin_context(cfg, cfg.node_name, "catalog"))
+
+
+def path_rows(cfg: Config) -> list[dict[str, Any]]:
+    """Every path key with its owner, IP and state (``held``, ``free``, ``invalid``)."""
+    from agent.consul_store import ConsulStore
+    from agent.loop import parse_tree
+    store = ConsulStore(cfg.consul)
+    try:
+        _, entries = store.read_tree()
+        sessions = {s.id: s.node for s in store.sessions()}
+    finally:
+        store.close()
+    tree = parse_tree(cfg.consul.prefix.rstrip("/"), entries)
+    catalog = _catalog(cfg)
+    defs: dict[str, Any] = {}
+    errors: dict[str, str] = {}
+    try:
+        for disk_id, rec in tree.disks.items():
+            try:
+                defs[disk_id] = catalog.get(disk_id, rec.pool, rec.image, rec.modify_index)
+            except CatalogError as e:
+                errors[disk_id] = e.message
+    finally:
+        catalog.close()
+    rows = []
+    for p in sorted(tree.paths):
+        st = tree.paths[p]
+        disk = defs.get(p.disk)
+        spec = disk.path(p.index) if disk else None
+        node = (st.node or sessions.get(st.session or "")) if st.session else None
+        state = "invalid" if p.disk in errors else ("held" if st.session else "free")
+        row: dict[str, Any] = {"disk": p.disk, "index": p.index, "ip": spec.ip if spec else None,
+                               "node": node, "state": state}
+        if p.disk in errors:
+            row["error"] = errors[p.disk]
+        rows.append(row)
+    return rows
+
+
+def cmd_paths(args: argparse.Namespace, cfg: Config) -> int:
+    rows = path_rows(cfg)
+    if args.mine:
+        from agent.consul_store import ConsulStore
+        store = ConsulStore(cfg.consul)
+        try:
+            me = cfg.node_name or store.agent_node_name()
+        finally:
+            store.close()
+        rows = [r for r in rows if r["node"] == me]
+    if args.node:
+        rows = [r for r in rows if r["node"] == args.node]
+    lines = [f"{'PATH':<24} {'IP':<16} {'NODE':<16} STATE"]
+    for r in rows:
+        lines.append(f"{r['disk'] + '/' + str(r['index']):<24} {r['ip'] or '-':<16} {r['node'] or '-':<16} "
+                     f"{r['state']}" + (f" ({r['error']})" if "error" in r else ""))
+    emit(args, rows, "\n".join(lines))
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
+    from agent.consul_store import ConsulStore
+    from agent.loop import parse_tree
+    store = ConsulStore(cfg.consul)
+    try:
+        node = cfg.node_name or store.agent_node_name()
+        leader = store.leader()
+        sessions = [s for s in store.node_sessions(node) if s.name == cfg.consul.session_name]
+        _, entries = store.read_tree()
+    finally:
+        store.close()
+    tree = parse_tree(cfg.consul.prefix.rstrip("/"), entries)
+    sids = {s.id for s in sessions}
+    held = sum(1 for st in tree.paths.values() if st.session in sids)
+    local: dict[str, Any] = {}
+    try:
+        with open(os.path.join(cfg.state_dir, "status.json"), encoding="utf-8") as f:
+            local = json.load(f)
+    except (OSError, ValueError):
+        local = {}
+    running = bool(local.get("pid")) and os.path.exists(f"/proc/{local.get('pid')}")
+    data = {
+        "node": node, "consul_leader": leader or None,
+        "sessions": [{"id": s.id, "checks": list(s.checks), "lock_delay": s.lock_delay} for s in sessions],
+        "agent_running": running, "fenced": local.get("fenced") if running else None,
+        "lease_age": local.get("lease_age") if running else None,
+        "status_age": round(time.time() - local["updated"], 1) if running and "updated" in local else None,
+        "paths_held": held, "paths_total": len(tree.paths), "disks_started": len(tree.disks),
+        "live_nodes": sorted(tree.nodes), "backend": cfg.target.backend,
+        "exported": local.get("exported") if running else None,
+        "bad_disks": local.get("bad_disks", {}) if running else {},
+    }
+    health = "healthy" if len(sessions) == 1 and running and not data["fenced"] else "degraded"
+    data["health"] = health
+    text = "\n".join([
+        f"node:      {node} ({health})",
+        f"session:   {', '.join(s.id for s in sessions) or 'none'}",
+        f"agent:     {'running, pid ' + str(local.get('pid')) if running else 'not running'}"
+        + (f", fenced" if data["fenced"] else "") + (f", lease confirmed {data['lease_age']}s ago"
+                                                    if data["lease_age"] is not None else ""),
+        f"leader:    {leader or 'none'}",
+        f"paths:     {held} held here of {len(tree.paths)} ({len(tree.disks)} disks started, "
+        f"{len(tree.nodes)} live nodes)",
+        f"backend:   {cfg.target.backend}",
+    ] + [f"bad disk:  {d}: {m}" for d, m in sorted(data["bad_disks"].items())])
+    emit(args, data, text)
+    return EXIT_OK
+
+
+def cmd_path_move(args: argparse.Namespace, cfg: Config) -> int:
+    from agent import moves
+    try:
+        disk, _, idx = args.path.rpartition("/")
+        path = PathKey(disk, int(idx))
+    except ValueError:
+        return fail(f"{args.path!r} is not DISK_ID/INDEX", EXIT_USAGE)
+    result = moves.move(cfg, path, args.node, args.timeout)
+    emit(args, result, f"{path} moved to {args.node}")
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Handler = args.func
+    if getattr(args, "raw_config", False):
+        return cmd_check_config(args, None)
+    try:
+        cfg = config_mod.load(args.config)
+    except ConfigError as e:
+        for k, m in e.problems:
+            print(f"pathagent: config: {k}: {m}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        return handler(args, cfg)
+    except ConfigError as e:
+        for k, m in e.problems:
+            print(f"pathagent: config: {k}: {m}", file=sys.stderr)
+        return EXIT_USAGE
+    except AgentError as e:
+        return fail(str(e))
+    except KeyboardInterrupt:
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,561 @@
+"""The node loop: build a snapshot, plan, apply, then sleep until something changes.
+
+Three threads:
+
+- the *watcher* runs recursive blocking queries on ``{prefix}/`` (no fixed-interval polling) and posts
+  each new tree;
+- the *confirmer* reads our session with a consistent read every ``confirm_interval`` seconds; each
+  success extends the lease (see ``agent.lease``); a missing session means it was invalidated;
+- the *main* loop wakes on a new tree, a lease change, a backoff or placement deadline, or a signal; it
+  builds an immutable ``Snapshot``, asks ``planner.plan`` what to do, applies the actions one by one and
+  logs one summary line per cycle that did something.
+
+Failures are contained per item: a catalog error skips that disk, a backend error backs off that path,
+Consul errors retry with a delay. The loop itself never dies of them.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from agent import keys, planner
+from agent.backend import Catalog, NetworkBackend, TargetBackend
+from agent.config import Config
+from agent.consul_store import ConsulStore, KVEntry, next_index
+from agent.errors import (AgentError, BackendError, CatalogError, ConfigError, CoordinationError,
+                          TransientBackendError)
+from agent.lease import Lease
+from agent.model import (Acquire, Action, Disk, DiskRecord, Export, PathKey, PathState, Release, Snapshot,
+                         Unexport)
+
+log = logging.getLogger(__name__)
+
+SURRENDER_AFTER = 3          # consecutive failures of one path before this node gives it up
+SURRENDER_BLOCK = 30.0       # then it does not take that path back for this long
+MAX_BACKOFF = 30.0
+
+
+@dataclass
+class Tree:
+    """The parsed content of ``{prefix}/``."""
+
+    disks: dict[str, DiskRecord] = field(default_factory=dict)
+    paths: dict[PathKey, PathState] = field(default_factory=dict)
+    nodes: dict[str, str] = field(default_factory=dict)     # node -> session (locked node records only)
+    moves: dict[PathKey, str] = field(default_factory=dict)  # pending move requests: path -> target node
+
+
+def parse_tree(prefix: str, entries: list[KVEntry]) -> Tree:
+    t = Tree()
+    for e in entries:
+        kind = keys.parse(prefix, e.key)
+        if kind is None:
+            continue
+        what, ident = kind
+        if what == "disk" and isinstance(ident, str):
+            try:
+                rec = json.loads(e.value or b"{}")
+                t.disks[ident] = DiskRecord(ident, str(rec.get("pool", "")), str(rec.get("image", "")),
+                                            e.modify_index)
+            except (ValueError, AttributeError):
+                t.disks[ident] = DiskRecord(ident, "", "", e.modify_index)
+        elif what == "path" and isinstance(ident, PathKey):
+            node = None
+            if e.session and e.value:
+                try:
+                    node = json.loads(e.value).get("node")
+                except (ValueError, AttributeError):
+                    node = None
+            t.paths[ident] = PathState(ident, e.modify_index, e.session, node)
+        elif what == "node" and isinstance(ident, str) and e.session:
+            t.nodes[ident] = e.session
+        elif what == "move" and isinstance(ident, PathKey):
+            try:
+                target = json.loads(e.value or b"{}").get("node")
+            except (ValueError, AttributeError):
+                target = None
+            if isinstance(target, str):
+                t.moves[ident] = target
+    return t
+
+
+@dataclass
+class Backoff:
+    until: float = 0.0
+    failures: int = 0
+
+
+class Agent:
+    """One node's agent. ``run()`` blocks until ``stop()`` (release everything) or ``detach()`` (leave
+    the session and the exports in place for the next agent process to adopt)."""
+
+    def __init__(self, cfg: Config, store: ConsulStore, catalog: Catalog, target: TargetBackend,
+                 network: NetworkBackend, node: str, clock: Callable[[], float] = time.monotonic) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.catalog = catalog
+        self.target = target
+        self.network = network
+        self.node = node
+        self.clock = clock
+        self.prefix = cfg.consul.prefix.rstrip("/")
+        self.session: str | None = None
+        self.lease = Lease(cfg.consul.fence_after)
+        self.fenced = False
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._halt = threading.Event()
+        self._stop_mode: str | None = None      # "release" | "detach"
+        self._tree: Tree | None = None
+        self._tree_seq = 0
+        self._session_file = os.path.join(cfg.state_dir, "session")
+        self._status_file = os.path.join(cfg.state_dir, "status.json")
+        self._definitions: dict[str, Disk] = {}
+        self._catalog_errors: dict[str, str] = {}
+        self._applied: dict[PathKey, Disk] = {}
+        self._backoff: dict[PathKey, Backoff] = {}
+        self._free_since: dict[PathKey, float] = {}
+        self._watch_error: str | None = None
+        self._confirm_error: str | None = None
+        self._node_record_locked = False
+        self._last_summary = ""
+        self.cycles = 0
+        self._threads: list[threading.Thread] = []
+
+    # --- control ---------------------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Orderly shutdown: unexport everything, release every lock, destroy the session."""
+        self._stop_mode = self._stop_mode or "release"
+        self._wake.set()
+
+    def detach(self) -> None:
+        """Planned restart: exit leaving the session, locks and exports for the next process to adopt."""
+        self._stop_mode = self._stop_mode or "detach"
+        self._wake.set()
+
+    # --- threads ---------------------------------------------------------------------------------------
+    def _watch(self) -> None:
+        index = 0
+        delay = 0.5
+        while not self._halt.is_set():
+            try:
+                got, entries = self.store.read_tree(index, self.cfg.consul.wait)
+            except CoordinationError as e:
+                if self._watch_error != str(e):
+                    log.warning("watch: %s; retrying", e)
+                    self._watch_error = str(e)
+                self._halt.wait(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            if self._watch_error:
+                log.info("watch: Consul reachable again")
+                self._watch_error = None
+            delay = 0.5
+            new_index = next_index(index, got)
+            if new_index == index and index != 0 and self._tree is not None:
+                continue    # the wait ran out with no change
+            tree = parse_tree(self.prefix, entries)
+            with self._lock:
+                self._tree = tree
+                self._tree_seq += 1
+            index = new_index
+            self._wake.set()
+
+    def _confirm_once(self) -> None:
+        """One consistent read of our session. Extends the lease or declares the session lost."""
+        sid = self.session
+        if sid is None:
+            return
+        sent = self.clock()
+        try:
+            info = self.store.session_info(sid)
+        except CoordinationError as e:
+            if self._confirm_error != str(e):
+                log.warning("session %s not confirmed: %s", sid[:8], e)
+                self._confirm_error = str(e)
+            return
+        self._confirm_error = None
+        with self._lock:
+            if self.session != sid:
+                return
+            if info is None:
+                log.error("session %s is gone (invalidated by Consul): fencing and starting over", sid[:8])
+                self.session = None
+                self.lease = self.lease.reset()
+            else:
+                self.lease = self.lease.confirm(sent)
+                if not self.fenced:
+                    return          # routine confirmation: nothing for the main loop to do
+        self._wake.set()
+
+    def _confirmer(self) -> None:
+        while not self._halt.is_set():
+            self._confirm_once()
+            self._halt.wait(self.cfg.consul.confirm_interval)
+
+    # --- session ---------------------------------------------------------------------------------------
+    def _read_recorded_session(self) -> str | None:
+        try:
+            with open(self._session_file, encoding="utf-8") as f:
+                return f.read().strip() or None
+        except FileNotFoundError:
+            return None
+
+    def _record_session(self, sid: str | None) -> None:
+        os.makedirs(self.cfg.state_dir, exist_ok=True)
+        tmp = self._session_file + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(sid or "")
+        os.replace(tmp, self._session_file)
+
+    def _establish_session(self) -> None:
+        """Adopt our earlier session if it is still valid, else destroy stale ones and create a new one."""
+        name = self.cfg.consul.session_name
+        sent = self.clock()
+        ours = [s for s in self.store.node_sessions(self.node) if s.name == name]
+        recorded = self._read_recorded_session()
+        adopted = next((s.id for s in ours if s.id == recorded), None)
+        for s in ours:
+            if s.id != adopted:
+                log.info("destroying stale session %s of node %s", s.id[:8], self.node)
+                self.store.destroy_session(s.id)
+        if adopted:
+            sid = adopted
+            log.info("adopted session %s (still valid): keeping every path", sid[:8])
+        else:
+            sid = self.store.create_session(self.node, name, self.cfg.consul.checks, self.cfg.consul.lock_delay)
+            sent = self.clock()
+            log.info("created session %s on node %s (checks serfHealth%s, lock-delay %gs)", sid[:8], self.node,
+                     "".join(f", {c}" for c in self.cfg.consul.checks), self.cfg.consul.lock_delay)
+        self._record_session(sid)
+        with self._lock:
+            self.session = sid
+            self.lease = Lease(self.cfg.consul.fence_after).confirm(sent)
+            self._node_record_locked = False
+        self._lock_node_record()
+
+    def _lock_node_record(self) -> None:
+        sid = self.session
+        if sid is None or self._node_record_locked:
+            return
+        value = json.dumps({"node": self.node, "session": sid, "since": time.time(),
+                            "backend": self.cfg.target.backend}).encode()
+        try:
+            res = self.store.lock_node_record(self.node, sid, value)
+        except CoordinationError as e:
+            log.warning("node record not locked: %s", e)
+            return
+        if res.ok:
+            self._node_record_locked = True
+        else:
+            log.info("node record not locked yet: %s", res.reason())
+
+    # --- definitions -----------------------------------------------------------------------------------
+    def _load_definitions(self, tree: Tree) -> None:
+        defs: dict[str, Disk] = {}
+        for disk_id, rec in tree.disks.items():
+            try:
+                disk = self.catalog.get(disk_id, rec.pool, rec.image, rec.modify_index)
+            except CatalogError as e:
+                msg = str(e)
+                if self._catalog_errors.get(disk_id) != msg:
+                    log.error("disk %s skipped: %s", disk_id, msg)
+                    self._catalog_errors[disk_id] = msg
+                if disk_id in self._definitions:
+                    defs[disk_id] = self._definitions[disk_id]   # keep serving what already works
+                continue
+            except Exception as e:  # noqa: BLE001 - a catalog plugin bug must not stop the loop
+                msg = f"catalog plugin raised {type(e).__name__}: {e}"
+                if self._catalog_errors.get(disk_id) != msg:
+                    log.error("disk %s skipped: %s", disk_id, msg)
+                    self._catalog_errors[disk_id] = msg
+                continue
+            if disk_id in self._catalog_errors:
+                log.info("disk %s: definition readable again", disk_id)
+                del self._catalog_errors[disk_id]
+            defs[disk_id] = disk
+        self._definitions = defs
+
+    # --- one cycle -------------------------------------------------------------------------------------
+    def _snapshot(self, tree: Tree, exported: frozenset[PathKey], now: float, stopping: bool) -> Snapshot:
+        blocked = frozenset(p for p, b in self._backoff.items() if b.until > now)
+        for p, st in tree.paths.items():
+            if st.session is None:
+                self._free_since.setdefault(p, now)
+            else:
+                self._free_since.pop(p, None)
+        for p in list(self._free_since):
+            if p not in tree.paths:
+                del self._free_since[p]
+        grace = self.cfg.placement_grace
+        overdue = frozenset(p for p, t in self._free_since.items() if now - t >= grace)
+        serviceable = frozenset(self._definitions)
+        return Snapshot(node=self.node, session=self.session, paths=dict(tree.paths), disks=dict(tree.disks),
+                        exported=exported, serviceable=serviceable, nodes=dict(tree.nodes),
+                        fenced=self.fenced, stopping=stopping, blocked=blocked, overdue=overdue,
+                        moves=dict(tree.moves))
+
+    def _fail(self, path: PathKey, now: float, error: Exception) -> None:
+        b = self._backoff.setdefault(path, Backoff())
+        b.failures += 1
+        delay = error.retry_after if isinstance(error, TransientBackendError) else 2.0 ** b.failures
+        b.until = now + min(delay, MAX_BACKOFF)
+
+    def _apply(self, action: Action, tree: Tree, now: float) -> bool:
+        """Apply one action; True if it changed something. Errors are logged and contained."""
+        p = action.path
+        sid = self.session
+        if isinstance(action, Acquire):
+            if sid is None:
+                return False
+            value = json.dumps({"node": self.node, "session": sid, "since": int(time.time())}).encode()
+            res = self.store.acquire(p, action.modify_index, sid, value)
+            if not res.ok:
+                log.info("acquire %s refused: %s", p, res.reason())
+                return False
+            mi = res.results[-1].modify_index if res.results else action.modify_index
+            tree.paths[p] = PathState(p, mi, sid, self.node)
+            log.info("acquired %s", p)
+            return True
+        if isinstance(action, Export):
+            disk = self._definitions.get(p.disk)
+            spec = disk.path(p.index) if disk else None
+            if disk is None or spec is None:
+                log.error("path %s: disk definition has no path %d; not exported", p, p.index)
+                self._fail(p, now, BackendError("no such path"))
+                return False
+            try:
+                self.target.export(p, disk)
+                try:
+                    self.network.up(p, spec)
+                except BaseException:
+                    self._undo(p)
+                    raise
+            except Exception as e:  # noqa: BLE001 - contained per path (BackendError or a plugin bug)
+                self._fail(p, now, e)
+                log.error("export %s failed (%s), retrying in %.0fs: %s", p, type(e).__name__,
+                          self._backoff[p].until - now, e)
+                return False
+            self._backoff.pop(p, None)
+            self._applied[p] = disk
+            log.info("exported %s (%s, %s/%d)", p, disk.iqn, spec.ip, spec.prefix)
+            return True
+        if isinstance(action, Unexport):
+            disk = self._definitions.get(p.disk)
+            spec = disk.path(p.index) if disk else None
+            try:
+                self.network.down(p, spec)
+                self.target.unexport(p)
+            except Exception as e:  # noqa: BLE001
+                log.error("unexport %s failed (%s): %s", p, type(e).__name__, e)
+                return False
+            self._applied.pop(p, None)
+            log.info("unexported %s", p)
+            return True
+        if isinstance(action, Release):
+            if sid is None:
+                return False
+            res = self.store.release(p, sid)
+            if res.ok:
+                tree.paths[p] = PathState(p, res.results[-1].modify_index if res.results else 0, None)
+                log.info("released %s", p)
+            return res.ok
+        raise AssertionError(f"unknown action {action!r}")
+
+    def _acquire_batches(self, acquires: list[Acquire], tree: Tree) -> set[PathKey]:
+        """Acquire free paths 32 to a transaction (fast start-up with many free paths). A batch that is
+        rolled back (some path was taken or changed meanwhile) is left to the one-by-one path."""
+        sid = self.session
+        done: set[PathKey] = set()
+        if sid is None or len(acquires) < 2:
+            return done
+        value = json.dumps({"node": self.node, "session": sid, "since": int(time.time())}).encode()
+        for i in range(0, len(acquires), 32):
+            batch = acquires[i:i + 32]
+            try:
+                res = self.store.acquire_many([(a.path, a.modify_index) for a in batch], sid, value)
+            except CoordinationError as e:
+                log.warning("batch acquire: %s", e)
+                break
+            if not res.ok:
+                continue
+            lock_results = res.results[1::2]
+            for a, r in zip(batch, lock_results):
+                tree.paths[a.path] = PathState(a.path, r.modify_index, sid, self.node)
+                done.add(a.path)
+            log.info("acquired %d paths in one transaction: %s", len(batch),
+                     " ".join(str(a.path) for a in batch))
+        return done
+
+    def _undo(self, p: PathKey) -> None:
+        try:
+            self.target.unexport(p)
+        except Exception as e:  # noqa: BLE001
+            log.error("undo of export %s failed: %s", p, e)
+
+    def _exported(self) -> frozenset[PathKey]:
+        try:
+            return self.target.exported()
+        except Exception as e:  # noqa: BLE001
+            raise BackendError(f"target backend cannot list its exports: {type(e).__name__}: {e}") from e
+
+    def cycle(self, stopping: bool = False) -> tuple[list[Action], int]:
+        """One snapshot -> plan -> apply pass. Returns the plan and how many actions took effect."""
+        now = self.clock()
+        with self._lock:
+            tree = self._tree
+            lease = self.lease
+        if self.session is not None and lease.expired(now) and not self.fenced:
+            # The deadline passed (partition, or this process was frozen): try once more before fencing.
+            self._confirm_once()
+            with self._lock:
+                lease = self.lease
+            now = self.clock()
+            if self.session is not None and lease.expired(now):
+                log.error("no confirmation of session %s for %.1fs (fence_after %gs): fencing, unexporting "
+                          "everything", (self.session or "")[:8],
+                          now - (lease.confirmed_at or now), self.cfg.consul.fence_after)
+                self.fenced = True
+        elif self.fenced and self.session is not None and not lease.expired(now):
+            log.warning("session %s confirmed again: unfenced", self.session[:8])
+            self.fenced = False
+        if self.session is None:
+            self.fenced = False
+        if tree is None:
+            tree = Tree()
+        if not stopping:
+            self._load_definitions(tree)
+        exported = self._exported()
+        snap = self._snapshot(tree, exported, now, stopping)
+        if self.session is not None and not snap.fenced and not stopping:
+            self._lock_node_record()
+        stale = frozenset(p for p in exported & snap.held()
+                          if p.disk in self._definitions and self._applied.get(p) != self._definitions[p.disk])
+        surrender = frozenset(p for p, b in self._backoff.items() if b.failures >= SURRENDER_AFTER)
+        actions = planner.plan(snap, stale=stale, surrender=surrender)
+        done = 0
+        batched = self._acquire_batches([a for a in actions if isinstance(a, Acquire)], tree)
+        done += len(batched)
+        for a in actions:
+            if isinstance(a, Acquire) and a.path in batched:
+                continue
+            try:
+                if self._apply(a, tree, now):
+                    done += 1
+                    if isinstance(a, Release) and a.path in surrender:
+                        self._backoff[a.path] = Backoff(until=now + SURRENDER_BLOCK, failures=0)
+                        log.warning("gave up %s after %d failures; not taking it back for %.0fs", a.path,
+                                    SURRENDER_AFTER, SURRENDER_BLOCK)
+            except CoordinationError as e:
+                log.warning("%s %s: %s", type(a).__name__.lower(), a.path, e)
+                break
+        self.cycles += 1
+        held = snap.held()
+        summary = (f"session={(self.session or 'none')[:8]} fenced={snap.fenced} held={len(held)} "
+                   f"exported={len(exported)} free={sum(1 for s in tree.paths.values() if s.session is None)} "
+                   f"nodes={len(snap.nodes)} disks={len(tree.disks)} bad_disks={len(self._catalog_errors)}")
+        if actions:
+            kinds: dict[str, int] = {}
+            for a in actions:
+                kinds[type(a).__name__.lower()] = kinds.get(type(a).__name__.lower(), 0) + 1
+            log.info("cycle %d: %s; planned %s, %d applied", self.cycles, summary,
+                     ", ".join(f"{k} {v}" for k, v in sorted(kinds.items())), done)
+        elif summary != self._last_summary:
+            log.info("cycle %d: %s; nothing to do", self.cycles, summary)
+        self._last_summary = summary
+        self._write_status(snap, exported)
+        return actions, done
+
+    def _write_status(self, snap: Snapshot, exported: frozenset[PathKey]) -> None:
+        data = {"node": self.node, "session": self.session, "fenced": snap.fenced, "pid": os.getpid(),
+                "held": len(snap.held()), "exported": len(exported), "backend": self.cfg.target.backend,
+                "bad_disks": dict(self._catalog_errors), "updated": time.time(),
+                "lease_age": None if self.lease.confirmed_at is None else round(self.clock() - self.lease.confirmed_at, 3)}
+        try:
+            tmp = self._status_file + ".tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(data, f)
+            os.replace(tmp, self._status_file)
+        except OSError as e:
+            log.debug("status file not written: %s", e)
+
+    def _next_deadline(self, now: float) -> float:
+        cands = [now + self.cfg.ceph.refresh]
+        d = self.lease.deadline()
+        if self.session is not None and d is not None and not self.fenced:
+            cands.append(d)
+        cands += [b.until for b in self._backoff.values() if b.until > now]
+        grace = self.cfg.placement_grace
+        cands += [t + grace for t in self._free_since.values() if t + grace > now]
+        return min(cands)
+
+    # --- main ------------------------------------------------------------------------------------------
+    def run(self) -> None:
+        os.makedirs(self.cfg.state_dir, exist_ok=True)
+        self._threads = [threading.Thread(target=self._watch, name="watch", daemon=True),
+                         threading.Thread(target=self._confirmer, name="confirm", daemon=True)]
+        for t in self._threads:
+            t.start()
+        retry = 0.5
+        try:
+            while True:
+                if self._stop_mode == "detach":
+                    log.info("detaching: leaving session %s and %d exports for the next agent process",
+                             (self.session or "none")[:8], len(self._safe_exported()))
+                    return
+                if self._stop_mode == "release":
+                    self._shutdown()
+                    return
+                self._wake.clear()
+                try:
+                    if self.session is None:
+                        # Without a session nothing may be served: unexport first, then start over.
+                        self.cycle()
+                        self._establish_session()
+                    actions, done = self.cycle()
+                    retry = 0.5
+                    if done and any(isinstance(a, Acquire) for a in actions):
+                        continue          # export what we just acquired without waiting for the watch
+                except ConfigError:
+                    raise
+                except (CoordinationError, BackendError) as e:
+                    log.warning("cycle failed: %s; retrying in %.1fs", e, retry)
+                    self._wake.wait(retry)
+                    retry = min(retry * 2, 5.0)
+                    continue
+                now = self.clock()
+                self._wake.wait(max(0.0, self._next_deadline(now) - now))
+        finally:
+            self._halt.set()
+
+    def _safe_exported(self) -> frozenset[PathKey]:
+        try:
+            return self.target.exported()
+        except Exception:  # noqa: BLE001
+            return frozenset()
+
+    def _shutdown(self) -> None:
+        """Unexport everything, release every lock explicitly, destroy the session."""
+        log.info("stopping: unexporting everything and releasing every lock")
+        try:
+            self.cycle(stopping=True)
+        except (CoordinationError, BackendError) as e:
+            log.warning("stop cycle: %s", e)
+        left = self._safe_exported()
+        for p in sorted(left):   # whatever is still exported (e.g. no session): unexport anyway
+            self._apply(Unexport(p), self._tree or Tree(), self.clock())
+        sid = self.session
+        if sid is not None:
+            try:
+                self.store.release_node_record(self.node, sid)
+                self.store.destroy_session(sid)
+                log.info("session %s destroyed", sid[:8])
+                self._record_session(None)
+            except AgentError as e:
+                log.warning("could not destroy session %s: %s (Consul will invalidate it)", sid[:8], e)
+        self.session = None

@@ -1,0 +1,199 @@
+"""Run real ``pathagent run`` processes for tests and benchmarks, with the ``fake`` target backend and the
+``fake`` catalog (definitions from a JSON file), against real Consul agents.
+
+``AgentProc.exported()`` reads the fake backend's state file from outside the process, the way a test
+would look at a kernel target.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Iterable
+
+import requests
+
+from lab import proc
+
+REPO = Path(__file__).resolve().parents[2]
+PATHAGENT = [str(REPO / ".venv" / "bin" / "python"), "-m", "agent.cli"]
+
+
+def definition(disk_id: str, paths: int, base_ip: int = 100) -> dict[str, Any]:
+    return {"version": 1, "id": disk_id, "name": f"disk-{disk_id}", "iqn": f"iqn.2016-05.io.pathagent:{disk_id}",
+            "serial": str(uuid.uuid5(uuid.NAMESPACE_DNS, disk_id)), "open": True,
+            "paths": [{"index": i, "ip": f"198.18.{(base_ip + i) // 250}.{(base_ip + i) % 250 + 1}", "prefix": 24}
+                      for i in range(1, paths + 1)]}
+
+
+class Catalog:
+    """The JSON file read by the ``fake`` catalog plugin."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.docs: dict[str, Any] = {}
+        self.save()
+
+    def save(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.docs))
+        os.replace(tmp, self.path)
+
+    def add(self, disk_id: str, doc: Any) -> None:
+        self.docs[disk_id] = doc
+        self.save()
+
+
+def txn(http: str, ops: list[dict[str, Any]]) -> requests.Response:
+    return requests.put(f"http://{http}/v1/txn", data=json.dumps(ops), timeout=10)
+
+
+def start_disks(http: str, disk_paths: dict[str, int], prefix: str = "pathagent") -> None:
+    """Create disk keys and their path keys (what ``pathagent disk start`` does), in 64-op transactions."""
+    ops: list[dict[str, Any]] = []
+    for d, n in disk_paths.items():
+        ops.append({"KV": {"Verb": "set", "Key": f"{prefix}/disks/{d}",
+                           "Value": base64.b64encode(json.dumps({"pool": "rbd", "image": f"pathagent-{d}"}).encode()).decode()}})
+        ops += [{"KV": {"Verb": "set", "Key": f"{prefix}/disks/{d}/{i}", "Value": ""}} for i in range(1, n + 1)]
+    for i in range(0, len(ops), 64):
+        r = txn(http, ops[i:i + 64])
+        r.raise_for_status()
+
+
+def stop_disk(http: str, disk: str, prefix: str = "pathagent") -> None:
+    r = txn(http, [{"KV": {"Verb": "delete-tree", "Key": f"{prefix}/disks/{disk}/"}},
+                   {"KV": {"Verb": "delete", "Key": f"{prefix}/disks/{disk}"}}])
+    r.raise_for_status()
+
+
+def path_owners(http: str, prefix: str = "pathagent") -> dict[str, str | None]:
+    """path "disk/index" -> holding session id (None when free)."""
+    r = requests.get(f"http://{http}/v1/kv/{prefix}/disks/?recurse=true", timeout=10)
+    if r.status_code == 404:
+        return {}
+    r.raise_for_status()
+    out = {}
+    for e in r.json():
+        rest = e["Key"][len(prefix) + len("/disks/"):]
+        if rest.count("/") == 1:
+            out[rest] = e.get("Session")
+    return out
+
+
+class AgentProc:
+    """One ``pathagent run`` process bound to one Consul agent."""
+
+    def __init__(self, name: str, workdir: Path, consul_http: str, catalog: Path,
+                 extra: str = "", lock_delay: float = 3.0, fence_after: float = 2.5,
+                 test_timings: bool = True) -> None:
+        """``test_timings`` shortens confirmation interval, HTTP timeout and watch wait for tests;
+        without it the agent runs with the production defaults (as the benchmark does)."""
+        self.name = name
+        self.dir = workdir / name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.state = self.dir / "state"
+        self.config = self.dir / "pathagent.toml"
+        self.log = self.dir / "agent.log"
+        timings = (f"lock_delay = {lock_delay}\nfence_after = {fence_after}\nconfirm_interval = 0.5\n"
+                   "timeout = 1.0\nelection_stall = 1.0\nwait = 10\n") if test_timings else ""
+        self.config.write_text(f"""
+[consul]
+address = "{consul_http}"
+{timings}[state]
+dir = "{self.state}"
+[target]
+backend = "fake"
+stop_time = 0.5
+[network]
+backend = "none"
+[catalog]
+backend = "fake"
+[catalog.fake]
+file = "{catalog}"
+[placement]
+grace = 2
+[log]
+level = "INFO"
+{extra}
+""")
+        self.p: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> "AgentProc":
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        self.p = proc.spawn([*PATHAGENT, "--config", str(self.config), "run"], str(self.log), env=env)
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.p is not None
+        return self.p.pid
+
+    def signal(self, sig: int) -> None:
+        proc.signal_checked(self.pid, sig, "agent.cli")
+
+    def wait_exit(self, timeout: float) -> int | None:
+        assert self.p is not None
+        try:
+            return self.p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def running(self) -> bool:
+        return self.p is not None and self.p.poll() is None
+
+    def exported(self) -> set[str]:
+        try:
+            data = json.loads((self.state / "fake-targets.json").read_text())
+        except FileNotFoundError:
+            return set()
+        except ValueError:
+            return set()
+        return set(data.get("paths", {}))
+
+    def session(self) -> str | None:
+        try:
+            return (self.state / "session").read_text().strip() or None
+        except FileNotFoundError:
+            return None
+
+    def log_text(self) -> str:
+        try:
+            return self.log.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def stop(self) -> None:
+        if self.p is not None and self.p.poll() is None:
+            proc.signal_checked(self.pid, signal.SIGCONT, "agent.cli")
+            self.p.terminate()
+            try:
+                self.p.wait(10)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+                self.p.wait(5)
+
+
+def wait_for(pred: Any, timeout: float, interval: float = 0.05, what: str = "condition",
+             alive: "list[AgentProc] | None" = None) -> float:
+    """Wait until ``pred()`` is truthy; returns the seconds it took, or raises AssertionError (also as
+    soon as one of the ``alive`` agents has exited)."""
+    start = time.monotonic()
+    while True:
+        for a in alive or ():
+            if not a.running():
+                raise AssertionError(f"agent {a.name} exited while waiting for {what}:\n{a.log_text()[-3000:]}")
+        if pred():
+            return time.monotonic() - start
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    print("import lab.agents from tests and benchmarks", file=sys.stderr)

@@ -1,0 +1,74 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from agent import config
+from agent.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+FAKE = {"target": {"backend": "fake"}, "network": {"backend": "none"}, "catalog": {"backend": "fake"}}
+
+
+def problems(data: dict) -> list[tuple[str, str]]:
+    with pytest.raises(ConfigError) as e:
+        config.parse(data)
+    return e.value.problems
+
+
+def test_defaults_satisfy_the_fencing_inequality() -> None:
+    c = config.parse(FAKE)
+    assert c.consul.fence_after + c.consul.timeout + c.stop_time < c.consul.detection_min + c.consul.lock_delay
+    assert c.consul.fence_after > c.consul.election_stall + c.consul.timeout
+    assert (c.consul.prefix, c.consul.session_name, c.port) == ("pathagent", "iSCSITarget", 3260)
+
+
+def test_every_problem_is_listed_with_its_key() -> None:
+    found = dict(problems({**FAKE, "consul": {"lock_delay": "8", "bogus": 1, "address": "nohost"},
+                           "ceph": {"refresh": -1}, "extra": {}}))
+    assert set(found) == {"consul.lock_delay", "consul.bogus", "consul.address", "ceph.refresh", "extra"}
+    assert "unknown key" in found["consul.bogus"]
+
+
+def test_fencing_inequality_refused() -> None:
+    found = dict(problems({**FAKE, "consul": {"fence_after": 9, "lock_delay": 5}}))
+    assert "consul.fence_after" in found and "lock_delay" in found["consul.fence_after"]
+    found = dict(problems({**FAKE, "consul": {"fence_after": 2.5}}))
+    assert "election" in found["consul.fence_after"]
+
+
+def test_unknown_plugin_and_plugin_keys() -> None:
+    found = dict(problems({"target": {"backend": "nope", "fake": {"fail": [], "typo": 1}},
+                           "network": {"backend": "none"}, "catalog": {"backend": "fake"}}))
+    assert "available:" in found["target.backend"] and "fake" in found["target.backend"]
+    assert "target.fake.typo" in found
+
+
+def test_token_never_in_repr() -> None:
+    c = config.parse({**FAKE, "consul": {"token": "s3cr3t-token-value"}})
+    assert "s3cr3t" not in repr(c)
+
+
+def test_sample_config_documents_every_key() -> None:
+    text = (REPO / "etc" / "pathagent.toml").read_text()
+    for table, keys in config.SCHEMA.items():
+        assert f"[{table}]" in text, table
+        for k in keys:
+            assert f"\n{k} =" in text or f"\n# {k} =" in text, f"{table}.{k} undocumented"
+
+
+def test_check_config_cli_exit_codes(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[consul]\nlock_delay = "x"\nnope = 1\n[target]\nbackend = "fake"\n')
+    exe = [sys.executable, "-m", "agent.cli"]
+    r = subprocess.run([*exe, "check-config", "--config", str(bad)], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "consul.lock_delay" in r.stdout and "consul.nope" in r.stdout
+    good = tmp_path / "good.toml"
+    good.write_text('[target]\nbackend = "fake"\n[network]\nbackend = "none"\n[catalog]\nbackend = "fake"\n')
+    r = subprocess.run([*exe, "--config", str(good), "check-config", "--json"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert '"ok": true' in r.stdout
