@@ -87,6 +87,7 @@ class Config:
     network: PluginTable = PluginTable("iproute")
     catalog: PluginTable = PluginTable("rbd")
     placement_grace: float = 3.0
+    placement_settle: float = 2.0
     metrics_listen: str = ""
     log_level: str = "INFO"
     log_format: str = "text"
@@ -167,7 +168,7 @@ SCHEMA: dict[str, dict[str, Callable[[Any], str | None]]] = {
     "target": {"backend": _str(False), "port": _int(1, 65535), "stop_time": _num(0.1, 60)},
     "network": {"backend": _str(False)},
     "catalog": {"backend": _str(False)},
-    "placement": {"grace": _num(0, 600)},
+    "placement": {"grace": _num(0, 600), "settle": _num(0, 60)},
     "metrics": {"listen": _address_or_empty},
     "log": {"level": _choice("DEBUG", "INFO", "WARNING", "ERROR"), "format": _choice("text", "json")},
 }
@@ -239,6 +240,7 @@ def parse(data: Mapping[str, Any], source: str = "") -> Config:
         network=PluginTable(values["network"].get("backend", "iproute"), sub["network"]),
         catalog=PluginTable(values["catalog"].get("backend", "rbd"), sub["catalog"]),
         placement_grace=values["placement"].get("grace", 3.0),
+        placement_settle=values["placement"].get("settle", 2.0),
         metrics_listen=values["metrics"].get("listen", ""),
         log_level=values["log"].get("level", "INFO"),
         log_format=values["log"].get("format", "text"),

@@ -114,6 +114,7 @@ class Agent:
         self._tree: Tree | None = None
         self._tree_seq = 0
         self._session_file = os.path.join(cfg.state_dir, "session")
+        self._lease_file = os.path.join(cfg.state_dir, "lease")
         self._status_file = os.path.join(cfg.state_dir, "status.json")
         self._definitions: dict[str, Disk] = {}
         self._catalog_errors: dict[str, str] = {}
@@ -123,6 +124,7 @@ class Agent:
         self._watch_error: str | None = None
         self._confirm_error: str | None = None
         self._node_record_locked = False
+        self._settle_until = 0.0
         self._last_summary = ""
         self.cycles = 0
         self._threads: list[threading.Thread] = []
@@ -172,6 +174,7 @@ class Agent:
         if sid is None:
             return
         sent = self.clock()
+        sent_wall = time.time()
         try:
             info = self.store.session_info(sid)
         except CoordinationError as e:
@@ -189,6 +192,7 @@ class Agent:
                 self.lease = self.lease.reset()
             else:
                 self.lease = self.lease.confirm(sent)
+                self._record_lease(sent_wall)
                 if not self.fenced:
                     return          # routine confirmation: nothing for the main loop to do
         self._wake.set()
@@ -213,10 +217,32 @@ class Agent:
             f.write(sid or "")
         os.replace(tmp, self._session_file)
 
+    def _record_lease(self, confirmed_wall: float) -> None:
+        """Persist the wall-clock time of the newest confirmation, so that the next agent process knows
+        how long the exports it inherits may still be served without a confirmation of its own."""
+        try:
+            tmp = self._lease_file + ".tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(f"{confirmed_wall:.3f}")
+            os.replace(tmp, self._lease_file)
+        except OSError as e:
+            log.debug("lease record not written: %s", e)
+
+    def _inherited_deadline(self) -> float:
+        """Monotonic time until which exports inherited from an earlier process may be kept while this
+        one adopts the session: the earlier process's last confirmation plus fence_after."""
+        try:
+            with open(self._lease_file, encoding="utf-8") as f:
+                confirmed_wall = float(f.read().strip())
+        except (OSError, ValueError):
+            return self.clock()
+        return self.clock() + (confirmed_wall + self.cfg.consul.fence_after - time.time())
+
     def _establish_session(self) -> None:
         """Adopt our earlier session if it is still valid, else destroy stale ones and create a new one."""
         name = self.cfg.consul.session_name
         sent = self.clock()
+        sent_wall = time.time()
         ours = [s for s in self.store.node_sessions(self.node) if s.name == name]
         recorded = self._read_recorded_session()
         adopted = next((s.id for s in ours if s.id == recorded), None)
@@ -230,9 +256,12 @@ class Agent:
         else:
             sid = self.store.create_session(self.node, name, self.cfg.consul.checks, self.cfg.consul.lock_delay)
             sent = self.clock()
+            sent_wall = time.time()
+            self._settle_until = sent + self.cfg.placement_settle
             log.info("created session %s on node %s (checks serfHealth%s, lock-delay %gs)", sid[:8], self.node,
                      "".join(f", {c}" for c in self.cfg.consul.checks), self.cfg.consul.lock_delay)
         self._record_session(sid)
+        self._record_lease(sent_wall)
         with self._lock:
             self.session = sid
             self.lease = Lease(self.cfg.consul.fence_after).confirm(sent)
@@ -293,12 +322,14 @@ class Agent:
             if p not in tree.paths:
                 del self._free_since[p]
         grace = self.cfg.placement_grace
-        overdue = frozenset(p for p, t in self._free_since.items() if now - t >= grace)
+        # the grace runs from when the path was free *and* we were done settling
+        overdue = frozenset(p for p, t in self._free_since.items()
+                            if now - max(t, self._settle_until) >= grace)
         serviceable = frozenset(self._definitions)
         return Snapshot(node=self.node, session=self.session, paths=dict(tree.paths), disks=dict(tree.disks),
                         exported=exported, serviceable=serviceable, nodes=dict(tree.nodes),
                         fenced=self.fenced, stopping=stopping, blocked=blocked, overdue=overdue,
-                        moves=dict(tree.moves))
+                        moves=dict(tree.moves), settling=now < self._settle_until)
 
     def _fail(self, path: PathKey, now: float, error: Exception) -> None:
         b = self._backoff.setdefault(path, Backoff())
@@ -486,12 +517,17 @@ class Agent:
 
     def _next_deadline(self, now: float) -> float:
         cands = [now + self.cfg.ceph.refresh]
+        if self.session is not None and not self._node_record_locked:
+            cands.append(now + 1.0)      # e.g. the node record is still in its lock-delay
         d = self.lease.deadline()
         if self.session is not None and d is not None and not self.fenced:
             cands.append(d)
         cands += [b.until for b in self._backoff.values() if b.until > now]
+        if self._settle_until > now:
+            cands.append(self._settle_until)
         grace = self.cfg.placement_grace
-        cands += [t + grace for t in self._free_since.values() if t + grace > now]
+        cands += [max(t, self._settle_until) + grace for t in self._free_since.values()
+                  if max(t, self._settle_until) + grace > now]
         return min(cands)
 
     # --- main ------------------------------------------------------------------------------------------
@@ -502,6 +538,9 @@ class Agent:
         for t in self._threads:
             t.start()
         retry = 0.5
+        # Exports inherited from an earlier agent process stay while we adopt its session, but no longer
+        # than that process's lease would have let it serve them.
+        inherited_until = self._inherited_deadline()
         try:
             while True:
                 if self._stop_mode == "detach":
@@ -515,7 +554,8 @@ class Agent:
                 try:
                     if self.session is None:
                         # Without a session nothing may be served: unexport first, then start over.
-                        self.cycle()
+                        if self.clock() >= inherited_until:
+                            self.cycle()
                         self._establish_session()
                     actions, done = self.cycle()
                     retry = 0.5

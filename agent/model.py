@@ -104,6 +104,8 @@ class Snapshot:
     - ``blocked``: paths backing off after a failure on this node; not exported nor acquired now.
     - ``overdue``: free paths that have stayed free longer than the placement grace; anyone may take them.
     - ``moves``: pending ``path move`` requests (path -> target node).
+    - ``settling``: our session is new; other agents starting with us may not have registered yet, so
+      free paths are not taken until they can be placed fairly.
     """
 
     node: str
@@ -118,6 +120,7 @@ class Snapshot:
     blocked: frozenset[PathKey] = frozenset()
     overdue: frozenset[PathKey] = frozenset()
     moves: Mapping[PathKey, str] = field(default_factory=dict)
+    settling: bool = False
 
     def held(self) -> frozenset[PathKey]:
         """Path keys locked by our session (empty when we have no session)."""

@@ -58,8 +58,9 @@ def plan(s: Snapshot, stale: frozenset[PathKey] = frozenset(),
                   if st.session is None and p.disk in s.disks and p.disk in s.serviceable
                   and p not in s.blocked]
     assigned = placement.assign(candidates, live, counts, total=len(s.paths))
-    acquire = [Acquire(p, s.paths[p].modify_index) for p in sorted(candidates)
-               if p in s.overdue or moves.get(p, assigned.get(p)) == s.node]
+    acquire = [] if s.settling else [
+        Acquire(p, s.paths[p].modify_index) for p in sorted(candidates)
+        if p in s.overdue or moves.get(p, assigned.get(p)) == s.node]
 
     actions: list[Action] = [Unexport(p) for p in unexport]
     actions += [Release(p) for p in release]

@@ -40,7 +40,8 @@ def make_agent(http: str, tmp: Path) -> tuple[Agent, InterleavingStore, FakeBack
     cat.add("d1", definition("d1", 1))
     cfg = config.parse({"consul": {"address": http}, "state": {"dir": str(tmp / "state")},
                         "target": {"backend": "fake"}, "network": {"backend": "none"},
-                        "catalog": {"backend": "fake", "fake": {"file": str(cat.path)}}})
+                        "catalog": {"backend": "fake", "fake": {"file": str(cat.path)}},
+                        "placement": {"settle": 0}})
     store = InterleavingStore(cfg.consul)
     ctx = PluginContext(node="gwa", state_dir=cfg.state_dir, options={"file": str(cat.path)})
     target = FakeBackend(PluginContext(node="gwa", state_dir=cfg.state_dir))

@@ -79,6 +79,8 @@ CASES = [
      snap({P1: S_ME}, {P1}, moves={P1: THIRD}), []),
     ("free path moved to me is acquired whatever placement says",
      snap({P1: None}, nodes={ME: S_ME, OTHER: S_OTHER, THIRD: S_THIRD}, moves={P1: ME}), [Acquire(P1, 10)]),
+    ("settling: free paths wait, held ones are served",
+     snap({P1: None, P2: S_ME}, settling=True), [Export(P2)]),
     ("free path moved to another node is left to it",
      snap({P1: None}, nodes={ME: S_ME, OTHER: S_OTHER}, moves={P1: OTHER}), []),
 ]
