@@ -1,0 +1,90 @@
+"""`pathagent paths`, `status` and `path move` against real Consul and running agents."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from lab.agents import REPO, AgentProc, Catalog, definition, path_owners, start_disks, wait_for
+
+pytestmark = pytest.mark.consul
+
+
+def cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "agent.cli", *args, "--config", str(config)],
+                          capture_output=True, text=True, timeout=60, cwd=REPO)
+
+
+@pytest.fixture
+def two_agents(consul_cluster_factory: Callable[..., Any], tmp_path: Path) -> Any:
+    cluster = consul_cluster_factory(clients=["gwa", "gwb"])
+    cat = Catalog(tmp_path / "catalog.json")
+    disks = {"d1": 2, "d2": 2, "d3": 2}
+    for d, n in disks.items():
+        cat.add(d, definition(d, n))
+    http = cluster.http_address("gwa")
+    start_disks(http, disks)
+    agents = {n: AgentProc(n, tmp_path, cluster.http_address(n), cat.path, lock_delay=10.0, fence_after=4.0)
+              for n in ("gwa", "gwb")}
+    for a in agents.values():
+        a.start()
+    wait_for(lambda: all(path_owners(http).values()) and
+             sum(len(a.exported()) for a in agents.values()) == 6, 15, what="6 paths served")
+    yield cluster, agents, http
+    for a in agents.values():
+        a.stop()
+
+
+def test_paths_json_and_filters(two_agents: Any) -> None:
+    _, agents, _ = two_agents
+    r = cli(agents["gwa"].config, "paths", "--json")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    assert len(rows) == 6
+    assert all(set(row) >= {"disk", "index", "ip", "node", "state"} for row in rows)
+    assert {row["node"] for row in rows} <= {"gwa", "gwb"}
+    assert all(row["state"] == "held" for row in rows)
+    d1 = {row["index"]: row["ip"] for row in rows if row["disk"] == "d1"}
+    assert d1 == {p["index"]: p["ip"] for p in definition("d1", 2)["paths"]}
+    mine = json.loads(cli(agents["gwa"].config, "--json", "paths", "--mine").stdout)
+    assert {f"{r['disk']}/{r['index']}" for r in mine} == agents["gwa"].exported()
+    other = json.loads(cli(agents["gwa"].config, "paths", "--node", "gwb", "--json").stdout)
+    assert {f"{r['disk']}/{r['index']}" for r in other} == agents["gwb"].exported()
+    text = cli(agents["gwa"].config, "paths").stdout
+    assert text.splitlines()[0].split() == ["PATH", "IP", "NODE", "STATE"] and len(text.splitlines()) == 7
+
+
+def test_status(two_agents: Any) -> None:
+    _, agents, _ = two_agents
+    r = cli(agents["gwb"].config, "status", "--json")
+    assert r.returncode == 0, r.stderr
+    st = json.loads(r.stdout)
+    assert st["node"] == "gwb" and st["health"] == "healthy" and st["agent_running"]
+    assert st["sessions"][0]["id"] == agents["gwb"].session()
+    assert st["paths_held"] == len(agents["gwb"].exported()) and st["paths_total"] == 6
+    assert st["consul_leader"] and st["live_nodes"] == ["gwa", "gwb"] and st["backend"] == "fake"
+    assert "session:" in cli(agents["gwb"].config, "status").stdout
+
+
+def test_path_move_is_fast_and_exact(two_agents: Any) -> None:
+    _, agents, http = two_agents
+    path = sorted(agents["gwa"].exported())[0]
+    t0 = time.monotonic()
+    r = cli(agents["gwa"].config, "path", "move", path, "gwb", "--json")
+    took = time.monotonic() - t0
+    assert r.returncode == 0, r.stderr + r.stdout
+    assert json.loads(r.stdout)["moved"] is True
+    assert path_owners(http)[path] == agents["gwb"].session()
+    wait_for(lambda: path in agents["gwb"].exported() and path not in agents["gwa"].exported(), 5,
+             what="the export to follow the lock")
+    assert took < 10.0, "no lock-delay (10 s) on a planned move"
+    # nobody takes it back: it stays on gwb
+    time.sleep(3)
+    assert path_owners(http)[path] == agents["gwb"].session()
+    r = cli(agents["gwa"].config, "path", "move", path, "nosuchnode")
+    assert r.returncode == 1 and "no running agent" in r.stderr
