@@ -53,7 +53,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
 
@@ -166,15 +166,32 @@ def http_json(addr: str, path: str, timeout: float = 1.0, method: str = "GET", d
     return json.loads(body) if body.strip() else None
 
 
+# Log lines caused by our own readiness polling; left out of the tails in error messages.
+POLL_NOISE = ("agent.http: Request error: method=GET url=/v1/status/leader",
+              "agent.router.manager: No servers available")
+
+
 def tail(path: Path, lines: int = 30) -> str:
+    """The last ``lines`` lines of a log, without the noise of the readiness polling."""
     try:
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 64 * 1024))
+            f.seek(max(0, f.tell() - 1024 * 1024))
             text = f.read().decode(errors="replace")
     except OSError as e:
         return f"(no log: {e})"
-    return "\n".join(text.splitlines()[-lines:])
+    kept = [ln for ln in text.splitlines() if not any(n in ln for n in POLL_NOISE)]
+    return "\n".join(kept[-lines:])
+
+
+def _why(e: Exception) -> str:
+    if isinstance(e, urllib.error.HTTPError):
+        try:
+            body = e.read().decode(errors="replace").strip()
+        except OSError:
+            body = ""
+        return f"HTTP {e.code}: {body or e.reason}"
+    return str(e)
 
 
 # --- port allocation --------------------------------------------------------------------------------------
@@ -315,7 +332,8 @@ class ConsulCluster:
         try:
             return self.nodes[name]
         except KeyError:
-            raise KeyError(f"no node {name!r} in this cluster (nodes: {self.names}; started: {self._started})") from None
+            raise KeyError(f"no node {name!r} in this cluster (nodes: {self.names}; "
+                           f"started: {self._started})") from None
 
     def http_address(self, name: str) -> str:
         """``"ip:port"`` of ``name``'s HTTP API, reachable from the root namespace."""
@@ -359,7 +377,8 @@ class ConsulCluster:
             root_ns.append(name)
         if len(self.names) > 250 and self.mode == "loopback":
             raise ValueError("at most 250 nodes in loopback mode")
-        self._reservation = PortReservation.allocate([ips[n] for n in root_ns], str(self.workdir), self._base_port)
+        key = f"{os.getpid()}-{id(self)}-{self.workdir}"
+        self._reservation = PortReservation.allocate([ips[n] for n in root_ns], key, self._base_port)
         for name in self.names:
             spec = specs.get(name)
             if name in root_ns:
@@ -480,11 +499,12 @@ class ConsulCluster:
                                        f"for {what}; {n.log} (tail):\n{tail(n.log)}")
             if pred():
                 return time.monotonic() - t0
-            if time.monotonic() - t0 > timeout:
+            waited = time.monotonic() - t0
+            if waited > timeout:
                 logs = "\n".join(f"--- {b}: {self.nodes[b].log} (tail) ---\n{tail(self.nodes[b].log, 20)}"
                                  for b in blame)
                 raise ClusterError(f"timed out after {timeout:.1f} s waiting for {what}\n{logs}")
-            time.sleep(POLL)
+            time.sleep(POLL if waited < 3.0 else 4 * POLL)
 
     def _reference_server(self, exclude: str | None = None) -> str | None:
         """A running, unfrozen server (other than ``exclude`` if possible) to ask about membership."""
@@ -503,7 +523,7 @@ class ConsulCluster:
             try:
                 leader = http_json(n.http, "/v1/status/leader")
             except (OSError, ValueError) as e:
-                why[name] = f"HTTP API not answering ({e})"
+                why[name] = f"/v1/status/leader failed ({_why(e)})"
                 continue
             if not leader:
                 why[name] = "no leader known"
@@ -513,7 +533,7 @@ class ConsulCluster:
                 try:
                     members[ref] = self.members(via=ref)
                 except (OSError, ValueError) as e:
-                    why[name] = f"member list of {ref} unavailable ({e})"
+                    why[name] = f"member list of {ref} unavailable ({_why(e)})"
                     continue
             status = members[ref].get(name, MEMBER_NONE)
             if status != MEMBER_ALIVE:
@@ -521,10 +541,10 @@ class ConsulCluster:
                 continue
             if ref not in health:
                 try:
-                    health[ref] = {c["Node"]: c["Status"] for c in http_json(self.nodes[ref].http, "/v1/health/state/any")
-                                   if c.get("CheckID") == "serfHealth"}
+                    checks = http_json(self.nodes[ref].http, "/v1/health/state/any")
+                    health[ref] = {c["Node"]: c["Status"] for c in checks if c.get("CheckID") == "serfHealth"}
                 except (OSError, ValueError) as e:
-                    why[name] = f"health checks of {ref} unavailable ({e})"
+                    why[name] = f"health checks of {ref} unavailable ({_why(e)})"
                     continue
             check = health[ref].get(name, "not registered")
             if check != "passing":
@@ -533,7 +553,8 @@ class ConsulCluster:
 
     def wait_ready(self, names: Sequence[str] | None = None, timeout: float = 30.0) -> float:
         """Wait until each of ``names`` (default: all) knows the leader, is a live member as seen from a server
-        and has a passing ``serfHealth`` catalog check; returns the seconds waited. ClusterError (with the log tails of the laggards) on timeout."""
+        and has a passing ``serfHealth`` catalog check; returns the seconds waited. ClusterError (with the
+        log tails of the laggards) on timeout."""
         todo = list(names if names is not None else self.names)
         last: dict[str, str] = {}
 
@@ -553,7 +574,8 @@ class ConsulCluster:
                 lag = list(dict.fromkeys(self.server_names + lag))
             detail = "; ".join(f"{k}: {v}" for k, v in last.items())
             logs = "\n".join(f"--- {b}: {self.nodes[b].log} (tail) ---\n{tail(self.nodes[b].log, 25)}" for b in lag)
-            raise ClusterError(f"Consul cluster not ready after {time.monotonic() - t0:.1f} s: {detail}\n{logs}") from None
+            took = time.monotonic() - t0
+            raise ClusterError(f"Consul cluster not ready after {took:.1f} s: {detail}\n{logs}") from None
 
     # --- queries ------------------------------------------------------------------------------------------
     def members(self, via: str | None = None) -> dict[str, int]:
@@ -656,7 +678,8 @@ class ConsulCluster:
 
     def restart(self, name: str, timeout: float = 30.0) -> float:
         """Start ``name`` again with the same config and data dir (stopping it first if it still runs) and wait
-        until it is ready again (``wait_ready``: knows the leader, live member, ``serfHealth`` passing); returns the seconds that took."""
+        until it is ready again (``wait_ready``: knows the leader, live member, ``serfHealth`` passing);
+        returns the seconds that took."""
         n = self.node(name)
         if n.running():
             self.stop(name)
