@@ -64,11 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check-config", help="list every problem in the config")
     p.set_defaults(func=cmd_check_config, raw_config=True)
 
-    try:  # TEMPORARY until agent/cli_disk.py lands
-        from agent import cli_disk
-        cli_disk.register(sub)
-    except ImportError:
-        pass
+    from agent import cli_disk
+    cli_disk.register(sub)
 
     p = sub.add_parser("path", help="path operations")
     psub = p.add_subparsers(dest="path_command", metavar="SUBCOMMAND", required=True)
