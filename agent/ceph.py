@@ -12,7 +12,7 @@ module imports ``rados`` or ``rbd`` or catches their exceptions:
 Bounded time: ``client mount timeout``, ``rados mon op timeout`` and ``rados osd op timeout`` are set to
 ``timeout`` before connecting, so librados gives up on its own (its default is to retry for 300 s). A few
 calls ignore those settings (looking up a pool the client does not know waits for the latest OSD map with
-no timeout at all), so every call also runs in a short-lived worker thread that the caller abandons after
+no timeout at all), so every call also runs on a worker thread that the caller abandons after
 ``timeout`` + 1 s: no method blocks its caller much longer than ``timeout``. An abandoned call finishes in
 the background when the cluster answers again; a write abandoned that way may still land, which is why the
 error says "timed out" and not "failed".
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+import queue
 import threading
 from typing import Any, Callable, TypeVar
 
@@ -85,6 +86,81 @@ def _translate(what: str, pool: str, image: str, e: Exception) -> CephError:
     return CephError(f"ceph {what} {where}: {type(e).__name__}: {e}")
 
 
+class _Job:
+    """One call handed to a worker: ``state`` goes queued -> running -> done, or queued -> cancelled when
+    the caller stopped waiting before a worker picked it up (it then never runs)."""
+
+    def __init__(self, fn: Callable[[], Any] | None) -> None:
+        self.fn = fn  # None: the thread that takes it exits
+        self.state = "queued"
+        self.lock = threading.Lock()
+        self.done = threading.Event()
+        self.value: Any = None
+        self.error: BaseException | None = None
+
+
+class _Workers:
+    """Daemon worker threads for the watchdog: ``run(fn, timeout)`` returns ``fn()``'s result or raises
+    its exception, or raises ``TimeoutError`` after ``timeout`` seconds, abandoning the call. Reused
+    threads (~30 us per call, against ~0.4 ms to start a thread); another thread is started when none is
+    idle, up to ``limit`` (abandoned calls keep theirs until librados returns). Daemon threads: a call stuck
+    in librados never holds up the process exit."""
+
+    def __init__(self, limit: int = 16) -> None:
+        self.limit = limit
+        self._queue: queue.SimpleQueue[_Job] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._threads = 0
+        self._idle = 0
+        self.running = 0
+
+    def run(self, fn: Callable[[], T], timeout: float) -> T:
+        job = _Job(fn)
+        with self._lock:
+            if self._idle == 0 and self._threads < self.limit:
+                self._threads += 1
+                self._idle += 1
+                threading.Thread(target=self._work, name="ceph-worker", daemon=True).start()
+        self._queue.put(job)
+        if not job.done.wait(timeout):
+            with job.lock:
+                if job.state == "queued":
+                    job.state = "cancelled"
+            raise TimeoutError
+        if job.error is not None:
+            raise job.error
+        return job.value  # type: ignore[no-any-return]
+
+    def stop(self) -> None:
+        """Let every thread exit once it is idle (a thread stuck in librados exits when that call returns)."""
+        with self._lock:
+            n, self._threads = self._threads, 0
+        for _ in range(n):
+            self._queue.put(_Job(None))
+
+    def _work(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job.fn is None:
+                return
+            with job.lock:
+                if job.state == "cancelled":
+                    continue
+                job.state = "running"
+            with self._lock:
+                self._idle -= 1
+                self.running += 1
+            try:
+                job.value = job.fn()
+            except BaseException as e:  # noqa: BLE001 - handed to the waiting caller
+                job.error = e
+            finally:
+                with self._lock:
+                    self._idle += 1
+                    self.running -= 1
+                job.done.set()
+
+
 class CephClient:
     """A connection to one Ceph cluster as ``client.<client_id>``, with the image and metadata operations
     the catalog and the CLI need. Thread-safe. Connects lazily on first use; ``close()`` releases it."""
@@ -96,8 +172,7 @@ class CephClient:
         self._lock = threading.Lock()
         self._rados: rados.Rados | None = None
         self._ioctx: dict[str, tuple[int, rados.Ioctx]] = {}
-        self._inflight = 0
-        self._inflight_lock = threading.Lock()
+        self._workers = _Workers()
 
     # --- plumbing --------------------------------------------------------------------------------------
     def _connect(self) -> rados.Rados:
@@ -151,36 +226,18 @@ class CephClient:
             self._ioctx = {}
 
     def _call(self, what: str, pool: str, image: str, fn: Callable[[], T]) -> T:
-        """Run ``fn`` in a worker thread; wait at most ``timeout`` + a margin; translate its exceptions."""
-        box: dict[str, Any] = {}
-
-        def run() -> None:
-            with self._inflight_lock:
-                self._inflight += 1
-            try:
-                box["value"] = fn()
-            except BaseException as e:  # noqa: BLE001 - handed to the caller's thread below
-                box["error"] = e
-            finally:
-                with self._inflight_lock:
-                    self._inflight -= 1
-
-        t = threading.Thread(target=run, name=f"ceph-{what}", daemon=True)
-        t.start()
-        t.join(self.timeout + WATCHDOG_MARGIN)
-        if t.is_alive():
+        """Run ``fn`` on a worker; wait at most ``timeout`` + a margin; translate its exceptions."""
+        try:
+            return self._workers.run(fn, self.timeout + WATCHDOG_MARGIN)
+        except TimeoutError:
             where = f"{pool}/{image}" if image else pool
-            raise CephUnavailable(f"ceph {what} {where}: no answer within {self.timeout:g}s")
-        if "error" in box:
-            e = box["error"]
-            if isinstance(e, CephError):
-                raise e
+            raise CephUnavailable(f"ceph {what} {where}: no answer within {self.timeout:g}s") from None
+        except CephError:
+            raise
+        except (rados.Error, rbd.Error) as e:
             if isinstance(e, rados.ConnectionShutdown):
                 self._reset()
-            if isinstance(e, (rados.Error, rbd.Error)):
-                raise _translate(what, pool, image, e) from None
-            raise e
-        return box["value"]  # type: ignore[no-any-return]
+            raise _translate(what, pool, image, e) from None
 
     # --- pools and images -------------------------------------------------------------------------------
     def list_pools(self) -> list[str]:
@@ -221,9 +278,31 @@ class CephClient:
 
     # --- image metadata ---------------------------------------------------------------------------------
     def get_meta(self, pool: str, image: str, key: str) -> str | None:
-        """The value of metadata ``key`` on the image, or ``None`` when the key is not set."""
+        """The value of metadata ``key`` on the image, or ``None`` when the key is not set.
+
+        Fast path, two object reads (~0.3 ms each) instead of an image open (~3-10 ms, about six reads):
+        the format-2 layout librbd's own ``metadata_get`` uses, namely the image id in object
+        ``rbd_id.<name>`` and the value in omap key ``metadata_<key>`` of object ``rbd_header.<id>``.
+        The name is resolved on every call, so a deleted, re-created or trashed image is never read by a
+        stale id. Anything unexpected (no ``rbd_id`` object: a missing or format-1 image) takes the librbd
+        path, which gives the authoritative answer and error."""
         def op() -> str | None:
-            with rbd.Image(self._pool(pool), image, read_only=True) as img:
+            io = self._pool(pool)
+            try:
+                raw = io.read(f"rbd_id.{image}")
+                n = int.from_bytes(raw[:4], "little")
+                image_id = raw[4:4 + n].decode("ascii")
+                if n == 0 or len(raw) != 4 + n:
+                    raise ValueError("unexpected rbd_id content")
+                with rados.ReadOpCtx() as read:
+                    values, _ = io.get_omap_vals_by_keys(read, (f"metadata_{key}",))
+                    io.operate_read_op(read, f"rbd_header.{image_id}")
+                    found = dict(values)
+                value = found.get(f"metadata_{key}")
+                return None if value is None else bytes(value).decode("utf-8", errors="replace")
+            except (rados.ObjectNotFound, ValueError, UnicodeDecodeError):
+                pass
+            with rbd.Image(io, image, read_only=True) as img:
                 try:
                     return str(img.metadata_get(key))
                 except KeyError:
@@ -247,15 +326,15 @@ class CephClient:
         self._call("remove metadata of", pool, image, op)
 
     def close(self) -> None:
-        """Release the handle, unless a call abandoned by the watchdog still uses it (then the process
-        exit releases it). Idempotent."""
-        with self._inflight_lock:
-            busy = self._inflight > 0
-        if busy:
-            self._rados = None
-            self._ioctx = {}
-            return
+        """Release the handle and the worker threads, unless a call abandoned by the watchdog still uses
+        the handle (then the process exit releases it). Idempotent; the client connects again if used."""
+        workers, self._workers = self._workers, _Workers()
+        workers.stop()
         with self._lock:
+            if workers.running > 0:
+                self._rados = None
+                self._ioctx = {}
+                return
             for _, io in self._ioctx.values():
                 io.close()
             self._ioctx = {}

@@ -18,8 +18,8 @@ from agent.backend import Catalog
 from agent.config import Config
 from agent.errors import AgentError, CatalogError, ConfigError
 from agent.model import PathKey
+from agent.output import EXIT_FAILED, EXIT_OK, EXIT_USAGE, emit, fail
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 Handler = Callable[[argparse.Namespace, Config], int]
 
 
@@ -75,18 +75,6 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the move (default 30)")
     m.set_defaults(func=cmd_path_move)
     return parser
-
-
-def emit(args: argparse.Namespace, data: Any, text: str) -> None:
-    if getattr(args, "json", False):
-        print(json.dumps(data, indent=2, sort_keys=True))
-    elif text:
-        print(text)
-
-
-def fail(msg: str, code: int = EXIT_FAILED) -> int:
-    print(f"pathagent: {msg}", file=sys.stderr)
-    return code
 
 
 # --- commands ------------------------------------------------------------------------------------------

@@ -14,15 +14,15 @@ import argparse
 import json
 import re
 import sys
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from agent import schema
-from agent.ceph import CephClient
 from agent.config import Config
-from agent.consul_store import ConsulStore
-from agent.disks import DiskInfo, Disks
 from agent.errors import AgentError, DefinitionError
 from agent.model import Chap, Disk
+
+if TYPE_CHECKING:  # imported when a disk command runs: the other commands need neither Consul nor rados
+    from agent.disks import DiskInfo, Disks
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -34,13 +34,15 @@ class UsageError(Exception):
 
 
 def parse_size(text: str) -> int:
-    """Bytes from ``"1073741824"``, ``"512M"``, ``"1.5G"``, ``"2T"`` (K/M/G/T are powers of 1024)."""
+    """Bytes from ``"1073741824"``, ``"512M"``, ``"1.5G"``, ``"2T"`` (K/M/G/T are powers of 1024); a whole
+    number of 512-byte sectors."""
+    from agent.disks import SECTOR
     m = SIZE_RE.match(text)
     if not m:
         raise UsageError(f"--size {text!r}: expected a byte count or a number with K, M, G or T")
     size = float(m.group(1)) * UNITS[m.group(2).upper()]
-    if size != int(size) or size <= 0:
-        raise UsageError(f"--size {text!r}: must be a positive whole number of bytes")
+    if size != int(size) or size <= 0 or size % SECTOR:
+        raise UsageError(f"--size {text!r}: must be a positive multiple of {SECTOR} bytes")
     return int(size)
 
 
@@ -126,12 +128,15 @@ def describe(disk: Disk, started: bool) -> str:
 
 # --- handlers ------------------------------------------------------------------------------------------------
 
-Op = Callable[[argparse.Namespace, Disks], int]
+Op = Callable[[argparse.Namespace, "Disks"], int]
 
 
 def _run(op: Op) -> Callable[[argparse.Namespace, Config], int]:
     """Wrap ``op`` with the Consul and Ceph connections and the exit-code mapping."""
     def handler(args: argparse.Namespace, cfg: Config) -> int:
+        from agent.ceph import CephClient
+        from agent.consul_store import ConsulStore
+        from agent.disks import Disks
         try:
             store = ConsulStore(cfg.consul)
             ceph = CephClient(cfg.ceph.conf, cfg.ceph.client_id, cfg.ceph.timeout)

@@ -46,9 +46,9 @@ def parse(prefix: str, key: str) -> tuple[str, str | PathKey] | None:
     if not key.startswith(head):
         return None
     parts = key[len(head):].split("/")
-    if len(parts) == 2 and parts[0] == "disks" and DISK_ID_RE.match(parts[1]):
+    if len(parts) == 2 and parts[0] == "disks" and DISK_ID_RE.fullmatch(parts[1]):
         return ("disk", parts[1])
-    if len(parts) == 3 and parts[0] in ("disks", "moves") and DISK_ID_RE.match(parts[1]):
+    if len(parts) == 3 and parts[0] in ("disks", "moves") and DISK_ID_RE.fullmatch(parts[1]):
         if parts[2].isdigit() and not parts[2].startswith("0"):
             kind = "path" if parts[0] == "disks" else "move"
             return (kind, PathKey(parts[1], int(parts[2])))

@@ -56,7 +56,7 @@ def _str(d: dict[str, Any], key: str, disk: str, pattern: re.Pattern[str], what:
         raise _fail(disk, f, "missing")
     if not isinstance(v, str):
         raise _fail(disk, f, f"must be a string, not {type(v).__name__}")
-    if not pattern.match(v):
+    if not pattern.fullmatch(v):
         raise _fail(disk, f, f"not a valid {what}")
     return v
 
@@ -80,7 +80,7 @@ def _chap(v: Any, disk: str, field: str) -> Chap | None:
     user = _str(v, "user", disk, CHAP_USER_RE, "CHAP user (1-255 printable characters, no space)",
                 f"{field}.user")
     pw = v.get("password")
-    if not isinstance(pw, str) or not CHAP_SECRET_RE.match(pw):
+    if not isinstance(pw, str) or not CHAP_SECRET_RE.fullmatch(pw):
         # never echo the secret
         raise _fail(disk, f"{field}.password", "must be 12-255 printable characters without spaces")
     return Chap(user, pw)
@@ -112,7 +112,7 @@ def _path(v: Any, disk: str, i: int) -> PathSpec:
     if vlan is not None:
         vlan = _int(vlan, disk, f"{f}.vlan", 1, 4094)
     role = v.get("role")
-    if role is not None and (not isinstance(role, str) or not ROLE_RE.match(role)):
+    if role is not None and (not isinstance(role, str) or not ROLE_RE.fullmatch(role)):
         raise _fail(disk, f"{f}.role", "must be a short lowercase name")
     return PathSpec(index=index, ip=str(addr), prefix=prefix, vlan=vlan, role=role)
 
@@ -183,7 +183,7 @@ def from_dict(doc: Any, disk_id: str) -> Disk:
         raise _fail(disk_id, "initiators", f"more than {MAX_INITIATORS} entries")
     inits: list[str] = []
     for i, v in enumerate(inits_v):
-        if not isinstance(v, str) or not IQN_RE.match(v) or len(v) > 223:
+        if not isinstance(v, str) or not IQN_RE.fullmatch(v) or len(v) > 223:
             raise _fail(disk_id, f"initiators[{i}]", "not a valid iSCSI name")
         if v not in inits:
             inits.append(v)
@@ -202,14 +202,16 @@ def to_dict(disk: Disk) -> dict[str, Any]:
     """The canonical document for ``disk`` (includes secrets: only for storage, never for display)."""
     def chap(c: Chap | None) -> dict[str, str] | None:
         return None if c is None else {"user": c.user, "password": c.password}
-    return {
-        "version": VERSION, "id": disk.id, "name": disk.name, "pool": disk.pool, "image": disk.image,
+    doc: dict[str, Any] = {
+        "version": VERSION, "id": disk.id, "name": disk.name,
+        **({"pool": disk.pool} if disk.pool else {}), **({"image": disk.image} if disk.image else {}),
         "size": disk.size, "iqn": disk.iqn, "serial": disk.serial,
         "paths": [{"index": p.index, "ip": p.ip, "prefix": p.prefix, "vlan": p.vlan, "role": p.role}
                   for p in disk.paths],
         "open": disk.initiators is None, "initiators": list(disk.initiators or ()),
         "chap": chap(disk.chap), "mutual_chap": chap(disk.mutual_chap),
     }
+    return doc
 
 
 def dump(disk: Disk) -> str:

@@ -18,11 +18,6 @@ from agent.model import Chap, Disk, PathSpec
 
 DISK = "d3f9a0c1"
 
-# agent/schema.py checks names with ``re.match(r"^...$")``, and ``$`` also matches before a final newline;
-# and ``to_dict`` writes ``"pool": ""`` for a Disk without a pool, which ``from_dict`` refuses. The fix
-# (``fullmatch``; omit empty pool/image) is proposed to the schema's owner: remove this marker with it.
-pending_schema_fix = pytest.mark.xfail(strict=True, reason="schema accepts a trailing newline / refuses its "
-                                                           "own empty pool: fix proposed, not applied yet")
 SECRET = "s3cret-Passw0rd!"
 
 
@@ -60,7 +55,6 @@ def test_round_trip_and_bytes_input() -> None:
     assert schema.to_dict(disk) == valid()
 
 
-@pending_schema_fix
 def test_disk_without_pool_round_trips() -> None:
     disk = Disk(id=DISK, name="n", iqn="iqn.2016-05.io.x:y", serial=valid()["serial"],
                 paths=(PathSpec(1, "198.18.0.1", 24),))
@@ -233,7 +227,6 @@ def test_future_version_refused_with_clear_message() -> None:
     ("initiators", ["iqn.1993-08.org.debian:01:abcdef\n"]), ("chap.user", "alice\n"),
     ("chap.password", SECRET + "\n"), ("paths[1].role", "storage\n"), ("pool", "rbd\n"),
 ])
-@pending_schema_fix
 def test_trailing_newline_refused(path: str, value: Any) -> None:
     """A newline would end up in tgtadm/configfs arguments. ``re.match(...$)`` lets one through."""
     doc = valid()
