@@ -91,9 +91,11 @@ class AgentProc:
 
     def __init__(self, name: str, workdir: Path, consul_http: str, catalog: Path,
                  extra: str = "", lock_delay: float = 3.0, fence_after: float = 2.5,
-                 test_timings: bool = True) -> None:
+                 test_timings: bool = True, ceph_conf: str | None = None) -> None:
         """``test_timings`` shortens confirmation interval, HTTP timeout and watch wait for tests;
-        without it the agent runs with the production defaults (as the benchmark does)."""
+        without it the agent runs with the production defaults (as the benchmark does). With
+        ``ceph_conf`` the agent reads definitions from RBD image metadata (the ``rbd`` catalog) of that
+        cluster instead of the JSON file ``catalog``."""
         self.name = name
         self.dir = workdir / name
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -102,6 +104,11 @@ class AgentProc:
         self.log = self.dir / "agent.log"
         timings = (f"lock_delay = {lock_delay}\nfence_after = {fence_after}\nconfirm_interval = 0.5\n"
                    "timeout = 1.0\nelection_stall = 1.0\nwait = 10\n") if test_timings else ""
+        if ceph_conf:
+            catalog_toml = (f'[catalog]\nbackend = "rbd"\n[ceph]\nconf = "{ceph_conf}"\nrefresh = 5\n'
+                            'timeout = 3\n')
+        else:
+            catalog_toml = f'[catalog]\nbackend = "fake"\n[catalog.fake]\nfile = "{catalog}"\n'
         self.config.write_text(f"""
 [consul]
 address = "{consul_http}"
@@ -112,11 +119,7 @@ backend = "fake"
 stop_time = 0.5
 [network]
 backend = "none"
-[catalog]
-backend = "fake"
-[catalog.fake]
-file = "{catalog}"
-[placement]
+{catalog_toml}[placement]
 grace = 2
 [log]
 level = "INFO"
