@@ -29,19 +29,34 @@ class FakeBackend(TargetBackend):
         opts: Mapping[str, Any] = context.options
         self.path = str(opts.get("file") or os.path.join(context.state_dir, "fake-targets.json"))
         self.fail = frozenset(str(p) for p in opts.get("fail", []))
+        self._cache: tuple[tuple[int, int], dict[str, dict[str, Any]]] | None = None
+
+    def _stamp(self) -> tuple[int, int]:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return (0, 0)
+        return (st.st_mtime_ns, st.st_ino)
 
     def _load(self) -> dict[str, dict[str, Any]]:
+        """The recorded exports; re-read only when the file changed since we last read or wrote it."""
+        stamp = self._stamp()
+        if self._cache is not None and self._cache[0] == stamp:
+            return dict(self._cache[1])
         try:
             data = statefile.read(self.path, {})
         except (OSError, ValueError) as e:
             raise PermanentBackendError(f"fake state file {self.path}: {e}") from e
-        return dict(data.get("paths", {}))
+        paths = dict(data.get("paths", {}))
+        self._cache = (stamp, paths)
+        return dict(paths)
 
     def _save(self, paths: dict[str, dict[str, Any]]) -> None:
         try:
             statefile.write(self.path, {"paths": paths})
         except OSError as e:
             raise TransientBackendError(f"fake state file {self.path}: {e}") from e
+        self._cache = (self._stamp(), dict(paths))
 
     def exported(self) -> frozenset[PathKey]:
         out = set()
