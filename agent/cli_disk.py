@@ -11,20 +11,18 @@ printed: output goes through ``schema.public_dict`` and error messages never ech
 from __future__ import annotations
 
 import argparse
-import json
 import re
-import sys
 from typing import TYPE_CHECKING, Any, Callable
 
 from agent import schema
 from agent.config import Config
 from agent.errors import AgentError, DefinitionError
 from agent.model import Chap, Disk
+from agent.output import EXIT_OK, EXIT_USAGE, emit, fail
 
 if TYPE_CHECKING:  # imported when a disk command runs: the other commands need neither Consul nor rados
     from agent.disks import DiskInfo, Disks
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
 
@@ -86,18 +84,6 @@ def chap_from(args: argparse.Namespace, kind: str) -> Chap | None:
 
 # --- output ------------------------------------------------------------------------------------------------
 
-def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
-    if getattr(args, "json", False):
-        print(json.dumps(data, indent=2, sort_keys=True))
-    elif text:
-        print(text)
-
-
-def _fail(msg: str, code: int = EXIT_FAILED) -> int:
-    print(f"pathagent: {msg}", file=sys.stderr)
-    return code
-
-
 def _error_dict(e: DefinitionError) -> dict[str, str]:
     return {"field": e.field, "reason": e.reason, "message": str(e)}
 
@@ -141,13 +127,13 @@ def _run(op: Op) -> Callable[[argparse.Namespace, Config], int]:
             store = ConsulStore(cfg.consul)
             ceph = CephClient(cfg.ceph.conf, cfg.ceph.client_id, cfg.ceph.timeout)
         except AgentError as e:
-            return _fail(str(e))
+            return fail(str(e))
         try:
             return op(args, Disks(cfg, store, ceph))
         except UsageError as e:
-            return _fail(str(e), EXIT_USAGE)
+            return fail(str(e), EXIT_USAGE)
         except AgentError as e:
-            return _fail(str(e))
+            return fail(str(e))
         finally:
             ceph.close()
             store.close()
@@ -164,7 +150,7 @@ def _create(args: argparse.Namespace, disks: Disks) -> int:
                             initiators=args.initiator or (), open_=args.open, chap=chap, mutual_chap=mutual)
     except DefinitionError as e:  # the input does not make a valid definition: nothing was created
         raise UsageError(f"invalid disk definition: field {e.field!r}: {e.reason}") from None
-    _emit(args, {**schema.public_dict(disk), "started": False},
+    emit(args, {**schema.public_dict(disk), "started": False},
           f"created disk {disk.name}: {disk.pool}/{disk.image}, {human_size(disk.size)}, "
           f"{len(disk.paths)} path(s)\n{disk.id}")
     return EXIT_OK
@@ -181,7 +167,7 @@ def _list(args: argparse.Namespace, disks: Disks) -> int:
             assert i.error is not None
             rows.append(f"{i.id:<10} {'-':<20} {'started' if i.started else 'stopped':<8} {'-':>9} {'-':>5}  "
                         f"{i.pool}/{i.image}  INVALID: {i.error.message}")
-    _emit(args, [info_dict(i) for i in infos], "\n".join(rows))
+    emit(args, [info_dict(i) for i in infos], "\n".join(rows))
     return EXIT_OK
 
 
@@ -190,29 +176,29 @@ def _show(args: argparse.Namespace, disks: Disks) -> int:
     if info.disk is None:
         assert info.error is not None
         if getattr(args, "json", False):
-            _emit(args, info_dict(info), "")
-        return _fail(str(info.error))
-    _emit(args, info_dict(info), describe(info.disk, info.started))
+            emit(args, info_dict(info), "")
+        return fail(str(info.error))
+    emit(args, info_dict(info), describe(info.disk, info.started))
     return EXIT_OK
 
 
 def _start(args: argparse.Namespace, disks: Disks) -> int:
     disk = disks.start(args.id, args.pool)
-    _emit(args, {"id": disk.id, "started": True, "paths": [p.index for p in disk.paths]},
+    emit(args, {"id": disk.id, "started": True, "paths": [p.index for p in disk.paths]},
           f"disk {disk.id} started: {len(disk.paths)} path(s)")
     return EXIT_OK
 
 
 def _stop(args: argparse.Namespace, disks: Disks) -> int:
     was = disks.stop(args.id)
-    _emit(args, {"id": args.id, "started": False, "was_started": was},
+    emit(args, {"id": args.id, "started": False, "was_started": was},
           f"disk {args.id} stopped" if was else f"disk {args.id} was not started")
     return EXIT_OK
 
 
 def _delete(args: argparse.Namespace, disks: Disks) -> int:
     pool, image = disks.delete(args.id, args.pool, wait=args.wait)
-    _emit(args, {"id": args.id, "deleted": True, "pool": pool, "image": image},
+    emit(args, {"id": args.id, "deleted": True, "pool": pool, "image": image},
           f"disk {args.id} deleted ({pool}/{image} removed)")
     return EXIT_OK
 
@@ -232,7 +218,7 @@ def _update(args: argparse.Namespace, disks: Disks) -> int:
     except DefinitionError as e:
         raise UsageError(f"invalid disk definition: field {e.field!r}: {e.reason}") from None
     started = disks.record(args.id) is not None
-    _emit(args, {**schema.public_dict(disk), "started": started},
+    emit(args, {**schema.public_dict(disk), "started": started},
           f"disk {disk.id} updated" + (" (owners apply it now)" if started else ""))
     return EXIT_OK
 

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from agent import keys, schema
-from agent.ceph import CephClient, CephError, ImageBusy, ImageNotFound
+from agent.ceph import CephClient, CephError, CephNotFound, ImageBusy, ImageNotFound
 from agent.config import Config
 from agent.consul_store import ConsulStore, TxnOps
 from agent.errors import AgentError, DefinitionError
@@ -151,17 +151,15 @@ class Disks:
 
     def load(self, disk_id: str, pool: str, image: str) -> Disk:
         """The validated definition stored on ``pool/image``; ``DefinitionError`` when invalid or absent."""
-        doc = self.ceph.get_meta(pool, image, schema.META_KEY)
-        if doc is None:
-            raise DefinitionError(disk_id, "(document)", f"image {pool}/{image} has no {schema.META_KEY} metadata")
-        return dataclasses.replace(schema.parse(doc, disk_id), pool=pool, image=image)
+        info = self._info(disk_id, pool, image, False, self.ceph.get_meta(pool, image, schema.META_KEY))
+        if info.disk is None:
+            assert info.error is not None
+            raise info.error
+        return info.disk
 
     def show(self, disk_id: str, pool: str | None = None) -> DiskInfo:
         p, image, rec = self.locate(disk_id, pool)
-        try:
-            return DiskInfo(disk_id, p, image, rec is not None, disk=self.load(disk_id, p, image))
-        except DefinitionError as e:
-            return DiskInfo(disk_id, p, image, rec is not None, error=e)
+        return self._info(disk_id, p, image, rec is not None, self.ceph.get_meta(p, image, schema.META_KEY))
 
     def list(self, pools: Sequence[str] = ()) -> list[DiskInfo]:
         """Every disk: the images carrying ``pathagent.disk`` in ``pools`` (default ``[ceph] pool``) and
@@ -176,26 +174,35 @@ class Disks:
             except CephError:
                 if p in (pools or [self.cfg.ceph.pool]):
                     raise
+
+        def read(pool_image: tuple[str, str]) -> str | None:
+            try:
+                return self.ceph.get_meta(*pool_image, schema.META_KEY)
+            except CephNotFound:  # removed since it was listed
+                return None
+
         with ThreadPoolExecutor(LIST_WORKERS) as ex:
-            docs = list(ex.map(lambda pi: self.ceph.get_meta(pi[0], pi[1], schema.META_KEY), images))
+            docs = list(ex.map(read, images))
         out: dict[str, DiskInfo] = {}
         for (p, image), doc in zip(images, docs):
-            if doc is None:
-                continue
-            disk_id = located.get((p, image)) or _id_of(image, doc)
+            disk_id = located.get((p, image)) or (_id_of(image, doc) if doc is not None else None)
             if disk_id is None:
                 continue
-            info = self._info(disk_id, p, image, disk_id in recs, doc)
+            info = self._info(disk_id, p, image, (p, image) in located, doc)
             if disk_id not in out or info.started:
                 out[disk_id] = info
         for disk_id, r in recs.items():
             if disk_id not in out:
                 out[disk_id] = DiskInfo(disk_id, r.pool, r.image, True, error=DefinitionError(
-                    disk_id, "(document)", f"started, but image {r.pool}/{r.image} has no definition"))
+                    disk_id, "(document)", f"started, but image {r.pool}/{r.image} does not exist"))
         return [out[d] for d in sorted(out)]
 
     @staticmethod
-    def _info(disk_id: str, pool: str, image: str, started: bool, doc: str) -> DiskInfo:
+    def _info(disk_id: str, pool: str, image: str, started: bool, doc: str | None) -> DiskInfo:
+        """``DiskInfo`` of a stored document (``None``: the image has no definition)."""
+        if doc is None:
+            return DiskInfo(disk_id, pool, image, started, error=DefinitionError(
+                disk_id, "(document)", f"image {pool}/{image} has no {schema.META_KEY} metadata"))
         try:
             disk = dataclasses.replace(schema.parse(doc, disk_id), pool=pool, image=image)
             return DiskInfo(disk_id, pool, image, started, disk=disk)

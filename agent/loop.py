@@ -1,11 +1,13 @@
 """The node loop: build a snapshot, plan, apply, then sleep until something changes.
 
-Three threads:
+Four threads:
 
 - the *watcher* runs recursive blocking queries on ``{prefix}/`` (no fixed-interval polling) and posts
   each new tree;
 - the *confirmer* reads our session with a consistent read every ``confirm_interval`` seconds; each
   success extends the lease (see ``agent.lease``); a missing session means it was invalidated;
+- the *catalog* thread reads disk definitions (Ceph calls may block for ``[ceph] timeout``), so the main
+  loop never waits on Ceph and a hung Ceph cannot delay fencing;
 - the *main* loop wakes on a new tree, a lease change, a backoff or placement deadline, or a signal; it
   builds an immutable ``Snapshot``, asks ``planner.plan`` what to do, applies the actions one by one and
   logs one summary line per cycle that did something.
@@ -109,6 +111,8 @@ class Agent:
         self.fenced = False
         self._lock = threading.Lock()
         self._wake = threading.Event()
+        self._defs_wake = threading.Event()
+        self._definer_running = False
         self._halt = threading.Event()
         self._stop_mode: str | None = None      # "release" | "detach"
         self._tree: Tree | None = None
@@ -166,6 +170,7 @@ class Agent:
                 self._tree = tree
                 self._tree_seq += 1
             index = new_index
+            self._defs_wake.set()
             self._wake.set()
 
     def _confirm_once(self) -> None:
@@ -285,30 +290,53 @@ class Agent:
             log.info("node record not locked yet: %s", res.reason())
 
     # --- definitions -----------------------------------------------------------------------------------
-    def _load_definitions(self, tree: Tree) -> None:
+    def _load_definitions(self, tree: Tree) -> bool:
+        """Read the definition of every started disk through the catalog. A disk whose definition cannot
+        be read now keeps the last good one (what is served keeps being served) and is reported once
+        per distinct problem. Returns whether the set of definitions changed."""
+        with self._lock:
+            prev = self._definitions
+            errors = dict(self._catalog_errors)
         defs: dict[str, Disk] = {}
         for disk_id, rec in tree.disks.items():
             try:
                 disk = self.catalog.get(disk_id, rec.pool, rec.image, rec.modify_index)
-            except CatalogError as e:
-                msg = str(e)
-                if self._catalog_errors.get(disk_id) != msg:
+            except Exception as e:  # noqa: BLE001 - CatalogError, or a catalog plugin bug: never fatal
+                msg = str(e) if isinstance(e, CatalogError) else \
+                    f"disk {disk_id}: catalog plugin raised {type(e).__name__}: {e}"
+                if errors.get(disk_id) != msg:
                     log.error("disk %s skipped: %s", disk_id, msg)
-                    self._catalog_errors[disk_id] = msg
-                if disk_id in self._definitions:
-                    defs[disk_id] = self._definitions[disk_id]   # keep serving what already works
+                    errors[disk_id] = msg
+                if disk_id in prev:
+                    defs[disk_id] = prev[disk_id]   # keep serving what already works
                 continue
-            except Exception as e:  # noqa: BLE001 - a catalog plugin bug must not stop the loop
-                msg = f"catalog plugin raised {type(e).__name__}: {e}"
-                if self._catalog_errors.get(disk_id) != msg:
-                    log.error("disk %s skipped: %s", disk_id, msg)
-                    self._catalog_errors[disk_id] = msg
-                continue
-            if disk_id in self._catalog_errors:
+            if disk_id in errors:
                 log.info("disk %s: definition readable again", disk_id)
-                del self._catalog_errors[disk_id]
+                del errors[disk_id]
             defs[disk_id] = disk
-        self._definitions = defs
+        for d in [d for d in errors if d not in tree.disks]:
+            del errors[d]
+        with self._lock:
+            self._definitions = defs
+            self._catalog_errors = errors
+        return defs != prev
+
+    def _definer(self) -> None:
+        """Catalog thread: re-reads definitions whenever the tree changes and at least every half
+        ``[ceph] refresh``. Ceph calls can block for ``[ceph] timeout``; keeping them off the main
+        loop means a hung Ceph never delays fencing or unexporting."""
+        interval = max(0.5, self.cfg.ceph.refresh / 2)
+        first = True
+        while not self._halt.is_set():
+            with self._lock:
+                tree = self._tree
+            if tree is not None:
+                changed = self._load_definitions(tree)
+                if changed or first:
+                    first = False
+                    self._wake.set()
+            self._defs_wake.wait(interval)
+            self._defs_wake.clear()
 
     # --- one cycle -------------------------------------------------------------------------------------
     def _snapshot(self, tree: Tree, exported: frozenset[PathKey], now: float, stopping: bool) -> Snapshot:
@@ -459,8 +487,8 @@ class Agent:
             self.fenced = False
         if tree is None:
             tree = Tree()
-        if not stopping:
-            self._load_definitions(tree)
+        if not stopping and not self._definer_running:
+            self._load_definitions(tree)     # single-threaded use (tests, tools): read inline
         exported = self._exported()
         snap = self._snapshot(tree, exported, now, stopping)
         if self.session is not None and not snap.fenced and not stopping:
@@ -534,7 +562,9 @@ class Agent:
     def run(self) -> None:
         os.makedirs(self.cfg.state_dir, exist_ok=True)
         self._threads = [threading.Thread(target=self._watch, name="watch", daemon=True),
-                         threading.Thread(target=self._confirmer, name="confirm", daemon=True)]
+                         threading.Thread(target=self._confirmer, name="confirm", daemon=True),
+                         threading.Thread(target=self._definer, name="catalog", daemon=True)]
+        self._definer_running = True
         for t in self._threads:
             t.start()
         retry = 0.5
@@ -572,6 +602,7 @@ class Agent:
                 self._wake.wait(max(0.0, self._next_deadline(now) - now))
         finally:
             self._halt.set()
+            self._defs_wake.set()
 
     def _safe_exported(self) -> frozenset[PathKey]:
         try:
