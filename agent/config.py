@@ -32,11 +32,10 @@ class ConsulConfig:
     session_name: str = "iSCSITarget"
     checks: tuple[str, ...] = ()
     lock_delay: float = 8.0
-    fence_after: float = 4.0
+    fence_after: float = 3.5
     confirm_interval: float = 1.0
-    timeout: float = 1.5
+    timeout: float = 1.0
     wait: float = 30.0
-    detection_min: float = 2.0
     election_stall: float = 2.0
 
     @property
@@ -160,7 +159,7 @@ SCHEMA: dict[str, dict[str, Callable[[Any], str | None]]] = {
         "ca_file": _str(), "cert_file": _str(), "key_file": _str(), "prefix": _str(False),
         "session_name": _str(False), "checks": _str_list, "lock_delay": _num(1, 60),
         "fence_after": _num(0.5, 60), "confirm_interval": _num(0.1, 10), "timeout": _num(0.2, 10),
-        "wait": _num(1, 300), "detection_min": _num(0.5, 60), "election_stall": _num(0, 60),
+        "wait": _num(1, 300), "election_stall": _num(0, 60),
     },
     "ceph": {"conf": _str(False), "client_id": _str(False), "pool": _str(False), "refresh": _num(1, 3600),
              "timeout": _num(1, 300)},
@@ -269,19 +268,20 @@ def parse(data: Mapping[str, Any], source: str = "") -> Config:
 def fencing_problems(cfg: Config) -> list[tuple[str, str]]:
     """The self-fencing inequality (docs/fencing.md):
 
-    - ``fence_after + timeout + stop_time < detection_min + lock_delay``: a cut-off node has stopped
-      serving before any other node can lock its paths;
+    - ``fence_after + timeout + stop_time < lock_delay``: a cut-off node has stopped serving before any
+      other node can lock its paths (failure detection is not counted: with broken gossip but working
+      RPC the session can be invalidated right after our last successful confirmation);
     - ``fence_after > election_stall + timeout``: a Consul leader election does not fence healthy nodes;
     - ``fence_after > confirm_interval + timeout``: a confirmation can succeed within the window.
     """
     c = cfg.consul
     out: list[tuple[str, str]] = []
     worst = c.fence_after + c.timeout + cfg.stop_time
-    safe = c.detection_min + c.lock_delay
+    safe = c.lock_delay
     if not worst < safe:
         out.append(("consul.fence_after",
                     f"fence_after + timeout + target.stop_time = {worst:g}s must be below "
-                    f"detection_min + lock_delay = {safe:g}s, or another node could take the paths while "
+                    f"lock_delay = {safe:g}s, or another node could take the paths while "
                     f"this one still serves them"))
     if not c.fence_after > c.election_stall + c.timeout:
         out.append(("consul.fence_after", f"must exceed election_stall + timeout = "

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import secrets
 import time
 import uuid
@@ -138,7 +139,7 @@ class Disks:
     def locate(self, disk_id: str, pool: str | None = None) -> tuple[str, str, Record | None]:
         """``(pool, image, record)`` of ``disk_id``: from its disk key when started, else the image
         ``pathagent-<id>`` in ``pool`` (default ``[ceph] pool``). ``DiskNotFound`` if neither exists."""
-        if not keys.DISK_ID_RE.match(disk_id):
+        if not keys.DISK_ID_RE.fullmatch(disk_id):
             raise DiskNotFound(f"{disk_id!r} is not a disk id")
         rec = self.record(disk_id)
         if rec is not None:
@@ -272,7 +273,9 @@ class Disks:
             raise DiskStateError(f"disk {disk_id} is already started")
         disk = self.load(disk_id, p, image)
         dkey = keys.disk_key(self.prefix, disk_id)
-        ops = (TxnOps().check_not_exists(dkey).delete_tree(dkey + "/")
+        skey = keys.stopped_key(self.prefix, disk_id)
+        self._wait_after_stop(disk_id, skey)
+        ops = (TxnOps().check_not_exists(dkey).delete_tree(dkey + "/").delete(skey)
                .set(dkey, json.dumps({"pool": p, "image": image}).encode()))
         for path in disk.paths:
             ops.set(f"{dkey}/{path.index}", b"")
@@ -281,14 +284,33 @@ class Disks:
             raise DiskStateError(f"disk {disk_id} is already started ({res.reason()})")
         return disk
 
+    def _wait_after_stop(self, disk_id: str, skey: str) -> None:
+        """A stopped disk's old owners unexport when they see the stop; one that is slow to see it (a
+        stalled watch) is bounded like any failed owner, by the lock-delay. So a restart of the disk
+        waits until ``lock_delay`` after the stop before recreating free path keys."""
+        entry = self.store.get(skey)
+        if entry is None or not entry.value:
+            return
+        try:
+            at = float(json.loads(entry.value).get("at", 0))
+        except (ValueError, AttributeError, TypeError):
+            return
+        wait = at + self.cfg.consul.lock_delay - time.time()
+        if wait > 0:
+            print(f"pathagent: disk {disk_id} was stopped {self.cfg.consul.lock_delay - wait:.1f}s ago; "
+                  f"waiting {wait:.1f}s (the lock-delay) before starting it again", file=sys.stderr)
+            time.sleep(min(wait, self.cfg.consul.lock_delay))
+
     def stop(self, disk_id: str) -> bool:
         """Delete the disk key, its path keys and pending moves in one transaction. Idempotent; returns
         whether the disk was started."""
-        if not keys.DISK_ID_RE.match(disk_id):
+        if not keys.DISK_ID_RE.fullmatch(disk_id):
             raise DiskNotFound(f"{disk_id!r} is not a disk id")
         dkey = keys.disk_key(self.prefix, disk_id)
         was = self.store.get(dkey) is not None
         ops = (TxnOps().delete_tree(dkey + "/").delete_tree(f"{self.prefix}/moves/{disk_id}/").delete(dkey))
+        if was:
+            ops.set(keys.stopped_key(self.prefix, disk_id), json.dumps({"at": time.time()}).encode())
         res = self.store.txn(ops)
         if not res.ok:
             raise DiskError(f"disk {disk_id}: stop failed ({res.reason()})")
@@ -347,11 +369,11 @@ class Disks:
 def _id_of(image: str, doc: str) -> str | None:
     """The disk id of an image carrying a definition: from the image name ``pathagent-<id>``, else from the
     document's ``id`` (images named otherwise, e.g. created by other tools)."""
-    if image.startswith(IMAGE_PREFIX) and keys.DISK_ID_RE.match(image[len(IMAGE_PREFIX):]):
+    if image.startswith(IMAGE_PREFIX) and keys.DISK_ID_RE.fullmatch(image[len(IMAGE_PREFIX):]):
         return image[len(IMAGE_PREFIX):]
     try:
         d = json.loads(doc)
     except (ValueError, RecursionError):
         return None
     v = d.get("id") if isinstance(d, dict) else None
-    return v if isinstance(v, str) and keys.DISK_ID_RE.match(v) else None
+    return v if isinstance(v, str) and keys.DISK_ID_RE.fullmatch(v) else None

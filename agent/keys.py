@@ -6,7 +6,10 @@
 ``{prefix}/nodes/{node}``               node record, locked by the node's session while its agent runs
                                         (value ``{"node", "session", "since", "backend"}``); the set of
                                         locked node records is the set of live agents used for placement
-``{prefix}/moves/{disk_id}/{index}``    a pending ``path move`` request (value ``{"node": target}``)
+``{prefix}/moves/{disk_id}/{index}``    a pending ``path move`` request (value ``{"node": target, "since"}``)
+``{prefix}/stopped/{disk_id}``          when the disk was last stopped (``{"at": unix time}``): ``disk start``
+                                        waits until ``lock_delay`` after it, so an old owner that has not
+                                        yet seen the stop is never serving beside a new one
 
 Pure: parsing and formatting only.
 """
@@ -16,7 +19,8 @@ import re
 
 from agent.model import PathKey
 
-DISK_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+DISK_ID_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+INDEX_RE = re.compile(r"[1-9][0-9]{0,4}")      # ASCII digits only: str.isdigit() also accepts "²"
 
 
 def disks_prefix(prefix: str) -> str:
@@ -35,6 +39,10 @@ def node_key(prefix: str, node: str) -> str:
     return f"{prefix}/nodes/{node}"
 
 
+def stopped_key(prefix: str, disk_id: str) -> str:
+    return f"{prefix}/stopped/{disk_id}"
+
+
 def move_key(prefix: str, path: PathKey) -> str:
     return f"{prefix}/moves/{path.disk}/{path.index}"
 
@@ -49,7 +57,7 @@ def parse(prefix: str, key: str) -> tuple[str, str | PathKey] | None:
     if len(parts) == 2 and parts[0] == "disks" and DISK_ID_RE.fullmatch(parts[1]):
         return ("disk", parts[1])
     if len(parts) == 3 and parts[0] in ("disks", "moves") and DISK_ID_RE.fullmatch(parts[1]):
-        if parts[2].isdigit() and not parts[2].startswith("0"):
+        if INDEX_RE.fullmatch(parts[2]):
             kind = "path" if parts[0] == "disks" else "move"
             return (kind, PathKey(parts[1], int(parts[2])))
         return None

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 SURRENDER_AFTER = 3          # consecutive failures of one path before this node gives it up
 SURRENDER_BLOCK = 30.0       # then it does not take that path back for this long
 MAX_BACKOFF = 30.0
+MOVE_TTL = 120.0             # a `path move` request older than this is ignored (its CLI died)
 
 
 @dataclass
@@ -81,9 +82,25 @@ def parse_tree(prefix: str, entries: list[KVEntry]) -> Tree:
                 target = json.loads(e.value or b"{}").get("node")
             except (ValueError, AttributeError):
                 target = None
-            if isinstance(target, str):
-                t.moves[ident] = target
+            try:
+                since = float(json.loads(e.value or b"{}").get("since", 0))
+            except (ValueError, AttributeError, TypeError):
+                since = 0.0
+            if isinstance(target, str) and time.time() - since < MOVE_TTL:
+                t.moves[ident] = target     # a request older than MOVE_TTL is left over: ignored
     return t
+
+
+def inherited_deadline(cfg: Config, clock: Callable[[], float] = time.monotonic) -> float:
+    """Monotonic time until which exports inherited from an earlier agent process may be kept while
+    this one adopts its session: that process's last confirmation (``{state.dir}/lease``) plus
+    ``fence_after``. Without a record: now."""
+    try:
+        with open(os.path.join(cfg.state_dir, "lease"), encoding="utf-8") as f:
+            confirmed_wall = float(f.read().strip())
+    except (OSError, ValueError):
+        return clock()
+    return clock() + (confirmed_wall + cfg.consul.fence_after - time.time())
 
 
 @dataclass
@@ -129,6 +146,7 @@ class Agent:
         self._confirm_error: str | None = None
         self._node_record_locked = False
         self._settle_until = 0.0
+        self._retry_at = float("inf")
         self._last_summary = ""
         self.cycles = 0
         self._threads: list[threading.Thread] = []
@@ -145,6 +163,19 @@ class Agent:
         self._wake.set()
 
     # --- threads ---------------------------------------------------------------------------------------
+    def _guarded(self, name: str, body: Callable[[], None]) -> Callable[[], None]:
+        """Run a thread's loop; a bug in one pass is logged and the thread carries on after a pause
+        (a dead watcher or confirmer would silently freeze this node's view or its fencing)."""
+        def run() -> None:
+            while not self._halt.is_set():
+                try:
+                    body()
+                    return
+                except Exception:  # noqa: BLE001 - keep the thread alive whatever happens
+                    log.exception("%s thread failed; restarting it in 1s", name)
+                    self._halt.wait(1.0)
+        return run
+
     def _watch(self) -> None:
         index = 0
         delay = 0.5
@@ -234,14 +265,7 @@ class Agent:
             log.debug("lease record not written: %s", e)
 
     def _inherited_deadline(self) -> float:
-        """Monotonic time until which exports inherited from an earlier process may be kept while this
-        one adopts the session: the earlier process's last confirmation plus fence_after."""
-        try:
-            with open(self._lease_file, encoding="utf-8") as f:
-                confirmed_wall = float(f.read().strip())
-        except (OSError, ValueError):
-            return self.clock()
-        return self.clock() + (confirmed_wall + self.cfg.consul.fence_after - time.time())
+        return inherited_deadline(self.cfg, self.clock)
 
     def _establish_session(self) -> None:
         """Adopt our earlier session if it is still valid, else destroy stale ones and create a new one."""
@@ -259,9 +283,9 @@ class Agent:
             sid = adopted
             log.info("adopted session %s (still valid): keeping every path", sid[:8])
         else:
-            sid = self.store.create_session(self.node, name, self.cfg.consul.checks, self.cfg.consul.lock_delay)
             sent = self.clock()
             sent_wall = time.time()
+            sid = self.store.create_session(self.node, name, self.cfg.consul.checks, self.cfg.consul.lock_delay)
             self._settle_until = sent + self.cfg.placement_settle
             log.info("created session %s on node %s (checks serfHealth%s, lock-delay %gs)", sid[:8], self.node,
                      "".join(f", {c}" for c in self.cfg.consul.checks), self.cfg.consul.lock_delay)
@@ -339,7 +363,8 @@ class Agent:
             self._defs_wake.clear()
 
     # --- one cycle -------------------------------------------------------------------------------------
-    def _snapshot(self, tree: Tree, exported: frozenset[PathKey], now: float, stopping: bool) -> Snapshot:
+    def _snapshot(self, tree: Tree, exported: frozenset[PathKey], defs: dict[str, Disk], now: float,
+                  stopping: bool) -> Snapshot:
         blocked = frozenset(p for p, b in self._backoff.items() if b.until > now)
         for p, st in tree.paths.items():
             if st.session is None:
@@ -353,7 +378,7 @@ class Agent:
         # the grace runs from when the path was free *and* we were done settling
         overdue = frozenset(p for p, t in self._free_since.items()
                             if now - max(t, self._settle_until) >= grace)
-        serviceable = frozenset(self._definitions)
+        serviceable = frozenset(defs)
         return Snapshot(node=self.node, session=self.session, paths=dict(tree.paths), disks=dict(tree.disks),
                         exported=exported, serviceable=serviceable, nodes=dict(tree.nodes),
                         fenced=self.fenced, stopping=stopping, blocked=blocked, overdue=overdue,
@@ -365,7 +390,7 @@ class Agent:
         delay = error.retry_after if isinstance(error, TransientBackendError) else 2.0 ** b.failures
         b.until = now + min(delay, MAX_BACKOFF)
 
-    def _apply(self, action: Action, tree: Tree, now: float) -> bool:
+    def _apply(self, action: Action, tree: Tree, defs: dict[str, Disk], now: float) -> bool:
         """Apply one action; True if it changed something. Errors are logged and contained."""
         p = action.path
         sid = self.session
@@ -376,13 +401,15 @@ class Agent:
             res = self.store.acquire(p, action.modify_index, sid, value)
             if not res.ok:
                 log.info("acquire %s refused: %s", p, res.reason())
+                if "lock delay" in res.reason():
+                    self._retry_at = min(self._retry_at, now + 1.0)   # try again once the delay is over
                 return False
             mi = res.results[-1].modify_index if res.results else action.modify_index
             tree.paths[p] = PathState(p, mi, sid, self.node)
             log.info("acquired %s", p)
             return True
         if isinstance(action, Export):
-            disk = self._definitions.get(p.disk)
+            disk = defs.get(p.disk)
             spec = disk.path(p.index) if disk else None
             if disk is None or spec is None:
                 log.error("path %s: disk definition has no path %d; not exported", p, p.index)
@@ -405,7 +432,7 @@ class Agent:
             log.info("exported %s (%s, %s/%d)", p, disk.iqn, spec.ip, spec.prefix)
             return True
         if isinstance(action, Unexport):
-            disk = self._definitions.get(p.disk)
+            disk = defs.get(p.disk)
             spec = disk.path(p.index) if disk else None
             try:
                 self.network.down(p, spec)
@@ -463,14 +490,16 @@ class Agent:
         except Exception as e:  # noqa: BLE001
             raise BackendError(f"target backend cannot list its exports: {type(e).__name__}: {e}") from e
 
-    def cycle(self, stopping: bool = False) -> tuple[list[Action], int]:
-        """One snapshot -> plan -> apply pass. Returns the plan and how many actions took effect."""
+    def _check_lease(self) -> None:
+        """Fence when the lease ran out (after one more synchronous confirmation, so that a process that
+        was merely frozen does not fence itself); unfence when a confirmation arrived again."""
         now = self.clock()
         with self._lock:
-            tree = self._tree
             lease = self.lease
-        if self.session is not None and lease.expired(now) and not self.fenced:
-            # The deadline passed (partition, or this process was frozen): try once more before fencing.
+        if self.session is None:
+            self.fenced = False
+            return
+        if lease.expired(now) and not self.fenced:
             self._confirm_once()
             with self._lock:
                 lease = self.lease
@@ -480,39 +509,94 @@ class Agent:
                           "everything", (self.session or "")[:8],
                           now - (lease.confirmed_at or now), self.cfg.consul.fence_after)
                 self.fenced = True
-        elif self.fenced and self.session is not None and not lease.expired(now):
+        elif self.fenced and not lease.expired(now):
+            # Our tree may predate the partition: read it afresh before serving anything again.
+            try:
+                self._refresh_tree()
+            except CoordinationError as e:
+                log.warning("session %s confirmed again, but the keys cannot be read: %s", self.session[:8], e)
+                return
             log.warning("session %s confirmed again: unfenced", self.session[:8])
             self.fenced = False
-        if self.session is None:
-            self.fenced = False
+
+    def _refresh_tree(self) -> None:
+        _, entries = self.store.read_tree()
+        tree = parse_tree(self.prefix, entries)
+        with self._lock:
+            self._tree = tree
+            self._tree_seq += 1
+
+    def _must_stop_applying(self, sid: str | None, stopping: bool) -> bool:
+        """Before an acquire or export: the session changed or the lease ran out, so re-plan first
+        (unexports and releases always go on: stopping to serve is never unsafe)."""
+        if stopping:
+            return False
+        return self.session != sid or (sid is not None and self.lease.expired(self.clock()))
+
+    def _emergency_ips_down(self, exported: frozenset[PathKey], defs: dict[str, Disk]) -> None:
+        """When fencing or after session loss, take every floating IP down before any (slower) target
+        call, so initiators stop reaching this node as early as possible."""
+        for p in sorted(exported):
+            disk = defs.get(p.disk)
+            try:
+                self.network.down(p, disk.path(p.index) if disk else None)
+            except Exception as e:  # noqa: BLE001
+                log.error("taking the address of %s down failed: %s", p, e)
+
+    def cycle(self, stopping: bool = False) -> tuple[list[Action], int]:
+        """One snapshot -> plan -> apply pass. Returns the plan and how many actions took effect."""
+        self._check_lease()
+        with self._lock:
+            tree = self._tree
         if tree is None:
+            if self.session is not None and not self.fenced and not stopping:
+                return [], 0          # no view of the keys yet: plan nothing rather than from nothing
             tree = Tree()
         if not stopping and not self._definer_running:
             self._load_definitions(tree)     # single-threaded use (tests, tools): read inline
+        defs = self._definitions               # one consistent view for this cycle
+        now = self.clock()
         exported = self._exported()
-        snap = self._snapshot(tree, exported, now, stopping)
-        if self.session is not None and not snap.fenced and not stopping:
+        snap = self._snapshot(tree, exported, defs, now, stopping)
+        sid = snap.session
+        if sid is not None and not snap.fenced and not stopping:
             self._lock_node_record()
         stale = frozenset(p for p in exported & snap.held()
-                          if p.disk in self._definitions and self._applied.get(p) != self._definitions[p.disk])
+                          if p.disk in defs and self._applied.get(p) != defs[p.disk])
         surrender = frozenset(p for p, b in self._backoff.items() if b.failures >= SURRENDER_AFTER)
         actions = planner.plan(snap, stale=stale, surrender=surrender)
+        if exported and (sid is None or snap.fenced):
+            self._emergency_ips_down(exported, defs)
         done = 0
-        batched = self._acquire_batches([a for a in actions if isinstance(a, Acquire)], tree)
-        done += len(batched)
+        not_unexported: set[PathKey] = set()
+        batched: set[PathKey] | None = None
         for a in actions:
-            if isinstance(a, Acquire) and a.path in batched:
+            if isinstance(a, (Acquire, Export)) and self._must_stop_applying(sid, stopping):
+                log.warning("session or lease changed while applying: re-planning")
+                self._wake.set()
+                break
+            if isinstance(a, Acquire):
+                if batched is None:
+                    batched = self._acquire_batches([x for x in actions if isinstance(x, Acquire)], tree)
+                    done += len(batched)
+                if a.path in batched:
+                    continue
+            if isinstance(a, Release) and a.path in not_unexported:
+                log.error("keeping %s locked: it is still exported here", a.path)
                 continue
             try:
-                if self._apply(a, tree, now):
-                    done += 1
-                    if isinstance(a, Release) and a.path in surrender:
-                        self._backoff[a.path] = Backoff(until=now + SURRENDER_BLOCK, failures=0)
-                        log.warning("gave up %s after %d failures; not taking it back for %.0fs", a.path,
-                                    SURRENDER_AFTER, SURRENDER_BLOCK)
+                ok = self._apply(a, tree, defs, now)
             except CoordinationError as e:
                 log.warning("%s %s: %s", type(a).__name__.lower(), a.path, e)
                 break
+            if not ok and isinstance(a, Unexport):
+                not_unexported.add(a.path)
+            if ok:
+                done += 1
+                if isinstance(a, Release) and a.path in surrender:
+                    self._backoff[a.path] = Backoff(until=now + SURRENDER_BLOCK, failures=0)
+                    log.warning("gave up %s after %d failures; not taking it back for %.0fs", a.path,
+                                SURRENDER_AFTER, SURRENDER_BLOCK)
         self.cycles += 1
         held = snap.held()
         summary = (f"session={(self.session or 'none')[:8]} fenced={snap.fenced} held={len(held)} "
@@ -553,6 +637,9 @@ class Agent:
         cands += [b.until for b in self._backoff.values() if b.until > now]
         if self._settle_until > now:
             cands.append(self._settle_until)
+        if self._retry_at != float("inf"):
+            cands.append(self._retry_at)
+            self._retry_at = float("inf")
         grace = self.cfg.placement_grace
         cands += [max(t, self._settle_until) + grace for t in self._free_since.values()
                   if max(t, self._settle_until) + grace > now]
@@ -561,9 +648,9 @@ class Agent:
     # --- main ------------------------------------------------------------------------------------------
     def run(self) -> None:
         os.makedirs(self.cfg.state_dir, exist_ok=True)
-        self._threads = [threading.Thread(target=self._watch, name="watch", daemon=True),
-                         threading.Thread(target=self._confirmer, name="confirm", daemon=True),
-                         threading.Thread(target=self._definer, name="catalog", daemon=True)]
+        self._threads = [threading.Thread(target=self._guarded(n, f), name=n, daemon=True)
+                         for n, f in (("watch", self._watch), ("confirm", self._confirmer),
+                                      ("catalog", self._definer))]
         self._definer_running = True
         for t in self._threads:
             t.start()
@@ -575,7 +662,7 @@ class Agent:
             while True:
                 if self._stop_mode == "detach":
                     log.info("detaching: leaving session %s and %d exports for the next agent process",
-                             (self.session or "none")[:8], len(self._safe_exported()))
+                             (self.session or "none")[:8], len(self._safe_exported() or ()))
                     return
                 if self._stop_mode == "release":
                     self._shutdown()
@@ -604,26 +691,37 @@ class Agent:
             self._halt.set()
             self._defs_wake.set()
 
-    def _safe_exported(self) -> frozenset[PathKey]:
+    def _safe_exported(self) -> frozenset[PathKey] | None:
+        """What the backend exports, or ``None`` when it cannot tell."""
         try:
             return self.target.exported()
-        except Exception:  # noqa: BLE001
-            return frozenset()
+        except Exception as e:  # noqa: BLE001
+            log.error("target backend cannot list its exports: %s", e)
+            return None
 
     def _shutdown(self) -> None:
-        """Unexport everything, release every lock explicitly, destroy the session."""
+        """Unexport everything, release every lock explicitly, destroy the session. If something may
+        still be exported, the session (and so every lock) is kept: Consul's lock-delay then protects
+        the paths until the session expires, instead of another node serving them beside us."""
         log.info("stopping: unexporting everything and releasing every lock")
         try:
             self.cycle(stopping=True)
         except (CoordinationError, BackendError) as e:
             log.warning("stop cycle: %s", e)
         left = self._safe_exported()
-        for p in sorted(left):   # whatever is still exported (e.g. no session): unexport anyway
-            self._apply(Unexport(p), self._tree or Tree(), self.clock())
-        sid = self.session
+        for p in sorted(left if left is not None else self._applied):
+            self._apply(Unexport(p), self._tree or Tree(), self._definitions, self.clock())
+        left = self._safe_exported()
+        if left is None or left:
+            log.error("%s still exported: keeping session %s and its locks",
+                      "some paths may be" if left is None else f"{len(left)} paths are",
+                      (self.session or self._read_recorded_session() or "none")[:8])
+            return
+        sid = self.session or self._read_recorded_session()   # also an inherited session never adopted
         if sid is not None:
             try:
-                self.store.release_node_record(self.node, sid)
+                if self.session is not None:
+                    self.store.release_node_record(self.node, sid)
                 self.store.destroy_session(sid)
                 log.info("session %s destroyed", sid[:8])
                 self._record_session(None)

@@ -54,13 +54,14 @@ def plan(s: Snapshot, stale: frozenset[PathKey] = frozenset(),
             owner = node_of.get(st.session)
             if owner is not None:
                 counts[owner] = counts.get(owner, 0) + 1
-    candidates = [p for p, st in s.paths.items()
-                  if st.session is None and p.disk in s.disks and p.disk in s.serviceable
-                  and p not in s.blocked]
-    assigned = placement.assign(candidates, live, counts, total=len(s.paths))
-    acquire = [] if s.settling else [
-        Acquire(p, s.paths[p].modify_index) for p in sorted(candidates)
-        if p in s.overdue or moves.get(p, assigned.get(p)) == s.node]
+    # Assign every free path from facts all nodes share (so all nodes compute the same assignment);
+    # only then apply what is local: whether this node can serve the disk and is not backing off.
+    free = [p for p, st in s.paths.items() if st.session is None and p.disk in s.disks]
+    assigned = placement.assign(free, live, counts, total=len(s.paths))
+    acquire: list[Action] = [] if s.settling else [
+        Acquire(p, s.paths[p].modify_index) for p in sorted(free)
+        if p.disk in s.serviceable and p not in s.blocked
+        and (p in s.overdue or moves.get(p, assigned.get(p)) == s.node)]
 
     actions: list[Action] = [Unexport(p) for p in unexport]
     actions += [Release(p) for p in release]

@@ -7,6 +7,7 @@ adopts them; systemd's ``RestartKillSignal=SIGUSR2`` makes ``systemctl restart``
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 from types import FrameType
@@ -16,7 +17,7 @@ from agent.backend import PluginContext
 from agent.config import Config
 from agent.consul_store import ConsulStore
 from agent.errors import ConfigError, CoordinationError
-from agent.loop import Agent
+from agent.loop import Agent, inherited_deadline
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +45,47 @@ def build(cfg: Config, node: str, store: ConsulStore) -> Agent:
     return Agent(cfg, store, catalog, target, network, node)
 
 
+def fence_inherited(cfg: Config) -> None:
+    """Stop serving whatever an earlier agent process left exported, without Consul: its lease ran out
+    (or we are told to stop) before this process could adopt the session. Addresses first."""
+    node = cfg.node_name or _recorded_node(cfg)
+    network = plugins.load_network(cfg.network.backend, plugin_context(cfg, node, "network"))
+    target = plugins.load_target(cfg.target.backend, plugin_context(cfg, node, "target"))
+    try:
+        for p in sorted(network.active()):
+            network.down(p, None)
+        target.cleanup(frozenset())
+        log.error("unexported everything inherited from the previous agent process (no Consul to adopt "
+                  "its session)")
+    finally:
+        network.close()
+        target.close()
+
+
+def _recorded_node(cfg: Config) -> str:
+    try:
+        with open(os.path.join(cfg.state_dir, "node"), encoding="utf-8") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _record_node(cfg: Config, node: str) -> None:
+    try:
+        os.makedirs(cfg.state_dir, exist_ok=True)
+        with open(os.path.join(cfg.state_dir, "node"), "w", encoding="utf-8") as f:
+            f.write(node)
+    except OSError as e:
+        log.warning("cannot record the node name in %s: %s", cfg.state_dir, e.strerror)
+
+
 def run(cfg: Config) -> int:
     store = ConsulStore(cfg.consul)
     node = None
     delay = 0.5
     stop_requested = False
+    inherited_until = inherited_deadline(cfg)
+    inherited_fenced = False
 
     def early(signum: int, frame: FrameType | None) -> None:
         nonlocal stop_requested
@@ -60,11 +97,19 @@ def run(cfg: Config) -> int:
         try:
             node = resolve_node(cfg, store)
         except CoordinationError as e:
+            if not inherited_fenced and (stop_requested or time.monotonic() >= inherited_until):
+                try:
+                    fence_inherited(cfg)
+                    inherited_fenced = True
+                except Exception as fe:  # noqa: BLE001 - keep trying; never die here
+                    log.error("could not unexport inherited paths: %s", fe)
             if stop_requested:
                 return 0
             log.warning("waiting for the local Consul agent: %s", e)
-            time.sleep(delay)
+            left = inherited_until - time.monotonic()
+            time.sleep(delay if inherited_fenced else max(0.05, min(delay, left)))
             delay = min(delay * 2, 5.0)
+    _record_node(cfg, node)
     agent = build(cfg, node, store)
 
     def on_stop(signum: int, frame: FrameType | None) -> None:

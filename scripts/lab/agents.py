@@ -90,7 +90,7 @@ class AgentProc:
     """One ``pathagent run`` process bound to one Consul agent."""
 
     def __init__(self, name: str, workdir: Path, consul_http: str, catalog: Path,
-                 extra: str = "", lock_delay: float = 3.0, fence_after: float = 2.5,
+                 extra: str = "", lock_delay: float = 5.0, fence_after: float = 2.5,
                  test_timings: bool = True, ceph_conf: str | None = None) -> None:
         """``test_timings`` shortens confirmation interval, HTTP timeout and watch wait for tests;
         without it the agent runs with the production defaults (as the benchmark does). With

@@ -21,7 +21,7 @@ def problems(data: dict) -> list[tuple[str, str]]:
 
 def test_defaults_satisfy_the_fencing_inequality() -> None:
     c = config.parse(FAKE)
-    assert c.consul.fence_after + c.consul.timeout + c.stop_time < c.consul.detection_min + c.consul.lock_delay
+    assert c.consul.fence_after + c.consul.timeout + c.stop_time < c.consul.lock_delay
     assert c.consul.fence_after > c.consul.election_stall + c.consul.timeout
     assert (c.consul.prefix, c.consul.session_name, c.port) == ("pathagent", "iSCSITarget", 3260)
 
