@@ -1,0 +1,371 @@
+"""The full iSCSI lab: real gateways serving RBD over iSCSI, for the end-to-end tests, the benchmark and
+the demo.
+
+``IscsiLab(workdir)`` builds, and ``close()`` tears down (also as a context manager):
+
+- a ``GatewayLab``: gateway namespaces (default gwa, gwb, gwc) and an initiator namespace ``ini`` on one
+  bridge, in a free ``198.18.X.0/24`` (or ``prefixlen``), the root namespace at ``.1``;
+- a micro Ceph (``lab.ceph.MicroCeph``) bound to ``.1``;
+- ``lab.consul.ConsulCluster`` in netns mode: a server in the root namespace on ``.1`` and one client
+  agent inside each gateway namespace (node name = gateway name; HTTP on 127.0.0.1:8500 inside it);
+- one ``pathagent run`` per gateway namespace (``[target] backend = "tgt"``, ``[network] backend =
+  "iproute"``, catalog ``rbd``), which starts its own tgtd there.
+
+Disks are made the way ``pathagent disk create`` + ``disk start`` make them: an RBD image whose metadata
+``pathagent.disk`` holds the definition (``agent.schema``), and the Consul keys
+``{prefix}/disks/{id}`` and ``{prefix}/disks/{id}/{index}``. Floating path IPs come from ``.100`` up.
+
+Everything started here is stopped by recorded PID (cmdline-checked) in ``close()``: agents (SIGTERM:
+they unexport and release), then any tgtd left (by the backend's pid file), Consul, Ceph, namespaces.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import requests
+
+from lab import proc
+from lab.ceph import MicroCeph
+from lab.consul import ClientSpec, ConsulCluster
+from lab.netns import GatewayLab, ip
+
+REPO = Path(__file__).resolve().parents[2]
+PYTHON = str(REPO / ".venv" / "bin" / "python")
+PREFIX = "pathagent"
+
+
+@dataclass
+class Gateway:
+    name: str
+    ns: str
+    ip: str
+    dir: Path
+    config: Path
+    p: subprocess.Popen[bytes] | None = None
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def state(self) -> Path:
+        return self.dir / "state"
+
+    @property
+    def log(self) -> Path:
+        return self.dir / "agent.log"
+
+    def start(self) -> None:
+        self.p = proc.spawn([PYTHON, "-m", "agent.cli", "--config", str(self.config), "run"], str(self.log),
+                            env=self.env, netns=self.ns)
+
+    def running(self) -> bool:
+        return self.p is not None and self.p.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.p is not None:
+            proc.signal_checked(self.p.pid, sig, "agent.cli")
+
+    def stop(self, timeout: float = 30) -> int | None:
+        """SIGTERM (orderly stop: unexport, release) and wait; SIGKILL after ``timeout``."""
+        if self.p is None or self.p.poll() is not None:
+            return None if self.p is None else self.p.returncode
+        self.signal(signal.SIGCONT)
+        self.signal(signal.SIGTERM)
+        try:
+            return self.p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.signal(signal.SIGKILL)
+            self.p.wait(5)
+            return None
+
+    def log_text(self) -> str:
+        try:
+            return self.log.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def status(self) -> dict[str, Any]:
+        """The agent's ``status.json`` (empty when absent)."""
+        try:
+            data: dict[str, Any] = json.loads((self.state / "status.json").read_text())
+            return data
+        except (OSError, ValueError):
+            return {}
+
+    def session(self) -> str | None:
+        s = self.status().get("session")
+        return str(s) if s else None
+
+    def tgtd_pid(self) -> int | None:
+        try:
+            pid = int((self.state / "tgt" / "tgtd.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+        return pid if proc.alive(pid) and "tgtd" in proc.cmdline(pid) else None
+
+    def addresses(self) -> set[str]:
+        """IPv4 addresses on the gateway's eth0 besides its own."""
+        out = json.loads(ip("-4", "-j", "addr", "show", "dev", "eth0", ns=self.ns).stdout)
+        return {a["local"] for link in out for a in link.get("addr_info", []) if a["local"] != self.ip}
+
+    def targets(self) -> set[str]:
+        """IQNs of the targets this gateway's tgtd serves (empty when tgtd is down)."""
+        env = dict(os.environ, TGT_IPC_SOCKET=str(self.state / "tgt" / "socket"))
+        r = subprocess.run(["tgtadm", "-C", "0", "--lld", "iscsi", "--mode", "target", "--op", "show"], env=env,
+                           capture_output=True, text=True, timeout=10)
+        if r.returncode != 0:
+            return set()
+        return {ln.split(": ", 1)[1].strip() for ln in r.stdout.splitlines() if ln.startswith("Target ")}
+
+
+class IscsiLab:
+    """See the module docstring. ``agent_extra`` is appended to every agent's config (TOML), ``tgt_extra``
+    to its ``[target.tgt]`` table. The Consul timings satisfy the agent's fencing inequality
+    (``fence_after + timeout 0.8 + stop_time < lock_delay``); ``stop_time`` must cover unexporting the
+    paths of one gateway (about 36 ms per path with tgt + iproute here)."""
+
+    def __init__(self, workdir: str | os.PathLike[str], gateways: Iterable[str] = ("gwa", "gwb", "gwc"),
+                 agent_extra: str = "", catalog: str = "rbd", lock_delay: float = 5.5,
+                 fence_after: float = 2.2, stop_time: float = 2.0, prefixlen: int = 24,
+                 tgt_extra: str = "") -> None:
+        self.dir = Path(workdir)
+        self.names = list(gateways)
+        self.agent_extra = agent_extra
+        self.tgt_extra = tgt_extra
+        self.catalog = catalog
+        self.lock_delay = lock_delay
+        self.fence_after = fence_after
+        self.stop_time = stop_time
+        self.net = GatewayLab(gateways=self.names, initiators=("ini",), prefixlen=prefixlen)
+        self.ceph: MicroCeph | None = None
+        self.consul: ConsulCluster | None = None
+        self.gw: dict[str, Gateway] = {}
+        self.disks: dict[str, Any] = {}       # id -> agent.model.Disk
+        self._cluster: Any = None
+        self._ioctx: Any = None
+        self._vip = 0
+
+    # --- build ----------------------------------------------------------------------------------------
+    def start(self, agents: bool = True) -> "IscsiLab":
+        try:
+            self._start(agents)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _start(self, agents: bool) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.net.up()
+        self.ceph = MicroCeph(self.dir / "ceph", ip=self.net.host_ip).start()
+        import rados
+        self._cluster = rados.Rados(conffile=self.ceph.conf_path)
+        self._cluster.connect(timeout=10)
+        self._ioctx = self._cluster.open_ioctx("rbd")
+        self.consul = ConsulCluster(str(self.dir / "consul"), servers=1, mode="netns", server_ip=self.net.host_ip,
+                                    clients=[ClientSpec(n, self.net.node_ip(n), self.net.ns(n)) for n in self.names])
+        self.consul.start()
+        for n in self.names:
+            gdir = self.dir / n
+            g = Gateway(n, self.net.ns(n), self.net.node_ip(n), gdir, gdir / "pathagent.toml",
+                        env=dict(os.environ, PYTHONPATH=os.pathsep.join(
+                            filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")]))))
+            gdir.mkdir(parents=True, exist_ok=True)
+            g.config.write_text(self._agent_config(g))
+            self.gw[n] = g
+        if agents:
+            self.start_agents()
+
+    def start_agents(self, timeout: float = 30) -> float:
+        """Start every gateway's agent; returns once each has a Consul session (seconds it took)."""
+        for g in self.gw.values():
+            g.start()
+        return self.wait(lambda: all(g.session() for g in self.gw.values()) or self._dead_agent(), timeout,
+                         "every agent's session")
+
+    def _dead_agent(self) -> bool:
+        for g in self.gw.values():
+            if not g.running():
+                raise AssertionError(f"agent {g.name} exited:\n{g.log_text()[-3000:]}")
+        return False
+
+    def _agent_config(self, g: Gateway) -> str:
+        assert self.ceph is not None
+        catalog = ("[catalog]\nbackend = \"rbd\"\n" if self.catalog == "rbd" else
+                   f"[catalog]\nbackend = \"fake\"\n[catalog.fake]\nfile = \"{self.dir / 'catalog.json'}\"\n")
+        return f"""
+[consul]
+address = "127.0.0.1:8500"
+lock_delay = {self.lock_delay}
+fence_after = {self.fence_after}
+confirm_interval = 0.5
+timeout = 0.8
+election_stall = 1.0
+wait = 10
+[ceph]
+conf = "{self.ceph.conf_path}"
+client_id = "admin"
+pool = "rbd"
+refresh = 5
+timeout = 5
+[state]
+dir = "{g.state}"
+[target]
+backend = "tgt"
+port = 3260
+stop_time = {self.stop_time}
+[target.tgt]
+product_rev = "{g.name[:4]}"
+ceph_timeout = 3
+{self.tgt_extra}
+[network]
+backend = "iproute"
+{catalog}
+[placement]
+grace = 2
+[log]
+level = "INFO"
+{self.agent_extra}
+"""
+
+    @staticmethod
+    def wait(pred: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> float:
+        t0 = time.monotonic()
+        while not pred():
+            if time.monotonic() - t0 > timeout:
+                raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+            time.sleep(interval)
+        return time.monotonic() - t0
+
+    @property
+    def http(self) -> str:
+        """The Consul server's HTTP address (root namespace)."""
+        assert self.consul is not None
+        return self.consul.http_address("s1")
+
+    # --- disks ----------------------------------------------------------------------------------------
+    def vip(self) -> str:
+        v = self.net.vip(self._vip)
+        self._vip += 1
+        return v
+
+    def create_disk(self, paths: int = 2, size: int = 64 << 20, initiators: tuple[str, ...] | None = None,
+                    chap: tuple[str, str] | None = None, mutual: tuple[str, str] | None = None,
+                    start: bool = True) -> Any:
+        """An RBD image with its definition in the metadata; ``start`` also creates the Consul keys."""
+        import rbd
+        from agent import schema
+        from agent.model import Chap, Disk, PathSpec
+        did = uuid.uuid4().hex[:12]
+        image = f"pa-{did}"
+        rbd.RBD().create(self._ioctx, image, size, old_format=False,
+                         features=rbd.RBD_FEATURE_LAYERING | rbd.RBD_FEATURE_EXCLUSIVE_LOCK)
+        d = Disk(id=did, name=f"lab-{did}", iqn=f"iqn.2016-05.io.pathagent:{did}", serial=str(uuid.uuid4()),
+                 paths=tuple(PathSpec(i, self.vip(), self.net.prefixlen) for i in range(1, paths + 1)), pool="rbd", image=image,
+                 size=size, initiators=initiators, chap=Chap(*chap) if chap else None,
+                 mutual_chap=Chap(*mutual) if mutual else None)
+        with rbd.Image(self._ioctx, image) as img:
+            img.metadata_set("pathagent.disk", schema.dump(d))
+        self.disks[did] = d
+        if self.catalog != "rbd":
+            cat = self.dir / "catalog.json"
+            docs = json.loads(cat.read_text()) if cat.exists() else {}
+            docs[did] = schema.to_dict(d)
+            tmp = cat.with_suffix(".tmp")
+            tmp.write_text(json.dumps(docs))
+            os.replace(tmp, cat)
+        if start:
+            self.start_disks([d])
+        return d
+
+    def start_disks(self, disks: Iterable[Any]) -> None:
+        ops: list[dict[str, Any]] = []
+        for d in disks:
+            rec = json.dumps({"pool": d.pool, "image": d.image}).encode()
+            ops.append({"KV": {"Verb": "set", "Key": f"{PREFIX}/disks/{d.id}", "Value": base64.b64encode(rec).decode()}})
+            ops += [{"KV": {"Verb": "set", "Key": f"{PREFIX}/disks/{d.id}/{p.index}", "Value": ""}} for p in d.paths]
+        for i in range(0, len(ops), 64):
+            r = requests.put(f"http://{self.http}/v1/txn", data=json.dumps(ops[i:i + 64]), timeout=10)
+            r.raise_for_status()
+
+    def read_image(self, d: Any, offset: int, length: int) -> bytes:
+        import rbd
+        with rbd.Image(self._ioctx, d.image, read_only=True) as img:
+            return bytes(img.read(offset, length))
+
+    # --- observation ----------------------------------------------------------------------------------
+    def owners(self) -> dict[str, str | None]:
+        """path "disk/index" -> node holding its lock (None when free)."""
+        r = requests.get(f"http://{self.http}/v1/kv/{PREFIX}/disks/?recurse=true", timeout=5)
+        if r.status_code == 404:
+            return {}
+        out: dict[str, str | None] = {}
+        for e in r.json():
+            rest = e["Key"][len(PREFIX) + len("/disks/"):]
+            if rest.count("/") != 1:
+                continue
+            node = None
+            if e.get("Session") and e.get("Value"):
+                try:
+                    node = json.loads(base64.b64decode(e["Value"]))["node"]
+                except (ValueError, KeyError):
+                    node = None
+            out[rest] = node
+        return out
+
+    def served_by(self) -> dict[str, str]:
+        """path IP -> gateway that has it up."""
+        return {a: g.name for g in self.gw.values() for a in g.addresses()}
+
+    def all_served(self, disks: Iterable[Any] | None = None) -> bool:
+        """Every path of ``disks`` (default: all) is locked by a node that has its IP up."""
+        owners = self.owners()
+        by_ip = self.served_by()
+        for d in disks if disks is not None else self.disks.values():
+            for p in d.paths:
+                node = owners.get(f"{d.id}/{p.index}")
+                if node is None or by_ip.get(p.ip) != node:
+                    return False
+        return True
+
+    def ini(self) -> str:
+        return self.net.ns("ini")
+
+    # --- teardown -------------------------------------------------------------------------------------
+    def close(self) -> None:
+        for g in self.gw.values():
+            try:
+                g.stop(timeout=30)
+            except Exception as e:  # keep tearing down
+                print(f"iscsilab: stopping agent {g.name}: {e}", file=sys.stderr)
+        for g in self.gw.values():
+            pid = g.tgtd_pid()
+            if pid is not None:
+                proc.kill(pid, "tgtd")
+        if self.consul is not None:
+            self.consul.teardown()
+            self.consul = None
+        if self._ioctx is not None:
+            self._ioctx.close()
+            self._ioctx = None
+        if self._cluster is not None:
+            self._cluster.shutdown()
+            self._cluster = None
+        if self.ceph is not None:
+            self.ceph.stop()
+            self.ceph = None
+        self.net.down()
+
+    def __enter__(self) -> "IscsiLab":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

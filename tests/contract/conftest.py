@@ -1,0 +1,60 @@
+"""Fixtures for the backend contract suites: a gateway lab (network namespaces), a micro Ceph on the lab's
+root-namespace address, and RBD images."""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from typing import Any, Iterator
+
+import pytest
+
+from lab.ceph import CephLabError, MicroCeph
+from lab.gwtools import RbdImages, missing_tools
+from lab.netns import GatewayLab
+
+
+def require_root_netns() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root (network namespaces)")
+    if missing_tools("ip"):
+        pytest.skip("iproute2 (ip) is not installed")
+
+
+@pytest.fixture(scope="session")
+def gw_lab() -> Iterator[GatewayLab]:
+    """Gateways gwa, gwb and initiator ini on one bridge, plus the root-namespace leg (Ceph lives there)."""
+    require_root_netns()
+    with GatewayLab(gateways=("gwa", "gwb"), initiators=("ini",)) as lab:
+        yield lab
+
+
+@pytest.fixture(scope="session")
+def ceph(gw_lab: GatewayLab) -> Iterator[Any]:
+    miss = missing_tools("ceph-mon", "ceph-osd", "monmaptool")
+    if miss:
+        pytest.skip(f"Ceph daemons not installed: {', '.join(miss)}")
+    try:
+        import rados  # noqa: F401
+        import rbd  # noqa: F401
+    except ImportError as e:
+        pytest.skip(f"python rados/rbd bindings missing: {e}")
+    work = tempfile.mkdtemp(prefix="pa-ceph-")
+    c = MicroCeph(os.path.join(work, "ceph"), ip=gw_lab.host_ip)
+    try:
+        try:
+            c.start()
+        except CephLabError as e:
+            pytest.fail(f"micro Ceph did not start: {e}")
+        yield c
+    finally:
+        c.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def images(ceph: Any) -> Iterator[RbdImages]:
+    im = RbdImages(ceph.conf_path)
+    yield im
+    im.close()
+

@@ -1,0 +1,52 @@
+"""The end-to-end iSCSI lab (``lab.iscsilab.IscsiLab``) as a module-scoped fixture, skipped with the reason
+when a real component is missing on this host."""
+from __future__ import annotations
+
+import os
+from typing import Iterator
+
+import pytest
+
+from lab.gwtools import missing_tools, tgt_missing
+from lab.consul import consul_missing
+from lab.iscsilab import IscsiLab
+
+
+def lab_missing() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (network namespaces)"
+    miss = missing_tools("ip", "ceph-mon", "ceph-osd", "monmaptool", "arping")
+    if miss:
+        return f"not installed: {', '.join(miss)}"
+    if consul_missing():
+        return consul_missing()
+    try:
+        import pyroute2  # noqa: F401
+        import rados  # noqa: F401
+    except ImportError as e:
+        return f"python module missing: {e}"
+    return tgt_missing()
+
+
+def catalog_backend() -> str:
+    """``rbd`` (definitions in the image metadata, as in production) when that plugin is installed."""
+    from agent.plugins import available
+    return "rbd" if "rbd" in available("catalog") else "fake"
+
+
+@pytest.fixture(scope="module")
+def iscsi_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[IscsiLab]:
+    reason = lab_missing()
+    if reason:
+        pytest.skip(reason)
+    from agent.plugins import available
+    for kind, name in (("target", "tgt"), ("network", "iproute")):
+        if name not in available(kind):
+            pytest.fail(f"the {name} plugin is not registered in pathagent.{'targets' if kind == 'target' else kind} "
+                        "(setup.cfg entry points; rerun scripts/setup)")
+    lab = IscsiLab(tmp_path_factory.mktemp("e2e"), catalog=catalog_backend())
+    lab.start()
+    try:
+        yield lab
+    finally:
+        lab.close()
