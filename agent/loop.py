@@ -147,6 +147,7 @@ class Agent:
         self._node_record_locked = False
         self._settle_until = 0.0
         self._retry_at = float("inf")
+        self._last_exported = 0
         self._last_summary = ""
         self.cycles = 0
         self._threads: list[threading.Thread] = []
@@ -614,7 +615,29 @@ class Agent:
         self._write_status(snap, exported)
         return actions, done
 
+    def metrics(self) -> dict[str, float]:
+        """Numbers for ``agent.metrics``; reads only what the loop already keeps."""
+        now = self.clock()
+        tree = self._tree or Tree()
+        sid = self.session
+        return {
+            "pathagent_up": 1,
+            "pathagent_session_valid": int(sid is not None),
+            "pathagent_fenced": int(self.fenced),
+            "pathagent_lease_age_seconds": -1 if self.lease.confirmed_at is None else round(now - self.lease.confirmed_at, 3),
+            "pathagent_paths_held": sum(1 for s in tree.paths.values() if sid is not None and s.session == sid),
+            "pathagent_paths_exported": self._last_exported,
+            "pathagent_paths_total": len(tree.paths),
+            "pathagent_paths_free": sum(1 for s in tree.paths.values() if s.session is None),
+            "pathagent_nodes_live": len(tree.nodes),
+            "pathagent_disks_started": len(tree.disks),
+            "pathagent_disks_invalid": len(self._catalog_errors),
+            "pathagent_paths_backing_off": sum(1 for b in self._backoff.values() if b.until > now),
+            "pathagent_cycles_total": self.cycles,
+        }
+
     def _write_status(self, snap: Snapshot, exported: frozenset[PathKey]) -> None:
+        self._last_exported = len(exported)
         data = {"node": self.node, "session": self.session, "fenced": snap.fenced, "pid": os.getpid(),
                 "held": len(snap.held()), "exported": len(exported), "backend": self.cfg.target.backend,
                 "bad_disks": dict(self._catalog_errors), "updated": time.time(),

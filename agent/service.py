@@ -18,6 +18,7 @@ from agent.config import Config
 from agent.consul_store import ConsulStore
 from agent.errors import ConfigError, CoordinationError
 from agent.loop import Agent, inherited_deadline
+from agent.metrics import MetricsServer
 
 log = logging.getLogger(__name__)
 
@@ -127,9 +128,18 @@ def run(cfg: Config) -> int:
         agent.stop()
     log.info("pathagent starting on node %s: target %s, network %s, catalog %s, prefix %s", node,
              cfg.target.backend, cfg.network.backend, cfg.catalog.backend, cfg.consul.prefix)
+    metrics = None
+    if cfg.metrics_listen:
+        try:
+            metrics = MetricsServer(cfg.metrics_listen, agent.metrics)
+            metrics.start()
+        except OSError as e:
+            raise ConfigError([("metrics.listen", f"cannot listen on {cfg.metrics_listen}: {e.strerror}")]) from None
     try:
         agent.run()
     finally:
+        if metrics is not None:
+            metrics.stop()
         for p in (agent.target, agent.network, agent.catalog):
             try:
                 p.close()

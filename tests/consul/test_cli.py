@@ -88,3 +88,37 @@ def test_path_move_is_fast_and_exact(two_agents: Any) -> None:
     assert path_owners(http)[path] == agents["gwb"].session()
     r = cli(agents["gwa"].config, "path", "move", path, "nosuchnode")
     assert r.returncode == 1 and "no running agent" in r.stderr
+
+
+def test_metrics_endpoint(consul_cluster_factory: Callable[..., Any], tmp_path: Path) -> None:
+    import socket
+
+    import requests
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    cluster = consul_cluster_factory(clients=["gwa"])
+    cat = Catalog(tmp_path / "catalog.json")
+    cat.add("m1", definition("m1", 2))
+    http = cluster.http_address("gwa")
+    start_disks(http, {"m1": 2})
+    a = AgentProc("gwa", tmp_path, http, cat.path, extra=f'[metrics]\nlisten = "127.0.0.1:{port}"\n')
+    a.start()
+    try:
+        wait_for(lambda: len(a.exported()) == 2, 15, what="2 paths served", alive=[a])
+
+        def scrape() -> dict[str, float]:
+            try:
+                text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
+            except requests.RequestException:
+                return {}
+            return {ln.split()[0]: float(ln.split()[1]) for ln in text.splitlines() if ln and ln[0] != "#"}
+        wait_for(lambda: scrape().get("pathagent_paths_exported") == 2, 10, what="metrics to show 2 exports")
+        m = scrape()
+        assert m["pathagent_session_valid"] == 1 and m["pathagent_fenced"] == 0
+        assert m["pathagent_paths_held"] == 2 and m["pathagent_paths_total"] == 2 and m["pathagent_paths_free"] == 0
+        assert 0 <= m["pathagent_lease_age_seconds"] < 2.5 and m["pathagent_cycles_total"] >= 1
+        assert requests.get(f"http://127.0.0.1:{port}/nope", timeout=2).status_code == 404
+    finally:
+        a.stop()
