@@ -49,15 +49,17 @@ def plan(s: Snapshot, stale: frozenset[PathKey] = frozenset(),
 
     # placement of free paths; a path with a pending move goes to the move's target
     counts: dict[str, int] = {}
-    for st in s.paths.values():
+    owners: dict[PathKey, str] = {}
+    for p, st in s.paths.items():
         if st.session is not None:
             owner = node_of.get(st.session)
             if owner is not None:
                 counts[owner] = counts.get(owner, 0) + 1
+                owners[p] = owner
     # Assign every free path from facts all nodes share (so all nodes compute the same assignment);
     # only then apply what is local: whether this node can serve the disk and is not backing off.
     free = [p for p, st in s.paths.items() if st.session is None and p.disk in s.disks]
-    assigned = placement.assign(free, live, counts, total=len(s.paths))
+    assigned = placement.assign(free, live, counts, total=len(s.paths), owners=owners)
     acquire: list[Action] = [] if s.settling else [
         Acquire(p, s.paths[p].modify_index) for p in sorted(free)
         if p.disk in s.serviceable and p not in s.blocked

@@ -190,3 +190,26 @@ def test_every_interleaving_of_two_acquirers_keeps_one_owner() -> None:
             s = dataclasses.replace(after, node=node, session=sid)
             expected = [Export(P1)] if sid == winner else []
             assert plan(s) == expected
+
+
+def test_paths_of_one_disk_go_to_different_nodes() -> None:
+    """Multipath needs the paths of a disk on different gateways whenever there are enough nodes."""
+    nodes = {ME: S_ME, OTHER: S_OTHER, THIRD: S_THIRD}
+    for n_disks, per_disk in ((10, 2), (7, 3), (1, 3), (30, 2)):
+        paths = [PathKey(f"x{i:02d}", j) for i in range(n_disks) for j in range(1, per_disk + 1)]
+        taken: dict[PathKey, str] = {}
+        for node, sid in nodes.items():
+            s = dataclasses.replace(snap({p: None for p in paths}, nodes=nodes), node=node, session=sid)
+            taken.update({a.path: node for a in plan(s) if isinstance(a, Acquire)})
+        assert set(taken) == set(paths)
+        for i in range(n_disks):
+            owners = [taken[PathKey(f"x{i:02d}", j)] for j in range(1, per_disk + 1)]
+            assert len(set(owners)) == per_disk, f"disk x{i:02d} paths on {owners}"
+
+
+def test_free_path_avoids_the_node_serving_its_sibling() -> None:
+    nodes = {ME: S_ME, OTHER: S_OTHER}
+    # OTHER serves d1/1; d1/2 is free: it goes to ME whatever the hash says
+    s = snap({P1: S_OTHER, P2: None, P3: S_ME, P4: S_OTHER}, {P3}, nodes=nodes)
+    assert plan(s) == [Acquire(P2, 11)]
+    assert plan(dataclasses.replace(s, node=OTHER, session=S_OTHER, exported=frozenset({P1, P4}))) == []
