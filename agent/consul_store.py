@@ -15,7 +15,7 @@ import base64
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import consul
 import requests
@@ -106,15 +106,12 @@ class TxnOps:
         return self._add("delete-cas", key, Index=index)
 
 
-def _entry(d: Mapping[str, Any]) -> KVEntry:
+def _entry(d: Mapping[str, Any], b64: bool = False) -> KVEntry:
+    """A KV entry from Consul's JSON. py-consul has already decoded ``Value`` to bytes; ``/v1/txn``
+    answers carry it base64-encoded (``b64``)."""
     raw = d.get("Value")
-    value: bytes | None
-    if raw is None:
-        value = None
-    elif isinstance(raw, bytes):
-        value = raw
-    else:
-        value = base64.b64decode(raw) if isinstance(raw, str) and d.get("_b64") else str(raw).encode()
+    value = None if raw is None else (base64.b64decode(raw) if b64 else
+                                      raw if isinstance(raw, bytes) else str(raw).encode())
     return KVEntry(key=str(d["Key"]), value=value, modify_index=int(d.get("ModifyIndex", 0)),
                    create_index=int(d.get("CreateIndex", 0)), lock_index=int(d.get("LockIndex", 0)),
                    session=d.get("Session") or None)
@@ -221,23 +218,14 @@ class ConsulStore:
                                        wait=f"{wait:g}s" if (wait and index) else None)
         except (consul.ConsulException, requests.RequestException, ValueError) as e:
             raise self._wrap("kv read", e) from None
-        out = []
-        for d in data or ():
-            out.append(KVEntry(key=d["Key"], value=d.get("Value"), modify_index=int(d["ModifyIndex"]),
-                               create_index=int(d["CreateIndex"]), lock_index=int(d.get("LockIndex", 0)),
-                               session=d.get("Session") or None))
-        return int(idx or 0), out
+        return int(idx or 0), [_entry(d) for d in data or ()]
 
     def get(self, key: str) -> KVEntry | None:
         try:
             _, d = self._c.kv.get(key, consistency="consistent")
         except (consul.ConsulException, requests.RequestException, ValueError) as e:
             raise self._wrap("kv get", e) from None
-        if d is None:
-            return None
-        return KVEntry(key=d["Key"], value=d.get("Value"), modify_index=int(d["ModifyIndex"]),
-                       create_index=int(d["CreateIndex"]), lock_index=int(d.get("LockIndex", 0)),
-                       session=d.get("Session") or None)
+        return None if d is None else _entry(d)
 
     def put(self, key: str, value: bytes) -> None:
         try:
@@ -276,7 +264,7 @@ class ConsulStore:
                 body = r.json()
             except ValueError:
                 raise CoordinationError(f"consul txn: unreadable answer (HTTP {r.status_code})") from None
-            results = tuple(_entry({**x["KV"], "_b64": True}) for x in (body.get("Results") or ()) if "KV" in x)
+            results = tuple(_entry(x["KV"], b64=True) for x in (body.get("Results") or ()) if "KV" in x)
             errors = tuple((int(e.get("OpIndex", -1)), str(e.get("What", ""))) for e in (body.get("Errors") or ()))
             if r.status_code == 200:
                 return TxnResult(True, results)
@@ -331,8 +319,3 @@ def next_index(sent: int, got: int) -> int:
     if got <= 0 or got < sent:
         return 0
     return got
-
-
-def chunks(items: Sequence[Any], n: int = MAX_TXN_OPS) -> Iterator[Sequence[Any]]:
-    for i in range(0, len(items), n):
-        yield items[i:i + n]

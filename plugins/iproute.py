@@ -37,7 +37,7 @@ from typing import Any, Mapping
 from agent.backend import NetworkBackend, PluginContext
 from agent.errors import PermanentBackendError, TransientBackendError
 from agent.model import PathKey, PathSpec
-from plugins import statefile
+from plugins import statefile, sysctl
 from plugins.options import Options
 
 log = logging.getLogger(__name__)
@@ -285,12 +285,8 @@ class IprouteNetwork(NetworkBackend):
     def _promote(self, ifname: str) -> None:
         p = f"/proc/sys/net/ipv4/conf/{ifname}/promote_secondaries"
         try:
-            with open(p, encoding="ascii") as f:
-                if f.read().strip() == "1":
-                    return
-            with open(p, "w", encoding="ascii") as f:
-                f.write("1")
-            log.info("iproute: set net.ipv4.conf.%s.promote_secondaries=1", ifname)
+            if sysctl.ensure_one(p):
+                log.info("iproute: set net.ipv4.conf.%s.promote_secondaries=1", ifname)
         except OSError as e:
             log.warning("iproute: cannot set %s: %s", p, e)
 

@@ -68,7 +68,7 @@ from typing import Any, Mapping, Sequence
 from agent.backend import PluginContext, TargetBackend
 from agent.errors import BackendError, PermanentBackendError, TransientBackendError
 from agent.model import Chap, Disk, PathKey
-from plugins import statefile
+from plugins import statefile, sysctl
 from plugins.options import Options
 
 log = logging.getLogger(__name__)
@@ -902,13 +902,9 @@ class TgtBackend(TargetBackend):
         for fam in ("ipv4", "ipv6"):
             path = f"/proc/sys/net/{fam}/ip_nonlocal_bind"
             try:
-                with open(path, encoding="ascii") as f:
-                    if f.read().strip() == "1":
-                        continue
-                with open(path, "w", encoding="ascii") as f:
-                    f.write("1")
-                log.info("tgt: set net.%s.ip_nonlocal_bind=1 in this network namespace "
-                         "(portals listen on path IPs before they are up)", fam)
+                if sysctl.ensure_one(path):
+                    log.info("tgt: set net.%s.ip_nonlocal_bind=1 in this network namespace "
+                             "(portals listen on path IPs before they are up)", fam)
             except FileNotFoundError:
                 continue   # no IPv6 in this namespace
             except OSError as e:
