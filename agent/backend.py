@@ -1,4 +1,4 @@
-"""The interfaces plugins implement. Plugins import this module, ``agent.model`` and ``agent.errors`` only.
+"""The interfaces plugins implement. Plugins import this module, ``agent.core.model`` and ``agent.errors`` only.
 
 A plugin kind is one ABC plus one stevedore namespace (see ``agent.plugins``):
 
@@ -15,7 +15,7 @@ import abc
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from agent.model import Disk, PathKey, PathSpec
+from agent.core.model import Disk, PathKey, PathSpec
 
 
 @dataclass(frozen=True)

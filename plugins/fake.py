@@ -13,8 +13,8 @@ from typing import Any, Mapping
 
 from agent.backend import PluginContext, TargetBackend
 from agent.errors import PermanentBackendError, TransientBackendError
-from agent.model import Disk, PathKey
-from plugins import statefile
+from agent.core.model import Disk, PathKey
+from agent import statefile
 
 log = logging.getLogger(__name__)
 

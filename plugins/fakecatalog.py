@@ -11,10 +11,10 @@ import json
 import os
 from typing import Any, Mapping
 
-from agent import schema
+from agent.core import schema
 from agent.backend import Catalog, PluginContext
 from agent.errors import CatalogUnavailable, DefinitionError
-from agent.model import Disk
+from agent.core.model import Disk
 
 
 class FileCatalog(Catalog):

@@ -36,8 +36,9 @@ from typing import Any, Mapping
 
 from agent.backend import NetworkBackend, PluginContext
 from agent.errors import PermanentBackendError, TransientBackendError
-from agent.model import PathKey, PathSpec
-from plugins import statefile, sysctl
+from agent.core.model import PathKey, PathSpec
+from agent import statefile
+from plugins import sysctl
 from plugins.options import Options
 
 log = logging.getLogger(__name__)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Mapping
 
 from agent.backend import NetworkBackend, PluginContext
-from agent.model import PathKey, PathSpec
+from agent.core.model import PathKey, PathSpec
 
 
 class NoNetwork(NetworkBackend):

@@ -67,8 +67,9 @@ from typing import Any, Mapping, Sequence
 
 from agent.backend import PluginContext, TargetBackend
 from agent.errors import BackendError, PermanentBackendError, TransientBackendError
-from agent.model import Chap, Disk, PathKey
-from plugins import statefile, sysctl
+from agent.core.model import Chap, Disk, PathKey
+from agent import statefile
+from plugins import sysctl
 from plugins.options import Options
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ the demo.
   "iproute"``, catalog ``rbd``), which starts its own tgtd there.
 
 Disks are made the way ``pathagent disk create`` + ``disk start`` make them: an RBD image whose metadata
-``pathagent.disk`` holds the definition (``agent.schema``), and the Consul keys
+``pathagent.disk`` holds the definition (``agent.core.schema``), and the Consul keys
 ``{prefix}/disks/{id}`` and ``{prefix}/disks/{id}/{index}``. Floating path IPs come from ``.100`` up.
 
 Everything started here is stopped by recorded PID (cmdline-checked) in ``close()``: agents (SIGTERM:
@@ -148,7 +148,7 @@ class IscsiLab:
         self.ceph: MicroCeph | None = None
         self.consul: ConsulCluster | None = None
         self.gw: dict[str, Gateway] = {}
-        self.disks: dict[str, Any] = {}       # id -> agent.model.Disk
+        self.disks: dict[str, Any] = {}       # id -> agent.core.model.Disk
         self._cluster: Any = None
         self._ioctx: Any = None
         self._vip = 0
@@ -262,8 +262,8 @@ level = "INFO"
                     start: bool = True) -> Any:
         """An RBD image with its definition in the metadata; ``start`` also creates the Consul keys."""
         import rbd
-        from agent import schema
-        from agent.model import Chap, Disk, PathSpec
+        from agent.core import schema
+        from agent.core.model import Chap, Disk, PathSpec
         did = uuid.uuid4().hex[:12]
         image = f"pa-{did}"
         rbd.RBD().create(self._ioctx, image, size, old_format=False,

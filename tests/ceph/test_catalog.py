@@ -1,4 +1,4 @@
-"""The ``rbd`` catalog and ``agent.ceph`` against a real micro Ceph cluster: definitions read from RBD image
+"""The ``rbd`` catalog and ``agent.adapters.ceph`` against a real micro Ceph cluster: definitions read from RBD image
 metadata, validated, cached by (disk, version) and re-read after ``refresh``; corrupt documents reported
 with the disk and the field; a deleted image, a missing pool and unreachable monitors reported as
 ``CatalogUnavailable`` naming the disk, in bounded time, and recovery when Ceph is back."""
@@ -12,12 +12,13 @@ from typing import Any, Iterator
 import pytest
 import rbd
 
-from agent import plugins, schema
+from agent import plugins
+from agent.core import schema
 from agent.backend import PluginContext
-from agent.ceph import (KRBD_FEATURES, CephClient, CephError, CephUnavailable, ImageExists, ImageNotFound,
+from agent.adapters.ceph import (KRBD_FEATURES, CephClient, CephError, CephUnavailable, ImageExists, ImageNotFound,
                         PoolNotFound)
 from agent.errors import CatalogUnavailable, DefinitionError
-from agent.rbd_catalog import RETRY_MIN, RbdCatalog
+from agent.adapters.rbd_catalog import RETRY_MIN, RbdCatalog
 from lab.ceph import MicroCeph
 
 pytestmark = pytest.mark.ceph
@@ -37,7 +38,7 @@ def document(disk_id: str, **changes: Any) -> dict[str, Any]:
 
 
 class Images:
-    """Writes test images and their metadata through ``agent.ceph`` (what the CLI does)."""
+    """Writes test images and their metadata through ``agent.adapters.ceph`` (what the CLI does)."""
 
     def __init__(self, ceph: MicroCeph) -> None:
         self.client = CephClient(ceph.conf_path, "admin", 5.0)

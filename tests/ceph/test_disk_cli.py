@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 import requests
 
-from agent import schema
-from agent.ceph import CephClient
+from agent.core import schema
+from agent.adapters.ceph import CephClient
 from lab.ceph import MicroCeph
 
 pytestmark = pytest.mark.ceph

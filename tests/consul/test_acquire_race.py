@@ -10,9 +10,9 @@ from typing import Any, Callable
 import pytest
 
 from agent import config
-from agent.consul_store import ConsulStore, TxnResult
-from agent.loop import Agent
-from agent.model import PathKey
+from agent.adapters.consul_store import ConsulStore, TxnResult
+from agent.runtime.loop import Agent
+from agent.core.model import PathKey
 from lab.agents import Catalog, definition, path_owners, start_disks, stop_disk
 from plugins.fake import FakeBackend
 from plugins.fakecatalog import FileCatalog
@@ -50,7 +50,7 @@ def make_agent(http: str, tmp: Path) -> tuple[Agent, InterleavingStore, FakeBack
 
 
 def tree_now(agent: Agent, store: ConsulStore) -> None:
-    from agent.loop import parse_tree
+    from agent.runtime.loop import parse_tree
     _, entries = store.read_tree()
     agent._tree = parse_tree(agent.prefix, entries)
 

@@ -15,7 +15,7 @@ import pytest
 
 from agent.backend import PluginContext
 from agent.errors import PermanentBackendError
-from agent.model import PathKey, PathSpec
+from agent.core.model import PathKey, PathSpec
 from lab.gwtools import missing_tools
 from lab.netns import GatewayLab, NetnsThread, ip, run_in
 

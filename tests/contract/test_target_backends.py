@@ -27,7 +27,7 @@ import pytest
 
 from agent.backend import PluginContext, TargetBackend
 from agent.errors import PermanentBackendError, TransientBackendError
-from agent.model import Chap, Disk, PathKey, PathSpec
+from agent.core.model import Chap, Disk, PathKey, PathSpec
 from lab import iscsi
 from lab.gwtools import RbdImages, stop_tgtd, tgt_missing
 from lab.netns import GatewayLab, NetnsThread, ip

@@ -2,10 +2,10 @@ from __future__ import annotations
 
 import pytest
 
-from agent import keys
-from agent.consul_store import next_index
-from agent.lease import Lease
-from agent.model import PathKey
+from agent.core import keys
+from agent.adapters.consul_store import next_index
+from agent.core.lease import Lease
+from agent.core.model import PathKey
 
 
 def test_lease_expires_fence_after_the_send_time_of_the_last_success() -> None:

@@ -6,9 +6,9 @@ import itertools
 
 import pytest
 
-from agent.model import (Acquire, Action, DiskRecord, Export, PathKey, PathState, Release, Snapshot,
+from agent.core.model import (Acquire, Action, DiskRecord, Export, PathKey, PathState, Release, Snapshot,
                          Unexport)
-from agent.planner import plan
+from agent.core.planner import plan
 
 ME, OTHER, THIRD = "gwa", "gwb", "gwc"
 S_ME, S_OTHER, S_THIRD = "sess-a", "sess-b", "sess-c"

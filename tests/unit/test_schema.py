@@ -1,4 +1,4 @@
-"""The disk definition document (``agent.schema``): table tests of what is accepted and refused (with the
+"""The disk definition document (``agent.core.schema``): table tests of what is accepted and refused (with the
 field reported), and property tests: whatever the input, ``parse``/``from_dict`` return a ``Disk`` or raise
 ``DefinitionError`` and nothing else; a mutated field is the field reported; secrets are never echoed."""
 from __future__ import annotations
@@ -11,9 +11,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent import schema
+from agent.core import schema
 from agent.errors import DefinitionError
-from agent.model import Chap, Disk, PathSpec
+from agent.core.model import Chap, Disk, PathSpec
 
 DISK = "d3f9a0c1"
 

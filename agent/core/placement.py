@@ -13,7 +13,7 @@ import hashlib
 import math
 from typing import Iterable, Mapping
 
-from agent.model import PathKey
+from agent.core.model import PathKey
 
 
 def score(node: str, path: PathKey) -> int:

@@ -1,4 +1,4 @@
-"""``pathagent disk …``: argparse wiring and output of the disk lifecycle (``agent.disks``).
+"""``pathagent disk …``: argparse wiring and output of the disk lifecycle (``agent.cli.disks``).
 
 ``register(subparsers)`` adds the ``disk`` command; every leaf sets ``func`` to a ``handler(args, cfg)``
 returning the exit code: 0 success, 1 operation failed (refused, Ceph or Consul error, invalid stored
@@ -14,14 +14,14 @@ import argparse
 import re
 from typing import TYPE_CHECKING, Any, Callable
 
-from agent import schema
+from agent.core import schema
 from agent.config import Config
 from agent.errors import AgentError, DefinitionError
-from agent.model import Chap, Disk
-from agent.output import EXIT_OK, EXIT_USAGE, emit, fail
+from agent.core.model import Chap, Disk
+from agent.cli.output import EXIT_OK, EXIT_USAGE, emit, fail
 
 if TYPE_CHECKING:  # imported when a disk command runs: the other commands need neither Consul nor rados
-    from agent.disks import DiskInfo, Disks
+    from agent.cli.disks import DiskInfo, Disks
 
 UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
@@ -34,7 +34,7 @@ class UsageError(Exception):
 def parse_size(text: str) -> int:
     """Bytes from ``"1073741824"``, ``"512M"``, ``"1.5G"``, ``"2T"`` (K/M/G/T are powers of 1024); a whole
     number of 512-byte sectors."""
-    from agent.disks import SECTOR
+    from agent.cli.disks import SECTOR
     m = SIZE_RE.match(text)
     if not m:
         raise UsageError(f"--size {text!r}: expected a byte count or a number with K, M, G or T")
@@ -120,9 +120,9 @@ Op = Callable[[argparse.Namespace, "Disks"], int]
 def _run(op: Op) -> Callable[[argparse.Namespace, Config], int]:
     """Wrap ``op`` with the Consul and Ceph connections and the exit-code mapping."""
     def handler(args: argparse.Namespace, cfg: Config) -> int:
-        from agent.ceph import CephClient
-        from agent.consul_store import ConsulStore
-        from agent.disks import Disks
+        from agent.adapters.ceph import CephClient
+        from agent.adapters.consul_store import ConsulStore
+        from agent.cli.disks import Disks
         try:
             store = ConsulStore(cfg.consul)
             ceph = CephClient(cfg.ceph.conf, cfg.ceph.client_id, cfg.ceph.timeout)

@@ -15,10 +15,10 @@ from types import FrameType
 from agent import plugins
 from agent.backend import PluginContext
 from agent.config import Config
-from agent.consul_store import ConsulStore
+from agent.adapters.consul_store import ConsulStore
 from agent.errors import ConfigError, CoordinationError
-from agent.loop import Agent, inherited_deadline
-from agent.metrics import MetricsServer
+from agent.runtime.loop import Agent, inherited_deadline
+from agent.runtime.metrics import MetricsServer
 
 log = logging.getLogger(__name__)
 

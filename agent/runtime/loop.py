@@ -5,7 +5,7 @@ Four threads:
 - the *watcher* runs recursive blocking queries on ``{prefix}/`` (no fixed-interval polling) and posts
   each new tree;
 - the *confirmer* reads our session with a consistent read every ``confirm_interval`` seconds; each
-  success extends the lease (see ``agent.lease``); a missing session means it was invalidated;
+  success extends the lease (see ``agent.core.lease``); a missing session means it was invalidated;
 - the *catalog* thread reads disk definitions (Ceph calls may block for ``[ceph] timeout``), so the main
   loop never waits on Ceph and a hung Ceph cannot delay fencing;
 - the *main* loop wakes on a new tree, a lease change, a backoff or placement deadline, or a signal; it
@@ -25,14 +25,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from agent import keys, planner
+from agent.core import keys
+from agent.core import planner
 from agent.backend import Catalog, NetworkBackend, TargetBackend
 from agent.config import Config
-from agent.consul_store import ConsulStore, KVEntry, next_index
+from agent.adapters.consul_store import ConsulStore, KVEntry, next_index
 from agent.errors import (AgentError, BackendError, CatalogError, ConfigError, CoordinationError,
                           TransientBackendError)
-from agent.lease import Lease
-from agent.model import (Acquire, Action, Disk, DiskRecord, Export, PathKey, PathState, Release, Snapshot,
+from agent.core.lease import Lease
+from agent.core.model import (Acquire, Action, Disk, DiskRecord, Export, PathKey, PathState, Release, Snapshot,
                          Unexport)
 
 log = logging.getLogger(__name__)
@@ -616,7 +617,7 @@ class Agent:
         return actions, done
 
     def metrics(self) -> dict[str, float]:
-        """Numbers for ``agent.metrics``; reads only what the loop already keeps."""
+        """Numbers for ``agent.runtime.metrics``; reads only what the loop already keeps."""
         now = self.clock()
         tree = self._tree or Tree()
         sid = self.session

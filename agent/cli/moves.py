@@ -11,12 +11,12 @@ import json
 import time
 from typing import Any
 
-from agent import keys
+from agent.core import keys
 from agent.config import Config
-from agent.consul_store import ConsulStore
+from agent.adapters.consul_store import ConsulStore
 from agent.errors import AgentError
-from agent.loop import parse_tree
-from agent.model import PathKey
+from agent.runtime.loop import parse_tree
+from agent.core.model import PathKey
 
 
 class MoveError(AgentError):

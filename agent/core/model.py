@@ -1,6 +1,6 @@
 """Immutable values shared by the core, the adapters and the plugins.
 
-Nothing here does I/O. ``Disk`` is a validated disk definition (see ``agent.schema``); ``Snapshot`` is
+Nothing here does I/O. ``Disk`` is a validated disk definition (see ``agent.core.schema``); ``Snapshot`` is
 everything the planner may look at; the ``Action`` variants are everything it may ask for.
 """
 from __future__ import annotations

@@ -20,7 +20,7 @@ import re
 from typing import Any
 
 from agent.errors import DefinitionError
-from agent.model import Chap, Disk, PathSpec
+from agent.core.model import Chap, Disk, PathSpec
 
 META_KEY = "pathagent.disk"
 VERSION = 1

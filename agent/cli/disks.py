@@ -1,7 +1,7 @@
 """The disk lifecycle behind ``pathagent disk …``: create, list, show, start, stop, update, delete.
 
 A disk is an RBD image ``pathagent-<id>`` whose metadata key ``pathagent.disk`` holds its definition
-(``agent.schema``), plus, while it is started, Consul keys (``agent.keys``): the disk key
+(``agent.core.schema``), plus, while it is started, Consul keys (``agent.core.keys``): the disk key
 ``{prefix}/disks/{id}`` (JSON ``{"pool", "image"[, "rev"]}``) and one path key
 ``{prefix}/disks/{id}/{index}`` per path.
 
@@ -37,12 +37,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Sequence
 
-from agent import keys, schema
-from agent.ceph import CephClient, CephError, CephNotFound, ImageBusy, ImageNotFound
+from agent.core import keys
+from agent.core import schema
+from agent.adapters.ceph import CephClient, CephError, CephNotFound, ImageBusy, ImageNotFound
 from agent.config import Config
-from agent.consul_store import ConsulStore, TxnOps
+from agent.adapters.consul_store import ConsulStore, TxnOps
 from agent.errors import AgentError, DefinitionError
-from agent.model import Chap, Disk, PathSpec
+from agent.core.model import Chap, Disk, PathSpec
 
 IMAGE_PREFIX = "pathagent-"
 DEFAULT_IQN_BASE = "iqn.2016-05.io.pathagent"

@@ -20,10 +20,10 @@ from typing import Any, Mapping, Sequence
 import consul
 import requests
 
-from agent import keys
+from agent.core import keys
 from agent.config import ConsulConfig
 from agent.errors import CoordinationError, SessionLost
-from agent.model import PathKey
+from agent.core.model import PathKey
 
 MAX_TXN_OPS = 64  # Consul 1.8.7's limit
 

@@ -17,8 +17,8 @@ from agent import plugins
 from agent.backend import Catalog
 from agent.config import Config
 from agent.errors import AgentError, CatalogError, ConfigError
-from agent.model import PathKey
-from agent.output import EXIT_FAILED, EXIT_OK, EXIT_USAGE, emit, fail
+from agent.core.model import PathKey
+from agent.cli.output import EXIT_FAILED, EXIT_OK, EXIT_USAGE, emit, fail
 
 Handler = Callable[[argparse.Namespace, Config], int]
 
@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check-config", help="list every problem in the config")
     p.set_defaults(func=cmd_check_config, raw_config=True)
 
-    from agent import cli_disk
+    from agent.cli import disk as cli_disk
     cli_disk.register(sub)
 
     p = sub.add_parser("path", help="path operations")
@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
 # --- commands ------------------------------------------------------------------------------------------
 
 def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
-    from agent import log, service
+    from agent import logsetup as log
+    from agent.runtime import service
     log.setup(cfg.log_level, cfg.log_format)
     return service.run(cfg)
 
@@ -98,14 +99,14 @@ def cmd_check_config(args: argparse.Namespace, cfg: Config | None) -> int:
 
 
 def _catalog(cfg: Config) -> Catalog:
-    from agent.service import plugin_context
+    from agent.runtime.service import plugin_context
     return plugins.load_catalog(cfg.catalog.backend, plugin_context(cfg, cfg.node_name, "catalog"))
 
 
 def path_rows(cfg: Config) -> list[dict[str, Any]]:
     """Every path key with its owner, IP and state (``held``, ``free``, ``invalid``)."""
-    from agent.consul_store import ConsulStore
-    from agent.loop import parse_tree
+    from agent.adapters.consul_store import ConsulStore
+    from agent.runtime.loop import parse_tree
     store = ConsulStore(cfg.consul)
     try:
         _, entries = store.read_tree()
@@ -142,7 +143,7 @@ def path_rows(cfg: Config) -> list[dict[str, Any]]:
 def cmd_paths(args: argparse.Namespace, cfg: Config) -> int:
     rows = path_rows(cfg)
     if args.mine:
-        from agent.consul_store import ConsulStore
+        from agent.adapters.consul_store import ConsulStore
         store = ConsulStore(cfg.consul)
         try:
             me = cfg.node_name or store.agent_node_name()
@@ -160,8 +161,8 @@ def cmd_paths(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
-    from agent.consul_store import ConsulStore
-    from agent.loop import parse_tree
+    from agent.adapters.consul_store import ConsulStore
+    from agent.runtime.loop import parse_tree
     store = ConsulStore(cfg.consul)
     try:
         node = cfg.node_name or store.agent_node_name()
@@ -209,7 +210,7 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def cmd_path_move(args: argparse.Namespace, cfg: Config) -> int:
-    from agent import moves
+    from agent.cli import moves
     try:
         disk, _, idx = args.path.rpartition("/")
         path = PathKey(disk, int(idx))

@@ -1,4 +1,4 @@
-"""``rbd`` catalog: disk definitions from RBD image metadata (key ``pathagent.disk``, see ``agent.schema``).
+"""``rbd`` catalog: disk definitions from RBD image metadata (key ``pathagent.disk``, see ``agent.core.schema``).
 
 Registered as ``rbd`` in ``pathagent.catalogs``; its settings are the ``[ceph]`` table (``conf``,
 ``client_id``, ``refresh``, ``timeout``), handed over in ``PluginContext.ceph``; it has no table of its own.
@@ -16,7 +16,7 @@ catalog remembers it for the whole cluster: every ``get`` that needs Ceph fails 
 the outage lasts, so a node with many disks pays one ``[ceph] timeout`` per retry, not one per disk. The
 first successful read ends the outage. Cached, still-fresh entries keep being served during an outage.
 
-A ``get`` never blocks longer than about ``[ceph] timeout`` (see ``agent.ceph``).
+A ``get`` never blocks longer than about ``[ceph] timeout`` (see ``agent.adapters.ceph``).
 
 The ``Disk`` returned has ``pool`` and ``image`` set to where it was read from (the disk record's), whatever
 the document says: that is the image the gateways must serve.
@@ -28,11 +28,11 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
-from agent import schema
+from agent.core import schema
 from agent.backend import Catalog, PluginContext
-from agent.ceph import CephClient, CephError, CephUnavailable
+from agent.adapters.ceph import CephClient, CephError, CephUnavailable
 from agent.errors import CatalogUnavailable, DefinitionError
-from agent.model import Disk
+from agent.core.model import Disk
 
 NOT_FOUND_RETRY = 2.0
 RETRY_MIN = 1.0

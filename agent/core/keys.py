@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 
-from agent.model import PathKey
+from agent.core.model import PathKey
 
 DISK_ID_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 INDEX_RE = re.compile(r"[1-9][0-9]{0,4}")      # ASCII digits only: str.isdigit() also accepts "²"

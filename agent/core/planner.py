@@ -14,8 +14,8 @@ Invariants (tested in tests/unit/test_planner.py):
 """
 from __future__ import annotations
 
-from agent import placement
-from agent.model import Acquire, Action, Export, PathKey, Release, Snapshot, Unexport
+from agent.core import placement
+from agent.core.model import Acquire, Action, Export, PathKey, Release, Snapshot, Unexport
 
 
 def plan(s: Snapshot, stale: frozenset[PathKey] = frozenset(),
