@@ -6,10 +6,8 @@
 ``{prefix}/nodes/{node}``               node record, locked by the node's session while its agent runs
                                         (value ``{"node", "session", "since", "backend"}``); the set of
                                         locked node records is the set of live agents used for placement
-``{prefix}/moves/{disk_id}/{index}``    a pending ``path move`` request (value ``{"node": target, "since"}``)
-``{prefix}/stopped/{disk_id}``          when the disk was last stopped (``{"at": unix time}``): ``disk start``
-                                        waits until ``lock_delay`` after it, so an old owner that has not
-                                        yet seen the stop is never serving beside a new one
+``{prefix}/moves/{disk_id}/{index}``    a pending ``path move`` request (value ``{"node": target}``),
+                                        locked by the requesting CLI's session while it waits
 
 Pure: parsing and formatting only.
 """
@@ -39,8 +37,8 @@ def node_key(prefix: str, node: str) -> str:
     return f"{prefix}/nodes/{node}"
 
 
-def stopped_key(prefix: str, disk_id: str) -> str:
-    return f"{prefix}/stopped/{disk_id}"
+def moves_prefix(prefix: str) -> str:
+    return f"{prefix}/moves/"
 
 
 def move_key(prefix: str, path: PathKey) -> str:

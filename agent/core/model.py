@@ -81,52 +81,15 @@ class PathState:
 
 @dataclass(frozen=True, slots=True)
 class DiskRecord:
-    """The value of ``{prefix}/disks/{disk_id}``: where to find the image."""
+    """The value of ``{prefix}/disks/{disk_id}``: where to find the image, the CLI's edit counter ``rev``
+    and whether ``disk stop`` asked the owners to let go (``stopping``)."""
 
     disk_id: str
     pool: str
     image: str
     modify_index: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class Snapshot:
-    """What one node knows at one moment. The planner reads nothing else.
-
-    - ``session``: our valid session id, or ``None`` when we have none (lost, not yet created).
-    - ``fenced``: our lease expired (no confirmed contact with the Consul servers for ``fence_after``):
-      we must not serve anything even if the keys still name our session.
-    - ``stopping``: an orderly shutdown was requested: unexport and release everything.
-    - ``paths``: every path key under ``disks/``; ``disks``: every started disk.
-    - ``nodes``: live nodes (node name -> session id), from the node records locked by their sessions.
-    - ``exported``: what the target backend exports on this node now.
-    - ``serviceable``: disks whose definition this node has loaded and validated.
-    - ``blocked``: paths backing off after a failure on this node; not exported nor acquired now.
-    - ``overdue``: free paths that have stayed free longer than the placement grace; anyone may take them.
-    - ``moves``: pending ``path move`` requests (path -> target node).
-    - ``settling``: our session is new; other agents starting with us may not have registered yet, so
-      free paths are not taken until they can be placed fairly.
-    """
-
-    node: str
-    session: str | None
-    paths: Mapping[PathKey, PathState]
-    disks: Mapping[str, DiskRecord]
-    exported: frozenset[PathKey]
-    serviceable: frozenset[str]
-    nodes: Mapping[str, str] = field(default_factory=dict)
-    fenced: bool = False
+    rev: int = 0
     stopping: bool = False
-    blocked: frozenset[PathKey] = frozenset()
-    overdue: frozenset[PathKey] = frozenset()
-    moves: Mapping[PathKey, str] = field(default_factory=dict)
-    settling: bool = False
-
-    def held(self) -> frozenset[PathKey]:
-        """Path keys locked by our session (empty when we have no session)."""
-        if self.session is None:
-            return frozenset()
-        return frozenset(k for k, s in self.paths.items() if s.session == self.session)
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,24 +101,57 @@ class Acquire:
 
 
 @dataclass(frozen=True, slots=True)
-class Export:
-    """Make the target backend serve ``path`` (and bring its floating IP up)."""
+class Release:
+    """Unlock ``path`` explicitly (no lock-delay for the next owner). Only after it is neither exported
+    nor has its address up here."""
 
     path: PathKey
+
+
+@dataclass(frozen=True, slots=True)
+class Export:
+    """Make the target backend serve ``path`` of ``disk`` (create, or update to a changed definition)."""
+
+    path: PathKey
+    disk: Disk
 
 
 @dataclass(frozen=True, slots=True)
 class Unexport:
-    """Stop serving ``path`` on this node (floating IP first, then the target)."""
+    """Make the target backend stop serving ``path``."""
 
     path: PathKey
 
 
 @dataclass(frozen=True, slots=True)
-class Release:
-    """Unlock ``path`` explicitly (no lock-delay for the next owner)."""
+class AddressUp:
+    """Bring the floating IP of ``path`` up on this node (only for a held, exported path)."""
 
     path: PathKey
+    spec: PathSpec
 
 
-Action = Union[Acquire, Export, Unexport, Release]
+@dataclass(frozen=True, slots=True)
+class AddressDown:
+    """Take the floating IP of ``path`` down on this node (``spec`` is ``None`` when the definition is
+    unknown: the network backend then uses its own record)."""
+
+    path: PathKey
+    spec: PathSpec | None
+
+
+@dataclass(frozen=True, slots=True)
+class LockNodeRecord:
+    """Lock our node record ``{prefix}/nodes/{node}`` with our session: we count as a live agent."""
+
+
+Action = Union[Acquire, Release, Export, Unexport, AddressUp, AddressDown, LockNodeRecord]
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What to do now, in this order, and when to plan again at the latest (``wake_at``, on the
+    snapshot's clock; ``None``: only when something changes)."""
+
+    actions: tuple[Action, ...]
+    wake_at: float | None = None

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from agent.core import keys
-from agent.adapters.consul_store import next_index
+from agent.core.store import next_index
 from agent.core.lease import Lease
 from agent.core.model import PathKey
 

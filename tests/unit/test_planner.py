@@ -3,193 +3,271 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from typing import Any
 
 import pytest
 
-from agent.core.model import (Acquire, Action, DiskRecord, Export, PathKey, PathState, Release, Snapshot,
-                         Unexport)
-from agent.core.planner import plan
+from agent.core.model import (Acquire, Action, AddressDown, AddressUp, Disk, DiskRecord, Export,
+                              LockNodeRecord, PathKey, PathSpec, PathState, Release, Unexport)
+from agent.core.planner import Snapshot, plan
+from agent.core.tree import ClusterView
 
 ME, OTHER, THIRD = "gwa", "gwb", "gwc"
 S_ME, S_OTHER, S_THIRD = "sess-a", "sess-b", "sess-c"
 P1, P2, P3, P4 = PathKey("d1", 1), PathKey("d1", 2), PathKey("d2", 1), PathKey("d2", 2)
 
 
-def snap(held: dict[PathKey, str | None], exported: set[PathKey] = set(), *, session: str | None = S_ME,
-         nodes: dict[str, str] | None = None, serviceable: set[str] | None = None, **kw: object) -> Snapshot:
+def disk(d: str, n: int = 2, rev: int = 0) -> Disk:
+    return Disk(id=d, name=f"n{d}{rev}", iqn=f"iqn.2016-05.io.pathagent:{d}", serial="x",
+                paths=tuple(PathSpec(i, f"198.18.0.{10 * (1 + int(d[1:])) + i}", 24) for i in range(1, n + 1)))
+
+
+DEFS = {d: disk(d) for d in ("d1", "d2")}
+
+
+def spec(p: PathKey) -> PathSpec:
+    s = DEFS[p.disk].path(p.index)
+    assert s is not None
+    return s
+
+
+def snap(held: dict[PathKey, str | None], exported: set[PathKey] | None = None,
+         addresses: set[PathKey] | None = None, *, session: str | None = S_ME,
+         nodes: dict[str, str] | None = None, defined: set[str] | None = None,
+         moves: dict[PathKey, str] | None = None, stopping_disks: set[str] = set(),
+         overdue: set[PathKey] = set(), **kw: Any) -> Snapshot:
+    """A world: ``held`` path -> holding session; ``exported`` defaults to nothing, ``addresses`` to
+    exactly what is exported (a healthy node)."""
     paths = {p: PathState(p, 10 + i, s) for i, (p, s) in enumerate(sorted(held.items()))}
-    disks = {d: DiskRecord(d, "rbd", d) for d in {p.disk for p in held}}
-    return Snapshot(node=ME, session=session, paths=paths, disks=disks, exported=frozenset(exported),
-                    serviceable=frozenset(disks if serviceable is None else serviceable),
-                    nodes={ME: S_ME} if nodes is None else nodes, **kw)  # type: ignore[arg-type]
+    disks = {d: DiskRecord(d, "rbd", d, stopping=d in stopping_disks) for d in {p.disk for p in held}}
+    view = ClusterView(disks=disks, paths=paths, nodes={ME: S_ME} if nodes is None else nodes,
+                       moves=moves or {})
+    exp = frozenset(exported or ())
+    defs = {d: DEFS[d] for d in (disks if defined is None else defined)}
+    kw.setdefault("now", 100.0)
+    free_since = {p: 0.0 for p in overdue} | {p: 100.0 for p in paths if p not in overdue}
+    return Snapshot(node=ME, session=session, view=view, definitions=defs, exported=exp,
+                    addresses=exp if addresses is None else frozenset(addresses),
+                    applied={p: defs[p.disk] for p in exp if p.disk in defs}, free_since=free_since, **kw)
 
 
-def apply(s: Snapshot, actions: list[Action]) -> Snapshot:
-    """What the world looks like after ``actions`` succeeded (a model of Consul and the backend)."""
-    paths = dict(s.paths)
-    exported = set(s.exported)
-    for a in actions:
-        p = a.path
-        if isinstance(a, Acquire):
-            assert paths[p].session is None and paths[p].modify_index == a.modify_index
-            paths[p] = PathState(p, paths[p].modify_index + 1, s.session)
-        elif isinstance(a, Release):
-            assert p not in exported, "released while still exported"
-            paths[p] = PathState(p, paths[p].modify_index + 1, None)
-        elif isinstance(a, Export):
-            assert paths[p].session == s.session, "exported without holding the lock"
-            exported.add(p)
-        elif isinstance(a, Unexport):
-            exported.discard(p)
-    return dataclasses.replace(s, paths=paths, exported=frozenset(exported))
+def acts(s: Snapshot) -> list[Action]:
+    return list(plan(s).actions)
 
 
 CASES = [
     # (name, snapshot, expected plan)
     ("free path assigned to me is acquired",
      snap({P1: None}), [Acquire(P1, 10)]),
-    ("held and not exported is exported",
-     snap({P1: S_ME}), [Export(P1)]),
-    ("held and exported: nothing to do",
+    ("held and not exported is exported; its address waits for the export",
+     snap({P1: S_ME}), [Export(P1, DEFS["d1"])]),
+    ("held and exported, address down: address up",
+     snap({P1: S_ME}, {P1}, set()), [AddressUp(P1, spec(P1))]),
+    ("held, exported, address up: nothing to do",
      snap({P1: S_ME}, {P1}), []),
     ("held by another node: left alone",
      snap({P1: S_OTHER}, nodes={ME: S_ME, OTHER: S_OTHER}), []),
-    ("exported but held by another: unexport",
-     snap({P1: S_OTHER}, {P1}, nodes={ME: S_ME, OTHER: S_OTHER}), [Unexport(P1)]),
-    ("exported but the key is gone (disk stopped): unexport",
-     snap({}, {P1}), [Unexport(P1)]),
-    ("no session: unexport everything, acquire nothing",
-     snap({P1: S_ME, P2: None}, {P1}, session=None), [Unexport(P1)]),
-    ("fenced: unexport everything even though the keys are ours",
-     snap({P1: S_ME, P2: S_ME}, {P1, P2}, fenced=True), [Unexport(P1), Unexport(P2)]),
-    ("stopping: unexport then release",
-     snap({P1: S_ME, P2: S_ME}, {P1}, stopping=True), [Unexport(P1), Release(P1), Release(P2)]),
+    ("exported but held by another: address down, then unexport",
+     snap({P1: S_OTHER}, {P1}, nodes={ME: S_ME, OTHER: S_OTHER}), [AddressDown(P1, spec(P1)), Unexport(P1)]),
+    ("exported but the key is gone (disk stopped): address down, unexport",
+     snap({}, {P1}), [AddressDown(P1, None), Unexport(P1)]),
+    ("address left up with no export (lost target state): address down, then re-export",
+     snap({P1: S_ME}, set(), {P1}), [AddressDown(P1, spec(P1)), Export(P1, DEFS["d1"])]),
+    ("stray address of a path we do not hold: down",
+     snap({P1: S_OTHER}, set(), {P1}, nodes={ME: S_ME, OTHER: S_OTHER}), [AddressDown(P1, spec(P1))]),
+    ("no session: addresses first, then unexports; nothing acquired",
+     snap({P1: S_ME, P2: None}, {P1}, session=None), [AddressDown(P1, spec(P1)), Unexport(P1)]),
+    ("fenced: every address down before any unexport, even though the keys are ours",
+     snap({P1: S_ME, P2: S_ME}, {P1, P2}, fenced=True),
+     [AddressDown(P1, spec(P1)), AddressDown(P2, spec(P2)), Unexport(P1), Unexport(P2)]),
+    ("stopping: addresses, unexports, then releases",
+     snap({P1: S_ME, P2: S_ME}, {P1}, stopping=True),
+     [AddressDown(P1, spec(P1)), Unexport(P1), Release(P1), Release(P2)]),
+    ("stopping with the target state unknown: nothing released",
+     snap({P1: S_ME, P2: S_ME}, {P1}, stopping=True, target_known=False),
+     [AddressDown(P1, spec(P1)), Unexport(P1)]),
     ("disk without a valid definition: neither acquired nor exported",
-     snap({P1: None, P3: S_ME}, serviceable=set()), []),
-    ("blocked path is not exported nor acquired",
-     snap({P1: S_ME, P3: None}, blocked=frozenset({P1, P3})), []),
+     snap({P1: None, P3: S_ME}, defined=set()), []),
+    ("blocked path is neither exported nor acquired",
+     snap({P1: S_ME, P3: None}, backoff={P1: 101.0, P3: 101.0}), []),
+    ("a backoff that ran out no longer blocks",
+     snap({P1: S_ME}, backoff={P1: 99.0}), [Export(P1, DEFS["d1"])]),
     ("overdue path assigned elsewhere is taken",
-     snap({P1: None, P2: None, P3: None, P4: None}, nodes={ME: S_ME, OTHER: S_OTHER},
-          overdue=frozenset({P1, P2, P3, P4})),
+     snap({P1: None, P2: None, P3: None, P4: None}, nodes={ME: S_ME, OTHER: S_OTHER}, overdue={P1, P2, P3, P4}),
      [Acquire(P1, 10), Acquire(P2, 11), Acquire(P3, 12), Acquire(P4, 13)]),
-    ("move to another live node: unexport, release",
+    ("move to another live node: address down, unexport, release",
      snap({P1: S_ME, P2: S_ME}, {P1, P2}, nodes={ME: S_ME, OTHER: S_OTHER}, moves={P1: OTHER}),
-     [Unexport(P1), Release(P1)]),
+     [AddressDown(P1, spec(P1)), Unexport(P1), Release(P1)]),
     ("move to a dead node is ignored",
      snap({P1: S_ME}, {P1}, moves={P1: THIRD}), []),
     ("free path moved to me is acquired whatever placement says",
      snap({P1: None}, nodes={ME: S_ME, OTHER: S_OTHER, THIRD: S_THIRD}, moves={P1: ME}), [Acquire(P1, 10)]),
     ("settling: free paths wait, held ones are served",
-     snap({P1: None, P2: S_ME}, settling=True), [Export(P2)]),
+     snap({P1: None, P2: S_ME}, settle_until=101.0), [Export(P2, DEFS["d1"])]),
     ("free path moved to another node is left to it",
      snap({P1: None}, nodes={ME: S_ME, OTHER: S_OTHER}, moves={P1: OTHER}), []),
+    ("disk stopping: its held paths go (address, unexport, release), its free ones are not taken",
+     snap({P1: S_ME, P2: None, P3: S_ME}, {P1, P3}, stopping_disks={"d1"}),
+     [AddressDown(P1, spec(P1)), Unexport(P1), Release(P1)]),
+    ("surrender: address down, unexport, release",
+     snap({P1: S_ME, P2: S_ME}, {P1, P2}, surrender=frozenset({P2})),
+     [AddressDown(P2, spec(P2)), Unexport(P2), Release(P2)]),
+    ("target state unknown: addresses that must go go, nothing is exported or released",
+     snap({P1: S_ME, P2: S_ME, P3: S_OTHER}, {P1}, {P1, P3}, nodes={ME: S_ME, OTHER: S_OTHER},
+          surrender=frozenset({P1}), target_known=False),
+     [AddressDown(P1, spec(P1)), AddressDown(P3, spec(P3)), Unexport(P1)]),
+    ("our node record is not locked: lock it",
+     snap({P1: S_ME}, {P1}, nodes={}), [LockNodeRecord()]),
 ]
 
 
 @pytest.mark.parametrize("name,s,expected", CASES, ids=[c[0] for c in CASES])
 def test_plan_table(name: str, s: Snapshot, expected: list[Action]) -> None:
-    assert plan(s) == expected
+    assert acts(s) == expected
 
 
-def test_surrender_unexports_then_releases() -> None:
-    s = snap({P1: S_ME, P2: S_ME}, {P1, P2})
-    assert plan(s, surrender=frozenset({P2})) == [Unexport(P2), Release(P2)]
-
-
-def test_stale_definition_is_re_exported() -> None:
+def test_changed_definition_is_re_exported_without_touching_the_address() -> None:
     s = snap({P1: S_ME}, {P1})
-    assert plan(s, stale=frozenset({P1})) == [Export(P1)]
+    s = dataclasses.replace(s, definitions={"d1": disk("d1", rev=1), "d2": DEFS["d2"]})
+    assert acts(s) == [Export(P1, disk("d1", rev=1))]
 
 
-def test_order_unexport_release_acquire_export() -> None:
-    s = snap({P1: S_OTHER, P2: S_ME, P3: None, P4: S_ME}, {P1, P2},
-             nodes={ME: S_ME, OTHER: S_OTHER}, overdue=frozenset({P3}))
-    kinds = [type(a) for a in plan(s, surrender=frozenset({P2}))]
-    assert kinds == [Unexport, Unexport, Release, Acquire, Export]
+def test_order_down_unexport_release_acquire_export_up() -> None:
+    s = snap({P1: S_OTHER, P2: S_ME, P3: None, P4: S_ME}, {P1, P2, P4}, {P1, P2},
+             nodes={ME: S_ME, OTHER: S_OTHER}, overdue={P3}, surrender=frozenset({P2}))
+    kinds = [type(a) for a in acts(s)]
+    assert kinds == [AddressDown, AddressDown, Unexport, Unexport, Release, Acquire, AddressUp]
+
+
+def test_wake_at_is_the_earliest_backoff_settle_or_grace_deadline() -> None:
+    nodes = {ME: S_ME, OTHER: S_OTHER}
+    # P3 and P4 are assigned to OTHER, which does not take them: they become anyone's at 100 + 3
+    s = snap({P1: S_ME, P3: None, P4: None}, {P1}, nodes=nodes, backoff={P1: 150.0})
+    assigned_elsewhere = [a for a in acts(s) if isinstance(a, Acquire)]
+    assert plan(s).wake_at == (103.0 if len(assigned_elsewhere) < 2 else 150.0)
+    assert plan(dataclasses.replace(s, settle_until=101.5)).wake_at == 101.5
+    assert plan(snap({P1: S_ME}, {P1})).wake_at is None
 
 
 def test_balanced_placement_three_nodes() -> None:
     """Each node plans from the same snapshot; together they take every path exactly once, evenly."""
     paths = [PathKey(f"d{i:02d}", j) for i in range(20) for j in (1, 2, 3)]
     nodes = {ME: S_ME, OTHER: S_OTHER, THIRD: S_THIRD}
+    base = snap({p: None for p in paths}, nodes=nodes, defined=set())
+    base = dataclasses.replace(base, definitions={p.disk: disk(p.disk, 3) for p in paths})
     taken: dict[PathKey, str] = {}
     for node, sid in nodes.items():
-        s = dataclasses.replace(snap({p: None for p in paths}, nodes=nodes), node=node, session=sid)
-        for a in plan(s):
+        for a in acts(dataclasses.replace(base, node=node, session=sid)):
             assert isinstance(a, Acquire)
             assert a.path not in taken, f"{a.path} planned by {taken.get(a.path)} and {node}"
             taken[a.path] = node
     assert set(taken) == set(paths)
-    counts = sorted(list(taken.values()).count(n) for n in nodes)
-    assert counts == [20, 20, 20]
+    assert sorted(list(taken.values()).count(n) for n in nodes) == [20, 20, 20]
 
 
 def test_fair_share_counts_existing_holdings() -> None:
-    nodes = {ME: S_ME, OTHER: S_OTHER}
-    s = snap({P1: S_OTHER, P2: S_OTHER, P3: None, P4: None}, nodes=nodes)
-    assert plan(s) == [Acquire(P3, 12), Acquire(P4, 13)]
+    s = snap({P1: S_OTHER, P2: S_OTHER, P3: None, P4: None}, nodes={ME: S_ME, OTHER: S_OTHER})
+    assert acts(s) == [Acquire(P3, 12), Acquire(P4, 13)]
+
+
+def apply(s: Snapshot, actions: list[Action]) -> Snapshot:
+    """What the world looks like after ``actions`` succeeded (a model of Consul and the two backends);
+    asserts the safety invariants at every step."""
+    paths = dict(s.view.paths)
+    nodes = dict(s.view.nodes)
+    exported = set(s.exported)
+    addresses = set(s.addresses)
+    applied = dict(s.applied)
+    for a in actions:
+        if isinstance(a, LockNodeRecord):
+            assert s.session is not None
+            nodes[s.node] = s.session
+            continue
+        p = a.path
+        if isinstance(a, Acquire):
+            assert paths[p].session is None and paths[p].modify_index == a.modify_index
+            paths[p] = PathState(p, paths[p].modify_index + 1, s.session)
+        elif isinstance(a, Release):
+            assert p not in exported and p not in addresses, "released while still served"
+            paths[p] = PathState(p, paths[p].modify_index + 1, None)
+        elif isinstance(a, Export):
+            assert paths[p].session == s.session and not s.fenced, "exported without holding the lock"
+            exported.add(p)
+            applied[p] = a.disk
+        elif isinstance(a, Unexport):
+            exported.discard(p)
+            applied.pop(p, None)
+        elif isinstance(a, AddressUp):
+            assert p in exported and paths[p].session == s.session, "address up without a held, exported path"
+            addresses.add(p)
+        elif isinstance(a, AddressDown):
+            addresses.discard(p)
+    view = dataclasses.replace(s.view, paths=paths, nodes=nodes)
+    return dataclasses.replace(s, view=view, exported=frozenset(exported), addresses=frozenset(addresses),
+                               applied=applied)
 
 
 WORLDS = [
     snap({P1: None, P2: S_ME, P3: S_OTHER, P4: None}, {P2, P3}, nodes={ME: S_ME, OTHER: S_OTHER},
-         overdue=frozenset({P1, P4})),
-    snap({P1: S_ME, P2: S_ME, P3: S_ME}, {P1, P4}),
+         overdue={P1, P4}),
+    snap({P1: S_ME, P2: S_ME, P3: S_ME}, {P1, P4}, {P4}),
     snap({P1: S_ME, P2: S_ME}, {P1, P2}, stopping=True),
     snap({P1: S_ME, P2: None}, {P1, P3}, fenced=True),
     snap({P1: S_ME, P2: S_ME, P3: None}, {P1, P2}, nodes={ME: S_ME, OTHER: S_OTHER}, moves={P1: OTHER}),
+    snap({P1: S_ME, P2: S_ME, P3: S_ME}, {P1, P2, P3}, {P2}, stopping_disks={"d1"}, nodes={}),
 ]
 
 
-def converge(s: Snapshot, limit: int = 5) -> Snapshot:
+def converge(s: Snapshot, limit: int = 6) -> Snapshot:
     for _ in range(limit):
-        actions = plan(s)
+        actions = acts(s)
         if not actions:
             return s
         s = apply(s, actions)
-    raise AssertionError(f"no convergence: still planning {plan(s)}")
+    raise AssertionError(f"no convergence: still planning {acts(s)}")
 
 
 @pytest.mark.parametrize("world", WORLDS)
 def test_apply_then_replan_converges(world: Snapshot) -> None:
     final = converge(world)
-    assert plan(final) == []
+    assert acts(final) == []
+    assert final.addresses <= final.exported, "an address without an export"
     if final.session is not None and not final.fenced and not final.stopping:
         held = final.held()
         assert final.exported <= held, "exported something we do not hold"
-        assert held - final.blocked <= final.exported | {p for p in held if p.disk not in final.serviceable}
+        stopping = {d for d, r in final.view.disks.items() if r.stopping}
+        assert {p for p in held if p.disk not in stopping} == final.exported == final.addresses
     else:
-        assert final.exported == frozenset()
+        assert final.exported == final.addresses == frozenset()
 
 
 @pytest.mark.parametrize("world", WORLDS)
 def test_died_after_each_prefix_then_replanned(world: Snapshot) -> None:
     """The process dies after the first k actions; the next process re-plans from the world as left."""
     full = converge(world)
-    actions = plan(world)
+    actions = acts(world)
     for k in range(len(actions) + 1):
         partial = apply(world, actions[:k])
-        # invariant holds at every intermediate point: nothing exported without the lock
         if partial.session is not None:
-            for p in partial.exported - partial.held():
-                assert Unexport(p) in plan(partial)
+            again_plan = acts(partial)
+            for p in partial.addresses - (partial.exported & partial.held()):
+                assert isinstance(again_plan[0], AddressDown), "stray addresses go down first"
         again = converge(partial)
-        assert (again.held(), again.exported) == (full.held(), full.exported)
+        assert (again.held(), again.exported, again.addresses) == (full.held(), full.exported, full.addresses)
 
 
 def test_every_interleaving_of_two_acquirers_keeps_one_owner() -> None:
     """Two nodes plan the same overdue path; whichever acquire lands first wins, the other is refused
     (the txn's index check) and re-plans to nothing."""
-    base = snap({P1: None}, nodes={ME: S_ME, OTHER: S_OTHER}, overdue=frozenset({P1}))
-    mine = plan(base)
-    theirs = plan(dataclasses.replace(base, node=OTHER, session=S_OTHER))
-    assert mine == theirs == [Acquire(P1, 10)]
+    base = snap({P1: None}, nodes={ME: S_ME, OTHER: S_OTHER}, overdue={P1})
+    theirs = dataclasses.replace(base, node=OTHER, session=S_OTHER)
+    assert acts(base) == acts(theirs) == [Acquire(P1, 10)]
     for first in itertools.permutations([S_ME, S_OTHER]):
         winner = first[0]
-        after = dataclasses.replace(base, paths={P1: PathState(P1, 11, winner)})
+        view = dataclasses.replace(base.view, paths={P1: PathState(P1, 11, winner)})
         for node, sid in ((ME, S_ME), (OTHER, S_OTHER)):
-            s = dataclasses.replace(after, node=node, session=sid)
-            expected = [Export(P1)] if sid == winner else []
-            assert plan(s) == expected
+            s = dataclasses.replace(base, view=view, node=node, session=sid)
+            assert acts(s) == ([Export(P1, DEFS["d1"])] if sid == winner else [])
 
 
 def test_paths_of_one_disk_go_to_different_nodes() -> None:
@@ -197,10 +275,12 @@ def test_paths_of_one_disk_go_to_different_nodes() -> None:
     nodes = {ME: S_ME, OTHER: S_OTHER, THIRD: S_THIRD}
     for n_disks, per_disk in ((10, 2), (7, 3), (1, 3), (30, 2)):
         paths = [PathKey(f"x{i:02d}", j) for i in range(n_disks) for j in range(1, per_disk + 1)]
+        base = snap({p: None for p in paths}, nodes=nodes, defined=set())
+        base = dataclasses.replace(base, definitions={p.disk: disk("d9", per_disk) for p in paths})
         taken: dict[PathKey, str] = {}
         for node, sid in nodes.items():
-            s = dataclasses.replace(snap({p: None for p in paths}, nodes=nodes), node=node, session=sid)
-            taken.update({a.path: node for a in plan(s) if isinstance(a, Acquire)})
+            s = dataclasses.replace(base, node=node, session=sid)
+            taken.update({a.path: node for a in acts(s) if isinstance(a, Acquire)})
         assert set(taken) == set(paths)
         for i in range(n_disks):
             owners = [taken[PathKey(f"x{i:02d}", j)] for j in range(1, per_disk + 1)]
@@ -211,5 +291,6 @@ def test_free_path_avoids_the_node_serving_its_sibling() -> None:
     nodes = {ME: S_ME, OTHER: S_OTHER}
     # OTHER serves d1/1; d1/2 is free: it goes to ME whatever the hash says
     s = snap({P1: S_OTHER, P2: None, P3: S_ME, P4: S_OTHER}, {P3}, nodes=nodes)
-    assert plan(s) == [Acquire(P2, 11)]
-    assert plan(dataclasses.replace(s, node=OTHER, session=S_OTHER, exported=frozenset({P1, P4}))) == []
+    assert acts(s) == [Acquire(P2, 11)]
+    theirs = snap({P1: S_OTHER, P2: None, P3: S_ME, P4: S_OTHER}, {P1, P4}, nodes=nodes)
+    assert acts(dataclasses.replace(theirs, node=OTHER, session=S_OTHER)) == []

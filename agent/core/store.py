@@ -1,0 +1,102 @@
+"""What the runtime and the CLI need from the coordination store (Consul), as a ``Protocol``, and the plain
+values it answers with. Pure: no implementation here.
+
+``agent.adapters.consul_store.ConsulStore`` is the real one; tests of the loop use an in-memory one.
+Every method may raise ``CoordinationError`` (the store could not be reached or refused); a transaction
+that is rolled back is an outcome (``TxnResult.ok`` false with the reasons), not an exception.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+from agent.core.model import PathKey
+from agent.core.tree import KVEntry
+
+MAX_TXN_OPS = 64  # Consul 1.8.7's limit
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    id: str
+    name: str
+    node: str
+    checks: tuple[str, ...] = ()
+    lock_delay: float = 0.0
+    ttl: float = 0.0
+    behavior: str = "release"
+    create_index: int = 0
+
+
+@dataclass(frozen=True)
+class TxnResult:
+    """Outcome of a transaction: ``ok`` and the entries returned, or the per-op errors of a rollback."""
+
+    ok: bool
+    results: tuple[KVEntry, ...] = ()
+    errors: tuple[tuple[int, str], ...] = ()
+
+    def reason(self) -> str:
+        return "; ".join(f"op {i}: {w}" for i, w in self.errors)
+
+    def lock_delay(self) -> bool:
+        """Refused because a key is still in its lock-delay."""
+        return any("lock delay" in w for _, w in self.errors)
+
+
+class CoordinationStore(Protocol):
+    """The operations on Consul that the node agent makes (keys are relative to the configured prefix
+    through ``agent.core.keys``)."""
+
+    prefix: str
+
+    def agent_node_name(self) -> str:
+        """The local Consul agent's node name."""
+
+    def read_tree(self, index: int = 0, wait: float | None = None) -> tuple[int, list[KVEntry]]:
+        """Everything under ``{prefix}/``; with ``index`` > 0 a blocking read that returns when something
+        changed or after ``wait`` seconds. Returns Consul's index with the entries."""
+
+    def session_info(self, sid: str) -> SessionInfo | None:
+        """A consistent read of session ``sid`` (proof that the servers answer); ``None``: it is gone."""
+
+    def node_sessions(self, node: str) -> list[SessionInfo]:
+        """The sessions bound to ``node``."""
+
+    def create_session(self, node: str, name: str, checks: Sequence[str], lock_delay: float,
+                       ttl: float = 0.0, behavior: str = "release") -> str:
+        """A new session bound to ``node`` with exactly ``checks``; ``ttl`` 0: none."""
+
+    def renew_session(self, sid: str) -> bool:
+        """Renew a session's TTL; false when the session is gone."""
+
+    def destroy_session(self, sid: str) -> None:
+        """Invalidate the session (its locks are released; lock-delay applies to them)."""
+
+    def register_check(self, check_id: str, name: str, ttl: float) -> None:
+        """Register (or re-register) a TTL health check on the local Consul agent, passing."""
+
+    def pass_check(self, check_id: str, note: str = "") -> None:
+        """Report the TTL check as passing."""
+
+    def acquire_many(self, items: Sequence[tuple[PathKey, int]], session: str, value: bytes) -> TxnResult:
+        """Lock every path key with ``session`` if its ModifyIndex is still the one given, all or none."""
+
+    def release(self, path: PathKey, session: str, value: bytes = b"") -> TxnResult:
+        """Unlock the path key if ``session`` holds it (no lock-delay for the next owner)."""
+
+    def transfer(self, paths: Sequence[PathKey], old: str, new: str, value: bytes) -> TxnResult:
+        """Move the locks on ``paths`` from session ``old`` to ``new`` in one transaction, all or none."""
+
+    def lock_node_record(self, node: str, session: str, value: bytes) -> TxnResult:
+        """Lock ``{prefix}/nodes/{node}`` with ``session``."""
+
+    def release_node_record(self, node: str, session: str) -> TxnResult:
+        """Unlock our node record."""
+
+
+def next_index(sent: int, got: int) -> int:
+    """Consul's rule for the next blocking index: reset to 0 when it went backwards or is not positive."""
+    if got <= 0 or got < sent:
+        return 0
+    return got

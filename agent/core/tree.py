@@ -1,0 +1,210 @@
+"""Every value under the prefix, decoded into one immutable ``ClusterView``; and the encoders. Pure.
+
+The key *names* live in ``agent.core.keys``; this module owns the *values* (docs/keys.md lists both):
+
+- disk record ``{prefix}/disks/{id}``: ``{"pool", "image", "rev"?, "stopping"?}`` -> ``DiskRecord``;
+- path lock ``{prefix}/disks/{id}/{index}``: empty while free, ``{"node", "session", "since"}`` while held;
+- node record ``{prefix}/nodes/{node}``: ``{"node", "session", "since", "backend"}``, locked by the node's
+  session while its agent runs; only locked records count (the live agents);
+- move request ``{prefix}/moves/{id}/{index}``: ``{"node": target}``, locked by the requesting CLI's
+  session (``Behavior=delete``, so it disappears when that CLI dies); only a locked request counts, so no
+  node compares clocks to decide whether a request is still wanted.
+
+``parse_tree`` never raises: a value it cannot decode (not UTF-8, not JSON, nested too deep, too large,
+wrong types) is ignored with its key and the reason in ``ClusterView.skipped``, and the rest of the view
+is unaffected. A path key or node record keeps counting by its session even when its value is unreadable.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+from agent.core import keys
+from agent.core.model import DiskRecord, PathKey, PathState
+
+#: no value of ours is anywhere near this; anything bigger is not ours
+MAX_VALUE = 16 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class KVEntry:
+    """One key as the store returns it (the adapter builds these from Consul's answer)."""
+
+    key: str
+    value: bytes | None
+    modify_index: int
+    create_index: int = 0
+    lock_index: int = 0
+    session: str | None = None
+
+
+@dataclass(frozen=True)
+class ClusterView:
+    """The decoded content of ``{prefix}/`` at one Consul index. Never mutated: a change is a new view."""
+
+    disks: Mapping[str, DiskRecord] = field(default_factory=dict)
+    paths: Mapping[PathKey, PathState] = field(default_factory=dict)
+    nodes: Mapping[str, str] = field(default_factory=dict)      # node -> session (locked node records)
+    moves: Mapping[PathKey, str] = field(default_factory=dict)  # live move requests: path -> target node
+    skipped: tuple[tuple[str, str], ...] = ()                   # (key, why its value was ignored)
+    index: int = 0
+
+    def held_by(self, session: str | None) -> frozenset[PathKey]:
+        """Path keys locked by ``session`` (none for ``None``)."""
+        if session is None:
+            return frozenset()
+        return frozenset(p for p, s in self.paths.items() if s.session == session)
+
+    def free(self) -> frozenset[PathKey]:
+        return frozenset(p for p, s in self.paths.items() if s.session is None)
+
+
+class _Bad(ValueError):
+    """A value that is not what its key kind holds."""
+
+
+def _object(value: bytes | None) -> dict[str, Any]:
+    """The JSON object in ``value``; ``_Bad`` for anything else. Never lets another exception out."""
+    if value is None or value == b"":
+        return {}
+    if len(value) > MAX_VALUE:
+        raise _Bad(f"value of {len(value)} bytes (more than {MAX_VALUE})")
+    try:
+        doc = json.loads(value.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise _Bad("not UTF-8") from None
+    except RecursionError:
+        raise _Bad("JSON nested too deeply") from None
+    except ValueError:
+        raise _Bad("not JSON") from None
+    if not isinstance(doc, dict):
+        raise _Bad(f"a JSON {type(doc).__name__}, not an object")
+    return doc
+
+
+def _text(doc: Mapping[str, Any], name: str, required: bool = True) -> str:
+    v = doc.get(name)
+    if v is None and not required:
+        return ""
+    if not isinstance(v, str) or not v or len(v) > 256:
+        raise _Bad(f"{name!r} must be a non-empty string")
+    return v
+
+
+def decode_disk(disk_id: str, value: bytes | None, modify_index: int) -> DiskRecord:
+    """A disk record; ``_Bad`` when it does not name a pool and an image."""
+    doc = _object(value)
+    rev = doc.get("rev", 0)
+    if isinstance(rev, bool) or not isinstance(rev, int) or rev < 0:
+        raise _Bad("'rev' must be a non-negative integer")
+    stopping = doc.get("stopping", False)
+    if not isinstance(stopping, bool):
+        raise _Bad("'stopping' must be true or false")
+    return DiskRecord(disk_id, _text(doc, "pool"), _text(doc, "image"), modify_index, rev, stopping)
+
+
+def decode_lock_node(value: bytes | None) -> str | None:
+    """The node named in a path lock value (``None`` when absent)."""
+    node = _object(value).get("node")
+    if node is None:
+        return None
+    if not isinstance(node, str) or not node:
+        raise _Bad("'node' must be a non-empty string")
+    return node
+
+
+def decode_move(value: bytes | None) -> str:
+    return _text(_object(value), "node")
+
+
+def parse_tree(prefix: str, entries: Iterable[KVEntry], index: int = 0) -> ClusterView:
+    """The view of ``entries`` (a recursive read of ``{prefix}/``). Pure; never raises."""
+    disks: dict[str, DiskRecord] = {}
+    paths: dict[PathKey, PathState] = {}
+    nodes: dict[str, str] = {}
+    moves: dict[PathKey, str] = {}
+    skipped: list[tuple[str, str]] = []
+    for e in entries:
+        try:
+            kind = keys.parse(prefix, e.key)
+        except Exception as err:  # noqa: BLE001 - a key we cannot classify is not ours
+            skipped.append((e.key[:200], f"unreadable key: {type(err).__name__}"))
+            continue
+        if kind is None:
+            continue
+        what, ident = kind
+        try:
+            if what == "disk" and isinstance(ident, str):
+                try:
+                    disks[ident] = decode_disk(ident, e.value, e.modify_index)
+                except _Bad:
+                    # still started: the catalog reports it as unreadable rather than it vanishing
+                    disks[ident] = DiskRecord(ident, "", "", e.modify_index)
+                    raise
+            elif what == "path" and isinstance(ident, PathKey):
+                node = None
+                paths[ident] = PathState(ident, e.modify_index, e.session, None)
+                if e.session:
+                    node = decode_lock_node(e.value)
+                    paths[ident] = PathState(ident, e.modify_index, e.session, node)
+            elif what == "node" and isinstance(ident, str):
+                if e.session:
+                    nodes[ident] = e.session
+            elif what == "move" and isinstance(ident, PathKey):
+                if e.session:
+                    moves[ident] = decode_move(e.value)
+        except _Bad as err:
+            skipped.append((e.key, str(err)))
+        except Exception as err:  # noqa: BLE001 - no value may wedge the watcher
+            skipped.append((e.key, f"{type(err).__name__}"))
+    return ClusterView(disks, paths, nodes, moves, tuple(skipped), index)
+
+
+# --- encoders (the writers' side) ------------------------------------------------------------------------
+
+def _dump(d: Mapping[str, Any]) -> bytes:
+    return json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _since(now: float) -> float:
+    return round(now, 3) if math.isfinite(now) else 0.0
+
+
+def lock_value(node: str, session: str, now: float) -> bytes:
+    """The value of a path key we lock (``now``: the writer's wall clock, for people; nobody compares it)."""
+    return _dump({"node": node, "session": session, "since": _since(now)})
+
+
+def node_value(node: str, session: str, now: float, backend: str) -> bytes:
+    return _dump({"node": node, "session": session, "since": _since(now), "backend": backend})
+
+
+def disk_value(pool: str, image: str, rev: int = 0, stopping: bool = False) -> bytes:
+    d: dict[str, Any] = {"pool": pool, "image": image}
+    if rev:
+        d["rev"] = rev
+    if stopping:
+        d["stopping"] = True
+    return _dump(d)
+
+
+def move_value(node: str) -> bytes:
+    return _dump({"node": node})
+
+
+def overlay(view: ClusterView, own: Mapping[PathKey, PathState], node: str = "",
+            node_session: str | None = None) -> ClusterView:
+    """``view`` with our own writes that it does not show yet (a lock or release we made, recognised by
+    its ModifyIndex being newer than the view's), so the next plan does not repeat them before the watch
+    catches up. Paths the view no longer has are not brought back. Pure."""
+    paths = dict(view.paths)
+    for p, st in own.items():
+        cur = paths.get(p)
+        if cur is not None and cur.modify_index < st.modify_index:
+            paths[p] = st
+    nodes = dict(view.nodes)
+    if node and node_session is not None and node not in nodes:
+        nodes[node] = node_session
+    return ClusterView(view.disks, paths, nodes, view.moves, view.skipped, view.index)
