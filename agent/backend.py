@@ -1,44 +1,67 @@
-"""The interfaces plugins implement. Plugins import this module, ``agent.core.model`` and ``agent.errors`` only.
+"""The interfaces plugins implement, and what the host hands them.
 
-A plugin kind is one ABC plus one stevedore namespace (see ``agent.plugins``):
+Plugins import this module, ``agent.core.model``, ``agent.core.schema``, ``agent.errors``,
+``agent.config`` (its frozen tables), ``agent.statefile`` and ``agent.childenv``; never the runtime, the
+CLI or an adapter. A plugin kind is one ABC plus one stevedore namespace (see ``agent.plugins``):
 
-- ``pathagent.targets``  -> ``TargetBackend``   (``lio``, ``tgt``, ``fake``)
+- ``pathagent.targets``  -> ``TargetBackend``   (``tgt``, ``fake``; ``lio`` later)
 - ``pathagent.network``  -> ``NetworkBackend``  (``iproute``, ``none``)
 - ``pathagent.catalogs`` -> ``Catalog``         (``rbd``, ``fake``)
+- ``pathagent.watchdog`` -> ``Watchdog``        (``guard``, ``device``, ``none``)
 
-Every plugin is constructed as ``Plugin(context)`` with a ``PluginContext``; its own settings are the
-sub-table of the config named after it (``[target.tgt]``, ``[network.iproute]``, ``[catalog.fake]``).
+Every plugin is constructed as ``Plugin(context)`` with a ``PluginContext`` and must not touch the world
+there (no daemon started, no device opened): the guard process and ``check-config`` construct plugins
+too. Its own settings are the sub-table of the config named after it (``[target.tgt]``,
+``[network.iproute]``, ``[watchdog.device]``); ``config_keys`` lists the keys it accepts.
 """
 from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
+from agent.config import CephConfig
 from agent.core.model import Disk, PathKey, PathSpec
+
+
+def _nothing() -> None:
+    return None
 
 
 @dataclass(frozen=True)
 class PluginContext:
-    """What a plugin gets at construction: the node name, this node's state directory (put every runtime
-    file under it), its own config sub-table (already checked against ``config_keys``), and the shared
-    ``[ceph]`` and ``[target]`` settings it may need (Ceph conf path, client id, iSCSI port)."""
+    """What a plugin gets at construction.
+
+    - ``node``: this node's name when known (empty in the guard process and before Consul answered);
+    - ``state_dir``: this node's state directory; put every runtime file under it;
+    - ``options``: the plugin's own config sub-table (checked against ``config_keys`` by the host);
+    - ``ceph``: the ``[ceph]`` table; ``port``: the iSCSI port of every portal;
+    - ``config_file``: the configuration file the agent runs with (the guard process reads it too);
+    - ``wake``: call it (from any thread) when something changed that the agent should look at now, for
+      example the target daemon died; cheap, never blocks;
+    - ``ceph_probe(pool, image)``: checks through the host's one Ceph client that the cluster answers and
+      the image exists, within ``[ceph] timeout``; raises ``TransientBackendError`` (Ceph unreachable) or
+      ``PermanentBackendError`` (no such pool or image). ``None`` where the host has no Ceph.
+    """
 
     node: str
     state_dir: str
     options: Mapping[str, Any] = field(default_factory=dict)
-    ceph: Mapping[str, Any] = field(default_factory=dict)
+    ceph: CephConfig = CephConfig()
     port: int = 3260
+    config_file: str = ""
+    wake: Callable[[], None] = _nothing
+    ceph_probe: Callable[[str, str], None] | None = None
 
 
 class TargetBackend(abc.ABC):
     """Exports disk paths as iSCSI targets on this node: one target per disk (the disk's IQN), one TPG per
     path (tag = path index), the LUN backed by the disk's RBD image, portal = the path's floating IP.
 
-    Every method is idempotent: exporting an exported path (with the same definition) or unexporting an
-    absent one does nothing. ``export`` with a changed definition (ACL, CHAP) updates it in place.
-    Failures raise ``TransientBackendError`` (retry after its delay) or ``PermanentBackendError``; no method
-    returns an error flag. What is exported must survive a restart of the agent process (the data path
+    ``export``/``unexport`` are idempotent: exporting an exported path with the same definition, or
+    unexporting an absent one, does nothing; ``export`` with a changed definition (ACL, CHAP) updates it in
+    place. Failures raise ``TransientBackendError`` (retry after its delay) or ``PermanentBackendError``; no
+    method returns an error flag. What is exported survives a restart of the agent process (the data path
     does not depend on the agent), so ``exported`` reads the real state, not a memory of earlier calls.
     """
 
@@ -47,7 +70,8 @@ class TargetBackend(abc.ABC):
 
     @abc.abstractmethod
     def exported(self) -> frozenset[PathKey]:
-        """The paths this node serves now (enabled TPGs of our targets)."""
+        """The paths this node serves now. Read-only and quick: it never starts, restarts or replays
+        anything; ``TransientBackendError`` when it cannot tell (the daemon does not answer in time)."""
 
     @abc.abstractmethod
     def export(self, path: PathKey, disk: Disk) -> None:
@@ -58,20 +82,25 @@ class TargetBackend(abc.ABC):
         """Stop serving ``path`` (drop its sessions). Removes the disk's target when no path is left."""
 
     @abc.abstractmethod
-    def cleanup(self, keep: frozenset[PathKey]) -> None:
-        """Remove every leftover of ours that is not in ``keep`` (targets, LUNs, state files)."""
+    def fence(self) -> None:
+        """Stop serving every path at once, in one bounded step (milliseconds), whatever state the target
+        daemon is in: never waits for the daemon to answer, nor for a lock that another method may hold;
+        safe to call from any thread while another call runs, and from another process than the one that
+        exported (the guard). Afterwards nothing is served and nothing is brought back by itself: every
+        export is forgotten until ``export`` is called again. Raises ``BackendError`` only when it could
+        not be sure the data path stopped."""
 
     def close(self) -> None:
-        """Release process resources (connections, child processes the plugin does not need to outlive
-        the agent). Never stops what it exports."""
+        """Release process resources (connections, helper threads). Never stops what it exports."""
 
 
 class NetworkBackend(abc.ABC):
     """Moves floating path IPs onto and off this node.
 
     ``up`` adds the address (on the interface that carries its subnet) and announces it; ``down``
-    removes it. Both are idempotent. A backend only ever removes addresses it added itself.
-    Failures raise ``TransientBackendError`` or ``PermanentBackendError``."""
+    removes it. Both are idempotent. A backend only ever removes addresses it added itself, and ``down``
+    raises rather than return while the path's address is still up here. Failures raise
+    ``TransientBackendError`` or ``PermanentBackendError``."""
 
     config_keys: Mapping[str, str] = {}
 
@@ -86,7 +115,14 @@ class NetworkBackend(abc.ABC):
 
     @abc.abstractmethod
     def active(self) -> frozenset[PathKey]:
-        """Paths whose address this backend has up now."""
+        """Paths whose address this backend has up now (read from the system, not from memory)."""
+
+    def fence(self) -> None:
+        """Take every address this backend added down now, in one bounded pass; like
+        ``TargetBackend.fence`` it must not wait for a lock another call holds. The default takes down
+        each active path in turn."""
+        for p in sorted(self.active()):
+            self.down(p, None)
 
     def close(self) -> None:
         """Release process resources; addresses stay."""
@@ -109,3 +145,32 @@ class Catalog(abc.ABC):
 
     def close(self) -> None:
         """Release connections."""
+
+
+class Watchdog(abc.ABC):
+    """Stops this node's data path when the agent stops proving in time that it may serve: the backstop
+    for an agent process that is frozen, hung or dead while the data path (a target daemon, the kernel)
+    keeps serving without it.
+
+    Deadlines are on ``CLOCK_BOOTTIME`` (``time.clock_gettime(time.CLOCK_BOOTTIME)``), the same in every
+    process of the host and running on through a suspend. The agent calls ``pet(deadline)`` after each
+    confirmation of its session, with the time by which serving must have stopped unless it pets again
+    (the first pet arms it); ``disarm()`` only after an orderly shutdown left nothing served; ``close()``
+    when the process exits otherwise (a planned restart: the watchdog stays armed and the next process
+    pets it). None of these may block for long: a watchdog that cannot be reached raises
+    ``BackendError`` and the agent reports it.
+    """
+
+    config_keys: Mapping[str, str] = {}
+
+    @abc.abstractmethod
+    def pet(self, deadline: float) -> None:
+        """Stop the data path at ``deadline`` at the latest unless ``pet`` is called again before. (A
+        device that takes only a timeout T is pet only while now + T <= deadline, else left to run out.)"""
+
+    @abc.abstractmethod
+    def disarm(self) -> None:
+        """Nothing is served any more: stand down (an armed watchdog would otherwise act)."""
+
+    def close(self) -> None:
+        """Release process resources, staying armed."""

@@ -32,11 +32,13 @@ class ConsulConfig:
     session_name: str = "iSCSITarget"
     checks: tuple[str, ...] = ()
     lock_delay: float = 8.0
-    fence_after: float = 3.5
-    confirm_interval: float = 1.0
+    fence_after: float = 4.0
+    confirm_interval: float = 0.5
     timeout: float = 1.0
     wait: float = 30.0
     election_stall: float = 2.0
+    agent_check_ttl: float = 15.0
+    session_ttl: float = 30.0
 
     @property
     def host(self) -> str:
@@ -82,9 +84,10 @@ class Config:
     state_dir: str = "/var/lib/pathagent"
     target: PluginTable = PluginTable("tgt")
     port: int = 3260
-    stop_time: float = 2.0
+    stop_time: float = 1.0
     network: PluginTable = PluginTable("iproute")
     catalog: PluginTable = PluginTable("rbd")
+    watchdog: PluginTable = PluginTable("guard")
     placement_grace: float = 3.0
     placement_settle: float = 2.0
     metrics_listen: str = ""
@@ -146,6 +149,18 @@ def _address_or_empty(v: Any) -> str | None:
     return None if v == "" else _address(v)
 
 
+def _ttl(lo: float, hi: float) -> Callable[[Any], str | None]:
+    """0 (off) or a number of seconds in ``[lo, hi]``."""
+    inner = _num(lo, hi)
+
+    def check(v: Any) -> str | None:
+        if v == 0 and not isinstance(v, bool):
+            return None
+        err = inner(v)
+        return f"{err} (or 0: off)" if err else None
+    return check
+
+
 def _str_list(v: Any) -> str | None:
     if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v):
         return "must be a list of check names"
@@ -159,19 +174,21 @@ SCHEMA: dict[str, dict[str, Callable[[Any], str | None]]] = {
         "ca_file": _str(), "cert_file": _str(), "key_file": _str(), "prefix": _str(False),
         "session_name": _str(False), "checks": _str_list, "lock_delay": _num(1, 60),
         "fence_after": _num(0.5, 60), "confirm_interval": _num(0.1, 10), "timeout": _num(0.2, 10),
-        "wait": _num(1, 300), "election_stall": _num(0, 60),
+        "wait": _num(1, 300), "election_stall": _num(0, 60), "agent_check_ttl": _ttl(5, 600),
+        "session_ttl": _ttl(10, 3600),
     },
     "ceph": {"conf": _str(False), "client_id": _str(False), "pool": _str(False), "refresh": _num(1, 3600),
              "timeout": _num(1, 300)},
     "state": {"dir": _str(False)},
-    "target": {"backend": _str(False), "port": _int(1, 65535), "stop_time": _num(0.1, 60)},
+    "target": {"backend": _str(False), "port": _int(1, 65535), "stop_time": _num(0.01, 60)},
     "network": {"backend": _str(False)},
     "catalog": {"backend": _str(False)},
+    "watchdog": {"backend": _str(False)},
     "placement": {"grace": _num(0, 600), "settle": _num(0, 60)},
     "metrics": {"listen": _address_or_empty},
     "log": {"level": _choice("DEBUG", "INFO", "WARNING", "ERROR"), "format": _choice("text", "json")},
 }
-PLUGIN_TABLES = ("target", "network", "catalog")
+PLUGIN_TABLES = ("target", "network", "catalog", "watchdog")
 
 
 def _plugin_keys(kind: str, name: str) -> Mapping[str, str] | None:
@@ -235,9 +252,10 @@ def parse(data: Mapping[str, Any], source: str = "") -> Config:
         state_dir=values["state"].get("dir", Config.state_dir),
         target=PluginTable(targets.get("backend", "tgt"), sub["target"]),
         port=targets.get("port", 3260),
-        stop_time=targets.get("stop_time", 2.0),
+        stop_time=targets.get("stop_time", Config.stop_time),
         network=PluginTable(values["network"].get("backend", "iproute"), sub["network"]),
         catalog=PluginTable(values["catalog"].get("backend", "rbd"), sub["catalog"]),
+        watchdog=PluginTable(values["watchdog"].get("backend", "guard"), sub["watchdog"]),
         placement_grace=values["placement"].get("grace", 3.0),
         placement_settle=values["placement"].get("settle", 2.0),
         metrics_listen=values["metrics"].get("listen", ""),
@@ -266,29 +284,50 @@ def parse(data: Mapping[str, Any], source: str = "") -> Config:
 
 
 def fencing_problems(cfg: Config) -> list[tuple[str, str]]:
-    """The self-fencing inequality (docs/fencing.md):
+    """The bounds of docs/fencing.md that the configuration alone decides:
 
-    - ``fence_after + timeout + stop_time < lock_delay``: a cut-off node has stopped serving before any
-      other node can lock its paths (failure detection is not counted: with broken gossip but working
-      RPC the session can be invalidated right after our last successful confirmation);
-    - ``fence_after > election_stall + timeout``: a Consul leader election does not fence healthy nodes;
-    - ``fence_after > confirm_interval + timeout``: a confirmation can succeed within the window.
+    (1) ``fence_after + target.stop_time < lock_delay``: a node that lost contact has stopped serving
+        (its fencer, or the watchdog, acts at ``fence_after`` after the send time of its last good
+        confirmation and needs at most ``stop_time``) before any other node can lock its paths (the
+        earliest takeover is that send time plus the lock-delay; failure detection is not counted: with
+        gossip broken but RPC working, the session can be invalidated right after that confirmation).
+        No HTTP call is on that path, so no HTTP timeout enters it.
+    (2) ``fence_after > election_stall + confirm_interval + timeout``: the first confirmation sent after
+        a Consul leader election (one more interval, one more timeout) arrives before the deadline, so an
+        election never fences healthy nodes.
+    (3) a liveness check or session TTL hands a dead or frozen agent's paths to others; that is safe only
+        with a watchdog that stops its data path first, so ``agent_check_ttl``/``session_ttl`` need
+        ``[watchdog] backend`` other than ``none``.
+    (4) ``[watchdog.device] timeout`` T: the device is pet after each confirmation only while now + T is
+        before the deadline, so T < fence_after - confirm_interval - timeout (else it resets the node).
     """
     c = cfg.consul
     out: list[tuple[str, str]] = []
-    worst = c.fence_after + c.timeout + cfg.stop_time
-    safe = c.lock_delay
-    if not worst < safe:
+    worst = c.fence_after + cfg.stop_time
+    if not worst < c.lock_delay:
         out.append(("consul.fence_after",
-                    f"fence_after + timeout + target.stop_time = {worst:g}s must be below "
-                    f"lock_delay = {safe:g}s, or another node could take the paths while "
-                    f"this one still serves them"))
-    if not c.fence_after > c.election_stall + c.timeout:
-        out.append(("consul.fence_after", f"must exceed election_stall + timeout = "
-                                          f"{c.election_stall + c.timeout:g}s, or a Consul leader election "
-                                          f"fences healthy nodes"))
-    if not c.fence_after > c.confirm_interval + c.timeout:
-        out.append(("consul.confirm_interval", "confirm_interval + timeout must be below fence_after"))
+                    f"fence_after + target.stop_time = {worst:g}s must be below lock_delay = {c.lock_delay:g}s, "
+                    "or another node could take the paths while this one still serves them"))
+    need = c.election_stall + c.confirm_interval + c.timeout
+    if not c.fence_after > need:
+        out.append(("consul.fence_after",
+                    f"must exceed election_stall + confirm_interval + timeout = {need:g}s, or a Consul leader "
+                    "election fences healthy nodes"))
+    if cfg.watchdog.backend == "none":
+        for key in ("agent_check_ttl", "session_ttl"):
+            if getattr(c, key) > 0:
+                out.append((f"consul.{key}",
+                            f"needs a watchdog ([watchdog] backend is none): without one, a frozen agent's "
+                            "paths would be taken over while its data path still serves them; set it to 0 "
+                            "or choose a watchdog"))
+    dev = cfg.watchdog.options.get("device", {})
+    t = dev.get("timeout", 2) if isinstance(dev, Mapping) else None     # 2: the device plugin's default
+    if cfg.watchdog.backend == "device" and isinstance(t, (int, float)) and not isinstance(t, bool):
+        room = c.fence_after - c.confirm_interval - c.timeout
+        if not t < room:
+            out.append(("watchdog.device.timeout",
+                        f"{t:g}s must be below fence_after - confirm_interval - timeout = {room:g}s, or the "
+                        "device cannot be pet in time and resets the node"))
     return out
 
 

@@ -1,19 +1,30 @@
-"""Typed stevedore loading of plugins by kind and name."""
+"""Typed stevedore loading of plugins by kind and name, and the context each one is built with."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from stevedore import driver, extension
 from stevedore.exception import NoMatches
 
-from agent.backend import Catalog, NetworkBackend, PluginContext, TargetBackend
+from agent.backend import Catalog, NetworkBackend, PluginContext, TargetBackend, Watchdog
+from agent.config import Config
 from agent.errors import ConfigError
 
 NAMESPACES: dict[str, tuple[str, type]] = {
     "target": ("pathagent.targets", TargetBackend),
     "network": ("pathagent.network", NetworkBackend),
     "catalog": ("pathagent.catalogs", Catalog),
+    "watchdog": ("pathagent.watchdog", Watchdog),
 }
+
+
+def context(cfg: Config, kind: str, node: str = "", wake: Callable[[], None] | None = None,
+            ceph_probe: Callable[[str, str], None] | None = None) -> PluginContext:
+    """The ``PluginContext`` for the configured plugin of ``kind``."""
+    table = getattr(cfg, kind)
+    extra: dict[str, Any] = {"wake": wake} if wake is not None else {}
+    return PluginContext(node=node, state_dir=cfg.state_dir, options=table.own(), ceph=cfg.ceph, port=cfg.port,
+                         config_file=cfg.source, ceph_probe=ceph_probe, **extra)
 
 def available(kind: str) -> list[str]:
     """Names registered for a plugin kind (``target``, ``network``, ``catalog``)."""
@@ -38,26 +49,33 @@ def plugin_class(kind: str, name: str) -> type:
     return cls
 
 
-def _load(kind: str, name: str, context: PluginContext) -> Any:
-    return plugin_class(kind, name)(context)
+def _load(kind: str, name: str, ctx: PluginContext) -> Any:
+    return plugin_class(kind, name)(ctx)
 
 
-def load_target(name: str, context: PluginContext) -> TargetBackend:
+def load_target(name: str, ctx: PluginContext) -> TargetBackend:
     """Instantiate target backend ``name`` (namespace ``pathagent.targets``)."""
-    obj = _load("target", name, context)
+    obj = _load("target", name, ctx)
     assert isinstance(obj, TargetBackend)
     return obj
 
 
-def load_network(name: str, context: PluginContext) -> NetworkBackend:
+def load_network(name: str, ctx: PluginContext) -> NetworkBackend:
     """Instantiate network backend ``name`` (namespace ``pathagent.network``)."""
-    obj = _load("network", name, context)
+    obj = _load("network", name, ctx)
     assert isinstance(obj, NetworkBackend)
     return obj
 
 
-def load_catalog(name: str, context: PluginContext) -> Catalog:
+def load_watchdog(name: str, ctx: PluginContext) -> Watchdog:
+    """Instantiate watchdog ``name`` (namespace ``pathagent.watchdog``)."""
+    obj = _load("watchdog", name, ctx)
+    assert isinstance(obj, Watchdog)
+    return obj
+
+
+def load_catalog(name: str, ctx: PluginContext) -> Catalog:
     """Instantiate catalog ``name`` (namespace ``pathagent.catalogs``)."""
-    obj = _load("catalog", name, context)
+    obj = _load("catalog", name, ctx)
     assert isinstance(obj, Catalog)
     return obj

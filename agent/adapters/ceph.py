@@ -22,6 +22,7 @@ when connecting failed or the client was shut out (``ESHUTDOWN``, e.g. blocklist
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import queue
@@ -275,6 +276,27 @@ class CephClient:
     def remove_image(self, pool: str, image: str) -> None:
         """Remove the image and its data. ``ImageBusy`` while a gateway has it open, ``ImageNotFound``."""
         self._call("remove image", pool, image, lambda: rbd.RBD().remove(self._pool(pool), image))
+
+    def probe(self, pool: str, image: str) -> None:
+        """Prove that the cluster answers (a monitor command) and that ``pool/image`` exists (a stat of its
+        id or header object), within ``timeout``: what the tgt backend checks before ``bs_rbd`` would block
+        tgtd's event loop on an unreachable cluster. ``CephUnavailable``, ``PoolNotFound``,
+        ``ImageNotFound``."""
+        def op() -> None:
+            with self._lock:
+                r = self._connect()
+            ret, _, outs = r.mon_command(json.dumps({"prefix": "mon stat"}), b"", timeout=max(1, math.ceil(self.timeout)))
+            if ret != 0:
+                raise CephUnavailable(f"ceph: the monitors answered {ret}: {outs}")
+            io = self._pool(pool)
+            for obj in (f"rbd_id.{image}", f"{image}.rbd"):
+                try:
+                    io.stat(obj)
+                    return
+                except rados.ObjectNotFound:
+                    continue
+            raise ImageNotFound(f"ceph: image {pool}/{image} does not exist")
+        self._call("probe", pool, image, op)
 
     # --- image metadata ---------------------------------------------------------------------------------
     def get_meta(self, pool: str, image: str, key: str) -> str | None:

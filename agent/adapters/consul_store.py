@@ -1,6 +1,6 @@
 """The one module that talks to Consul (py-consul plus our own ``/v1/txn`` call).
 
-Every py-consul / requests exception is translated here into ``CoordinationError`` (or ``SessionLost``);
+Every py-consul / requests exception is translated here (one ``_translated`` block) into ``CoordinationError``;
 nothing above this module catches a ``consul`` or ``requests`` exception. Every call has an HTTP timeout
 (``[consul] timeout``; a blocking read adds its wait). A lost race (409 on a transaction) is an outcome,
 returned as ``TxnResult(ok=False, errors=...)``, not an exception.
@@ -12,53 +12,25 @@ ourselves); ``CONSUL_HTTP_TOKEN`` would override an explicit token (we set the t
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import consul
 import requests
 
-from agent.core import keys
 from agent.config import ConsulConfig
-from agent.errors import CoordinationError, SessionLost
+from agent.core import keys
 from agent.core.model import PathKey
+from agent.core.store import MAX_TXN_OPS, SessionInfo, TxnResult, next_index  # noqa: F401 - re-exported
+from agent.core.tree import KVEntry
+from agent.errors import CoordinationError
 
-MAX_TXN_OPS = 64  # Consul 1.8.7's limit
-
-
-@dataclass(frozen=True)
-class KVEntry:
-    key: str
-    value: bytes | None
-    modify_index: int
-    create_index: int
-    lock_index: int
-    session: str | None
-
-
-@dataclass(frozen=True)
-class SessionInfo:
-    id: str
-    name: str
-    node: str
-    checks: tuple[str, ...] = ()
-    lock_delay: float = 0.0
-    create_index: int = 0
-
-
-@dataclass(frozen=True)
-class TxnResult:
-    """Outcome of a transaction: ``ok`` and the entries returned, or the per-op errors of a rollback."""
-
-    ok: bool
-    results: tuple[KVEntry, ...] = ()
-    errors: tuple[tuple[int, str], ...] = ()
-
-    def reason(self) -> str:
-        return "; ".join(f"op {i}: {w}" for i, w in self.errors)
-
+#: paths per transaction: acquire = check-index + lock (2 ops), transfer = check + unlock + lock (3 ops)
+ACQUIRE_BATCH = MAX_TXN_OPS // 2
+TRANSFER_BATCH = MAX_TXN_OPS // 3
 
 @dataclass
 class TxnOps:
@@ -118,7 +90,8 @@ def _entry(d: Mapping[str, Any], b64: bool = False) -> KVEntry:
 
 
 class ConsulStore:
-    """A connection to the local Consul agent, with the operations the agent and the CLI need."""
+    """A connection to the local Consul agent, with the operations the agent and the CLI need (it
+    implements ``agent.core.store.CoordinationStore``)."""
 
     def __init__(self, cfg: ConsulConfig) -> None:
         self.cfg = cfg
@@ -141,109 +114,127 @@ class ConsulStore:
         self._cert = cert
 
     # --- errors ----------------------------------------------------------------------------------------
-    def _wrap(self, what: str, e: Exception) -> CoordinationError:
-        if isinstance(e, requests.Timeout):
-            return CoordinationError(f"consul {what}: timed out after {self.cfg.timeout:g}s ({self.cfg.address})")
-        if isinstance(e, requests.ConnectionError):
-            return CoordinationError(f"consul {what}: cannot connect to {self.cfg.address}")
-        if isinstance(e, consul.ACLPermissionDenied):
-            return CoordinationError(f"consul {what}: permission denied (check the ACL token's policy)")
-        msg = str(e).replace("\n", " ")[:300]
-        return CoordinationError(f"consul {what}: {type(e).__name__}: {msg}")
+    @contextlib.contextmanager
+    def _translated(self, what: str) -> Iterator[None]:
+        """Every py-consul / requests failure inside becomes one ``CoordinationError`` naming ``what``."""
+        try:
+            yield
+        except CoordinationError:
+            raise
+        except requests.Timeout:
+            raise CoordinationError(f"consul {what}: timed out after {self.cfg.timeout:g}s "
+                                    f"({self.cfg.address})") from None
+        except requests.ConnectionError:
+            raise CoordinationError(f"consul {what}: cannot connect to {self.cfg.address}") from None
+        except consul.ACLPermissionDenied:
+            raise CoordinationError(f"consul {what}: permission denied (check the ACL token's policy)") from None
+        except (consul.ConsulException, requests.RequestException, KeyError, TypeError, ValueError) as e:
+            msg = str(e).replace("\n", " ")[:300]
+            raise CoordinationError(f"consul {what}: {type(e).__name__}: {msg}") from None
 
     # --- agent, status ---------------------------------------------------------------------------------
     def agent_node_name(self) -> str:
-        try:
+        with self._translated("agent/self"):
             return str(self._c.agent.self()["Config"]["NodeName"])
-        except (consul.ConsulException, requests.RequestException, KeyError, ValueError) as e:
-            raise self._wrap("agent/self", e) from None
 
     def leader(self) -> str:
-        try:
+        with self._translated("status/leader"):
             return str(self._c.status.leader())
-        except (consul.ConsulException, requests.RequestException, ValueError) as e:
-            raise self._wrap("status/leader", e) from None
+
+    def register_check(self, check_id: str, name: str, ttl: float) -> None:
+        """A TTL check on the local agent, registered passing (a session listing a critical check cannot be
+        created). Registering it again keeps the agent's copy in step with the config."""
+        self._request("PUT", "/v1/agent/check/register",
+                      {"ID": check_id, "Name": name, "TTL": f"{ttl:g}s", "Status": "passing",
+                       "Notes": "passed by pathagent while its loop is healthy and not fenced"},
+                      "agent/check/register")
+
+    def pass_check(self, check_id: str, note: str = "") -> None:
+        self._request("PUT", f"/v1/agent/check/pass/{check_id}", None, "agent/check/pass",
+                      params={"note": note} if note else None)
 
     # --- sessions ----------------------------------------------------------------------------------------
     @staticmethod
     def _session(d: Mapping[str, Any]) -> SessionInfo:
         delay = d.get("LockDelay", 0)
+        ttl = str(d.get("TTL") or "0s")
         return SessionInfo(id=str(d["ID"]), name=str(d.get("Name", "")), node=str(d.get("Node", "")),
-                           checks=tuple(d.get("Checks") or ()),
+                           checks=tuple(d.get("Checks") or d.get("NodeChecks") or ()),
                            lock_delay=float(delay) / 1e9 if isinstance(delay, (int, float)) else 0.0,
+                           ttl=_seconds(ttl), behavior=str(d.get("Behavior") or "release"),
                            create_index=int(d.get("CreateIndex", 0)))
 
     def node_sessions(self, node: str) -> list[SessionInfo]:
-        try:
+        with self._translated("session/node"):
             _, data = self._c.session.node(node, consistency="consistent")
-        except (consul.ConsulException, requests.RequestException, ValueError) as e:
-            raise self._wrap("session/node", e) from None
-        return [self._session(d) for d in data or ()]
+            return [self._session(d) for d in data or ()]
 
     def sessions(self) -> list[SessionInfo]:
-        try:
+        with self._translated("session/list"):
             _, data = self._c.session.list()
-        except (consul.ConsulException, requests.RequestException, ValueError) as e:
-            raise self._wrap("session/list", e) from None
-        return [self._session(d) for d in data or ()]
+            return [self._session(d) for d in data or ()]
 
-    def create_session(self, node: str, name: str, checks: Sequence[str], lock_delay: float) -> str:
-        """A session bound to ``node`` with ``serfHealth`` plus ``checks``, behavior release."""
-        body = {"Name": name, "Node": node, "Checks": ["serfHealth", *checks], "Behavior": "release",
-                "LockDelay": f"{lock_delay:g}s"}
+    def create_session(self, node: str, name: str, checks: Sequence[str], lock_delay: float,
+                       ttl: float = 0.0, behavior: str = "release") -> str:
+        """A session bound to ``node`` with exactly ``checks`` (the agent passes ``serfHealth`` and its own
+        TTL check; the CLI none), ``behavior`` release or delete, a ``ttl`` when > 0."""
+        body: dict[str, Any] = {"Name": name, "Node": node, "Checks": list(checks), "Behavior": behavior,
+                                "LockDelay": f"{lock_delay:g}s"}
+        if ttl > 0:
+            body["TTL"] = f"{ttl:g}s"
         data = self._request("PUT", "/v1/session/create", body, "session/create")
         return str(data["ID"])
 
     def session_info(self, sid: str) -> SessionInfo | None:
         """A consistent read of session ``sid``: proof the servers can be reached and it still exists."""
-        try:
+        with self._translated("session/info"):
             _, data = self._c.session.info(sid, consistency="consistent")
-        except (consul.ConsulException, requests.RequestException, ValueError) as e:
-            raise self._wrap("session/info", e) from None
-        return self._session(data) if data else None
+            return self._session(data) if data else None
+
+    def renew_session(self, sid: str) -> bool:
+        try:
+            self._request("PUT", f"/v1/session/renew/{sid}", None, "session/renew")
+        except _NotFound:
+            return False
+        return True
 
     def destroy_session(self, sid: str) -> None:
-        try:
+        with self._translated("session/destroy"):
             self._c.session.destroy(sid)
-        except (consul.ConsulException, requests.RequestException, ValueError) as e:
-            raise self._wrap("session/destroy", e) from None
 
     # --- KV --------------------------------------------------------------------------------------------
     def read_tree(self, index: int = 0, wait: float | None = None) -> tuple[int, list[KVEntry]]:
         """Everything under ``{prefix}/``. With ``index`` > 0 this is a blocking query that returns when
-        something changes or after ``wait`` seconds. Returns the new index (reset to 0 by the caller's
-        rule when it goes backwards: see ``next_index``)."""
-        try:
+        something changes or after ``wait`` seconds. Returns Consul's new index (the caller applies
+        ``next_index``)."""
+        with self._translated("kv read"):
             idx, data = self._c.kv.get(self.prefix + "/", recurse=True, index=index or None,
                                        wait=f"{wait:g}s" if (wait and index) else None)
-        except (consul.ConsulException, requests.RequestException, ValueError) as e:
-            raise self._wrap("kv read", e) from None
-        return int(idx or 0), [_entry(d) for d in data or ()]
+            return int(idx or 0), [_entry(d) for d in data or ()]
 
     def get(self, key: str) -> KVEntry | None:
-        try:
+        with self._translated("kv get"):
             _, d = self._c.kv.get(key, consistency="consistent")
-        except (consul.ConsulException, requests.RequestException, ValueError) as e:
-            raise self._wrap("kv get", e) from None
-        return None if d is None else _entry(d)
+            return None if d is None else _entry(d)
 
     def put(self, key: str, value: bytes) -> None:
-        try:
+        with self._translated("kv put"):
             self._c.kv.put(key, value)
-        except (consul.ConsulException, requests.RequestException, ValueError) as e:
-            raise self._wrap("kv put", e) from None
 
-    # --- transactions --------------------------------------------------------------------------------
-    def _request(self, method: str, path: str, body: Any, what: str) -> Any:
-        try:
-            r = self._http.request(method, self._base + path, data=json.dumps(body), timeout=self.cfg.timeout,
-                                   verify=self._verify, cert=self._cert)
-        except requests.RequestException as e:
-            raise self._wrap(what, e) from None
+    # --- raw HTTP, transactions ------------------------------------------------------------------------
+    def _request(self, method: str, path: str, body: Any, what: str,
+                 params: Mapping[str, str] | None = None) -> Any:
+        with self._translated(what):
+            r = self._http.request(method, self._base + path, data=None if body is None else json.dumps(body),
+                                   params=params, timeout=self.cfg.timeout, verify=self._verify, cert=self._cert)
         if r.status_code == 403:
             raise CoordinationError(f"consul {what}: permission denied (check the ACL token's policy)")
+        if r.status_code == 404:
+            raise _NotFound(f"consul {what}: not found")
         if r.status_code >= 300:
             raise CoordinationError(f"consul {what}: HTTP {r.status_code}: {r.text.strip()[:300]}")
+        if not r.content:
+            return None
         try:
             return r.json()
         except ValueError:
@@ -254,11 +245,9 @@ class ConsulStore:
         fails raises ``CoordinationError``."""
         if len(ops.ops) > MAX_TXN_OPS:
             raise ValueError(f"a transaction takes at most {MAX_TXN_OPS} operations, got {len(ops.ops)}")
-        try:
+        with self._translated("txn"):
             r = self._http.put(self._base + "/v1/txn", data=json.dumps(ops.ops), timeout=self.cfg.timeout,
                                verify=self._verify, cert=self._cert)
-        except requests.RequestException as e:
-            raise self._wrap("txn", e) from None
         if r.status_code in (200, 409):
             try:
                 body = r.json()
@@ -274,26 +263,34 @@ class ConsulStore:
         raise CoordinationError(f"consul txn: HTTP {r.status_code}: {r.text.strip()[:300]}")
 
     # --- path locks ----------------------------------------------------------------------------------
-    def acquire(self, path: PathKey, modify_index: int, session: str, value: bytes) -> TxnResult:
-        """Lock the path key with ``session`` only if its ModifyIndex is still ``modify_index``: a key
-        deleted (or deleted and recreated) since it was observed is refused, never resurrected."""
-        k = keys.path_key(self.prefix, path)
-        return self.txn(TxnOps().check_index(k, modify_index).lock(k, value, session))
-
     def acquire_many(self, items: Sequence[tuple[PathKey, int]], session: str, value: bytes) -> TxnResult:
-        """``acquire`` for up to 32 paths in one transaction: all are locked, or none (a single stale
-        index rolls the whole batch back; the caller then acquires one by one)."""
+        """Lock each path key with ``session`` only if its ModifyIndex is still the one observed, all or
+        none (at most ``ACQUIRE_BATCH``): a key deleted, or deleted and recreated, since it was observed is
+        refused, never resurrected."""
         ops = TxnOps()
         for path, index in items:
             k = keys.path_key(self.prefix, path)
             ops.check_index(k, index).lock(k, value, session)
         return self.txn(ops)
 
+    def acquire(self, path: PathKey, modify_index: int, session: str, value: bytes) -> TxnResult:
+        """``acquire_many`` of one path."""
+        return self.acquire_many([(path, modify_index)], session, value)
+
     def release(self, path: PathKey, session: str, value: bytes = b"") -> TxnResult:
         """Unlock the path key if ``session`` holds it. Refused (ok=False) when the key is gone or held
         by another session: nothing to release then."""
         k = keys.path_key(self.prefix, path)
         return self.txn(TxnOps().check_session(k, session).unlock(k, value, session))
+
+    def transfer(self, paths: Sequence[PathKey], old: str, new: str, value: bytes) -> TxnResult:
+        """Move the locks on ``paths`` (at most ``TRANSFER_BATCH``) from session ``old`` to ``new``: an
+        explicit unlock carries no lock-delay, so the new session locks at once, in the same transaction."""
+        ops = TxnOps()
+        for path in paths:
+            k = keys.path_key(self.prefix, path)
+            ops.check_session(k, old).unlock(k, value, old).lock(k, value, new)
+        return self.txn(ops)
 
     def lock_node_record(self, node: str, session: str, value: bytes) -> TxnResult:
         k = keys.node_key(self.prefix, node)
@@ -314,8 +311,25 @@ class ConsulStore:
             pass
 
 
-def next_index(sent: int, got: int) -> int:
-    """Consul's rule for the next blocking index: reset to 0 when it went backwards or is not positive."""
-    if got <= 0 or got < sent:
-        return 0
-    return got
+class _NotFound(CoordinationError):
+    """HTTP 404 from a raw call (a session that is gone, for renew)."""
+
+
+def _seconds(text: str) -> float:
+    """Consul's Go duration strings as seconds (``"30s"``, ``"1m30s"``, ``"500ms"``); 0 when unreadable."""
+    total, num = 0.0, ""
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001, "us": 1e-6, "ns": 1e-9}
+    i = 0
+    while i < len(text):
+        c = text[i]
+        if c.isdigit() or c == ".":
+            num += c
+            i += 1
+            continue
+        unit = text[i:i + 2] if text[i:i + 2] in units else c
+        if unit not in units or not num:
+            return 0.0
+        total += float(num) * units[unit]
+        num = ""
+        i += len(unit)
+    return total

@@ -1,7 +1,7 @@
 """``rbd`` catalog: disk definitions from RBD image metadata (key ``pathagent.disk``, see ``agent.core.schema``).
 
 Registered as ``rbd`` in ``pathagent.catalogs``; its settings are the ``[ceph]`` table (``conf``,
-``client_id``, ``refresh``, ``timeout``), handed over in ``PluginContext.ceph``; it has no table of its own.
+``client_id``, ``refresh``, ``timeout``), handed over in ``PluginContext.ceph`` (a ``CephConfig``); it has no table of its own.
 
 Caching. One entry per disk, keyed by ``(version, pool, image)`` where ``version`` is the disk key's
 ModifyIndex (the CLI rewrites the disk key on every edit, so an edit through the CLI is a cache miss at
@@ -56,9 +56,8 @@ class RbdCatalog(Catalog):
     def __init__(self, context: PluginContext, client: CephClient | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         ceph = context.ceph
-        self.refresh = float(ceph.get("refresh", 30.0))
-        self.client = client or CephClient(str(ceph.get("conf", "/etc/ceph/ceph.conf")),
-                                           str(ceph.get("client_id", "admin")), float(ceph.get("timeout", 10.0)))
+        self.refresh = ceph.refresh
+        self.client = client or CephClient(ceph.conf, ceph.client_id, ceph.timeout)
         self._clock = clock
         self._cache: dict[str, _Entry] = {}
         self._down_until = 0.0

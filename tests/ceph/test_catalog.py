@@ -13,6 +13,7 @@ import pytest
 import rbd
 
 from agent import plugins
+from agent.config import CephConfig
 from agent.core import schema
 from agent.backend import PluginContext
 from agent.adapters.ceph import (KRBD_FEATURES, CephClient, CephError, CephUnavailable, ImageExists, ImageNotFound,
@@ -59,7 +60,7 @@ class Images:
 
 def catalog_for(ceph: MicroCeph, refresh: float = 30.0, timeout: float = TIMEOUT) -> RbdCatalog:
     ctx = PluginContext(node="n1", state_dir="/nonexistent",
-                        ceph={"conf": ceph.conf_path, "client_id": "admin", "refresh": refresh, "timeout": timeout})
+                        ceph=CephConfig(conf=ceph.conf_path, client_id="admin", refresh=refresh, timeout=timeout))
     cat = plugins.load_catalog("rbd", ctx)   # through the entry point, as the agent loads it
     assert isinstance(cat, RbdCatalog)
     return cat
@@ -262,7 +263,7 @@ def test_a_missing_pool_while_monitors_are_down_is_bounded(own_ceph: MicroCeph) 
 def test_unreachable_monitors_at_connect(tmp_path: Any, micro_ceph: MicroCeph) -> None:
     conf = tmp_path / "ceph.conf"  # monitors on a port where nothing listens
     conf.write_text("[global]\nmon host = [v2:127.0.0.1:9,v1:127.0.0.1:10]\nauth client required = none\n")
-    ctx = PluginContext(node="n1", state_dir=str(tmp_path), ceph={"conf": str(conf), "refresh": 5, "timeout": 1.0})
+    ctx = PluginContext(node="n1", state_dir=str(tmp_path), ceph=CephConfig(conf=str(conf), refresh=5, timeout=1.0))
     cat = RbdCatalog(ctx)
     try:
         t = time.monotonic()

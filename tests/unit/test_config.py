@@ -21,8 +21,9 @@ def problems(data: dict) -> list[tuple[str, str]]:
 
 def test_defaults_satisfy_the_fencing_inequality() -> None:
     c = config.parse(FAKE)
-    assert c.consul.fence_after + c.consul.timeout + c.stop_time < c.consul.lock_delay
-    assert c.consul.fence_after > c.consul.election_stall + c.consul.timeout
+    assert c.consul.fence_after + c.stop_time < c.consul.lock_delay
+    assert c.consul.fence_after > c.consul.election_stall + c.consul.confirm_interval + c.consul.timeout
+    assert c.watchdog.backend == "guard" and c.consul.agent_check_ttl > 0 and c.consul.session_ttl > 0
     assert (c.consul.prefix, c.consul.session_name, c.port) == ("pathagent", "iSCSITarget", 3260)
 
 
@@ -36,8 +37,23 @@ def test_every_problem_is_listed_with_its_key() -> None:
 def test_fencing_inequality_refused() -> None:
     found = dict(problems({**FAKE, "consul": {"fence_after": 9, "lock_delay": 5}}))
     assert "consul.fence_after" in found and "lock_delay" in found["consul.fence_after"]
-    found = dict(problems({**FAKE, "consul": {"fence_after": 2.5}}))
-    assert "election" in found["consul.fence_after"]
+    found = dict(problems({**FAKE, "consul": {"fence_after": 3.4}}))
+    assert "election" in found["consul.fence_after"], "election 2 + interval 0.5 + timeout 1 = 3.5"
+    found = dict(problems({**FAKE, "consul": {"fence_after": 7.5}}))
+    assert "stop_time" in found["consul.fence_after"], "7.5 + stop_time 1 is not below lock_delay 8"
+
+
+@pytest.mark.parametrize("key", ["agent_check_ttl", "session_ttl"])
+def test_liveness_that_hands_paths_over_needs_a_watchdog(key: str) -> None:
+    found = dict(problems({**FAKE, "watchdog": {"backend": "none"}}))
+    assert f"consul.{key}" in found and "watchdog" in found[f"consul.{key}"]
+    config.parse({**FAKE, "watchdog": {"backend": "none"}, "consul": {"agent_check_ttl": 0, "session_ttl": 0}})
+
+
+def test_device_watchdog_timeout_must_fit_before_the_deadline() -> None:
+    found = dict(problems({**FAKE, "watchdog": {"backend": "device", "device": {"timeout": 3}}}))
+    assert "watchdog.device.timeout" in found, "3 is not below fence_after 4 - interval 0.5 - timeout 1"
+    config.parse({**FAKE, "watchdog": {"backend": "device", "device": {"timeout": 2}}})
 
 
 def test_unknown_plugin_and_plugin_keys() -> None:
