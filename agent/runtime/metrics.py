@@ -1,6 +1,6 @@
 """Prometheus text metrics on ``[metrics] listen`` (``GET /metrics``); off when it is empty.
 
-Read-only: it renders numbers the loop already keeps and never calls Consul, Ceph or a plugin.
+Read-only: it renders the last cycle's frozen report and never calls Consul, Ceph or a plugin.
 """
 from __future__ import annotations
 
@@ -15,15 +15,19 @@ HELP = {
     "pathagent_up": "1 while the agent runs",
     "pathagent_session_valid": "1 while the agent holds a Consul session",
     "pathagent_fenced": "1 while the agent is fenced (no session confirmation for fence_after)",
-    "pathagent_lease_age_seconds": "seconds since the send time of the last successful session confirmation",
+    "pathagent_lease_left_seconds": "seconds until the fencing deadline (negative: passed; -1: no session)",
     "pathagent_paths_held": "path locks held by this node's session",
     "pathagent_paths_exported": "paths the target backend exports on this node",
+    "pathagent_addresses_up": "floating path IPs the network backend has up on this node",
     "pathagent_paths_total": "path keys of started disks",
     "pathagent_paths_free": "path keys nobody holds",
     "pathagent_nodes_live": "agents with a locked node record",
     "pathagent_disks_started": "started disks",
     "pathagent_disks_invalid": "started disks whose definition cannot be read or is invalid",
     "pathagent_paths_backing_off": "paths this node backs off from after failures",
+    "pathagent_target_state_known": "0 while the target backend cannot say what it serves",
+    "pathagent_fence_events_total": "times this agent fenced itself (addresses down, data path stopped)",
+    "pathagent_takeovers_total": "paths this agent acquired",
     "pathagent_cycles_total": "loop cycles since start",
 }
 

@@ -1,0 +1,249 @@
+"""The applier: carries out a ``Plan`` action by action, contains every failure to its path, and reports
+what took effect (``Effects``) for the next snapshot. ``PathBackoff`` keeps the per-path failure record.
+
+Rules on top of the plan's order (agent.core.planner):
+
+- before an acquire or an export the lease is checked again (the plan may be old by then), and an
+  address is brought up only through ``Fencer.bring_up`` (lease checked under the fence's lock): after
+  the deadline, or once our session changed, the rest of the plan is dropped and the loop plans again;
+- a path whose address could not be taken down, or whose unexport failed, is not released in that run
+  (``Release`` means nothing of it is served here any more);
+- acquires run in batches of 32 per transaction; a batch that is rolled back (a path changed meanwhile)
+  is retried one path at a time; a refusal because of a lock-delay asks for another look in a second;
+- applying stops after ``budget`` seconds so that a long plan never runs on a stale snapshot: the loop
+  plans again at once.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable
+
+from agent.backend import NetworkBackend, TargetBackend
+from agent.core.model import (Acquire, Action, AddressDown, AddressUp, Disk, Export, LockNodeRecord, PathKey,
+                              Plan, Release, Unexport)
+from agent.core.store import CoordinationStore
+from agent.core.tree import lock_value, node_value
+from agent.errors import CoordinationError, TransientBackendError
+from agent.runtime.clock import Clock
+from agent.runtime.fencer import Fenced, Fencer
+
+log = logging.getLogger(__name__)
+
+ACQUIRE_BATCH = 32
+SURRENDER_AFTER = 3          # consecutive failures of one path before this node gives it up
+SURRENDER_BLOCK = 30.0       # then it does not take that path back for this long
+UNSERVICEABLE_AFTER = 30.0   # a held path this node has no definition for is given up after this long
+MAX_BACKOFF = 30.0
+
+
+@dataclass
+class PathBackoff:
+    """Failures per path: a path backs off (exponentially, or for a transient error's own delay) and after
+    ``SURRENDER_AFTER`` failures in a row it is surrendered (released for another node to try), then not
+    taken back for ``SURRENDER_BLOCK`` seconds."""
+
+    failures: dict[PathKey, int] = field(default_factory=dict)
+    until: dict[PathKey, float] = field(default_factory=dict)
+    unserviceable: dict[PathKey, float] = field(default_factory=dict)
+
+    def fail(self, path: PathKey, now: float, error: Exception) -> float:
+        n = self.failures.get(path, 0) + 1
+        self.failures[path] = n
+        delay = error.retry_after if isinstance(error, TransientBackendError) else 2.0 ** n
+        self.until[path] = now + min(delay, MAX_BACKOFF)
+        return self.until[path] - now
+
+    def ok(self, path: PathKey) -> None:
+        self.failures.pop(path, None)
+        self.until.pop(path, None)
+
+    def surrendering(self, now: float) -> frozenset[PathKey]:
+        return frozenset({p for p, n in self.failures.items() if n >= SURRENDER_AFTER}
+                         | {p for p, t in self.unserviceable.items() if now - t >= UNSERVICEABLE_AFTER})
+
+    def surrendered(self, path: PathKey, now: float) -> None:
+        self.failures.pop(path, None)
+        self.unserviceable.pop(path, None)
+        self.until[path] = now + SURRENDER_BLOCK
+
+    def note_unserviceable(self, held_without_definition: frozenset[PathKey], now: float) -> None:
+        for p in held_without_definition:
+            self.unserviceable.setdefault(p, now)
+        for p in [p for p in self.unserviceable if p not in held_without_definition]:
+            del self.unserviceable[p]
+
+    def prune(self, known: frozenset[PathKey], now: float) -> None:
+        """Forget paths that no longer exist and backoffs long over."""
+        for p in [p for p, t in self.until.items() if p not in known or (t <= now and p not in self.failures)]:
+            del self.until[p]
+        for p in [p for p in self.failures if p not in known]:
+            del self.failures[p]
+
+
+@dataclass
+class Effects:
+    """What a run of the applier changed."""
+
+    acquired: dict[PathKey, int] = field(default_factory=dict)     # path -> ModifyIndex after our lock
+    released: dict[PathKey, int] = field(default_factory=dict)
+    exported: dict[PathKey, Disk] = field(default_factory=dict)
+    unexported: set[PathKey] = field(default_factory=set)
+    up: set[PathKey] = field(default_factory=set)
+    down: set[PathKey] = field(default_factory=set)
+    node_record: bool = False
+    failed: int = 0
+    retry_at: float | None = None       # look again then (a lock-delay refusal)
+    interrupted: str = ""               # why the rest of the plan was dropped
+
+    def progressed(self) -> bool:
+        return bool(self.acquired or self.released or self.exported or self.unexported or self.up
+                    or self.down or self.node_record)
+
+
+class Applier:
+    def __init__(self, store: CoordinationStore, target: TargetBackend, network: NetworkBackend, fencer: Fencer,
+                 clock: Clock, node: str, backend_name: str, backoff: PathBackoff,
+                 beat: Callable[[], None] = lambda: None, budget: float = 1.0) -> None:
+        self.store = store
+        self.target = target
+        self.network = network
+        self.fencer = fencer
+        self.clock = clock
+        self.node = node
+        self.backend_name = backend_name
+        self.backoff = backoff
+        self.beat = beat
+        self.budget = budget
+
+    def apply(self, plan: Plan, session: str | None, current: Callable[[], str | None],
+              stopping: bool = False) -> Effects:
+        """Carry out ``plan`` for ``session``; ``current()`` tells whether the session is still ours (it is
+        re-read before each step that starts serving)."""
+        fx = Effects()
+        start = self.clock.now()
+        not_down: set[PathKey] = set()
+        acquires = [a for a in plan.actions if isinstance(a, Acquire)]
+        batched: set[PathKey] | None = None
+        for a in plan.actions:
+            self.beat()
+            if not stopping and self.clock.now() - start > self.budget:
+                fx.interrupted = f"applying for more than {self.budget:g}s"
+                break
+            if isinstance(a, (Acquire, Export, AddressUp, LockNodeRecord)) and not stopping:
+                if current() != session or session is None or not self.fencer.allowed():
+                    fx.interrupted = "the lease or the session changed"
+                    break
+            try:
+                if isinstance(a, Acquire):
+                    assert session is not None
+                    if batched is None:
+                        batched = self._acquire_batches(acquires, session, fx)
+                    if a.path not in batched:
+                        self._acquire_one(a, session, fx)
+                elif isinstance(a, Release):
+                    if a.path in not_down:
+                        log.error("keeping %s locked: it may still be served here", a.path)
+                        continue
+                    if session is not None:
+                        self._release(a.path, session, fx)
+                elif isinstance(a, LockNodeRecord):
+                    assert session is not None
+                    self._lock_node_record(session, fx)
+                elif isinstance(a, AddressDown):
+                    if not self._guarded(a, lambda: self.network.down(a.path, a.spec), fx):
+                        not_down.add(a.path)
+                    else:
+                        fx.down.add(a.path)
+                        log.info("address of %s down%s", a.path, f" ({a.spec.ip})" if a.spec else "")
+                elif isinstance(a, Unexport):
+                    if not self._guarded(a, lambda: self.target.unexport(a.path), fx):
+                        not_down.add(a.path)
+                    else:
+                        fx.unexported.add(a.path)
+                        log.info("unexported %s", a.path)
+                elif isinstance(a, Export):
+                    if self._guarded(a, lambda: self.target.export(a.path, a.disk), fx, backoff=True):
+                        fx.exported[a.path] = a.disk
+                        self.backoff.ok(a.path)
+                        spec = a.disk.path(a.path.index)
+                        log.info("exported %s (%s%s)", a.path, a.disk.iqn, f", {spec.ip}/{spec.prefix}" if spec else "")
+                elif isinstance(a, AddressUp):
+                    try:
+                        if self._guarded(a, lambda: self.fencer.bring_up(a.path, a.spec), fx, backoff=True):
+                            fx.up.add(a.path)
+                            log.info("address of %s up (%s/%d)", a.path, a.spec.ip, a.spec.prefix)
+                    except Fenced as e:
+                        fx.interrupted = str(e)
+                        break
+            except CoordinationError as e:
+                log.warning("%s %s: %s", type(a).__name__, getattr(a, "path", ""), e)
+                fx.failed += 1
+                fx.interrupted = "Consul did not answer"
+                break
+        return fx
+
+    def _guarded(self, a: Action, call: Callable[[], None], fx: Effects, backoff: bool = False) -> bool:
+        """Run one backend call; a failure (a ``BackendError`` or a plugin bug) is logged and contained."""
+        try:
+            call()
+            return True
+        except Fenced:
+            raise
+        except Exception as e:  # noqa: BLE001 - contained per path (BackendError or a plugin bug)
+            fx.failed += 1
+            p = getattr(a, "path")
+            wait = self.backoff.fail(p, self.clock.now(), e) if backoff else 0.0
+            log.error("%s %s failed (%s)%s: %s", _verb(a), p, type(e).__name__,
+                      f", retrying in {wait:.0f}s" if backoff else "", e)
+            return False
+
+    def _acquire_batches(self, acquires: list[Acquire], session: str, fx: Effects) -> set[PathKey]:
+        done: set[PathKey] = set()
+        if len(acquires) < 2:
+            return done
+        value = lock_value(self.node, session, self.clock.wall())
+        for i in range(0, len(acquires), ACQUIRE_BATCH):
+            batch = acquires[i:i + ACQUIRE_BATCH]
+            res = self.store.acquire_many([(a.path, a.modify_index) for a in batch], session, value)
+            if not res.ok:
+                continue
+            for a, r in zip(batch, res.results[1::2]):
+                fx.acquired[a.path] = r.modify_index
+                done.add(a.path)
+            log.info("acquired %d paths in one transaction: %s", len(batch), " ".join(str(a.path) for a in batch))
+        return done
+
+    def _acquire_one(self, a: Acquire, session: str, fx: Effects) -> None:
+        res = self.store.acquire_many([(a.path, a.modify_index)], session,
+                                      lock_value(self.node, session, self.clock.wall()))
+        if not res.ok:
+            log.info("acquire %s refused: %s", a.path, res.reason())
+            if res.lock_delay():
+                fx.retry_at = self.clock.now() + 1.0
+            return
+        fx.acquired[a.path] = res.results[-1].modify_index if res.results else a.modify_index
+        log.info("acquired %s", a.path)
+
+    def _release(self, path: PathKey, session: str, fx: Effects) -> None:
+        res = self.store.release(path, session)
+        if res.ok:
+            fx.released[path] = res.results[-1].modify_index if res.results else 0
+            log.info("released %s", path)
+            if path in self.backoff.surrendering(self.clock.now()):
+                self.backoff.surrendered(path, self.clock.now())
+                log.warning("gave up %s; not taking it back for %.0fs", path, SURRENDER_BLOCK)
+
+    def _lock_node_record(self, session: str, fx: Effects) -> None:
+        res = self.store.lock_node_record(self.node, session,
+                                          node_value(self.node, session, self.clock.wall(), self.backend_name))
+        if res.ok:
+            fx.node_record = True
+        else:
+            log.info("node record not locked yet: %s", res.reason())
+            fx.retry_at = self.clock.now() + 1.0
+
+
+def _verb(a: Action) -> str:
+    return {AddressDown: "address down of", AddressUp: "address up of", Unexport: "unexport",
+            Export: "export"}.get(type(a), type(a).__name__.lower())

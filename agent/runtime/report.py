@@ -1,0 +1,80 @@
+"""``CycleReport``: one frozen value per loop cycle, rendered as the cycle's log line, the status file and
+the metrics (so the three always agree, and ``/metrics`` never reads state the loop is changing)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+
+@dataclass(frozen=True)
+class CycleReport:
+    cycle: int = 0
+    node: str = ""
+    session: str | None = None
+    fenced: bool = True
+    lease_left: float | None = None         # seconds until the fencing deadline (negative: passed)
+    held: int = 0
+    exported: frozenset[str] = frozenset()  # "disk/index"
+    addresses: int = 0
+    free: int = 0
+    paths: int = 0
+    nodes: int = 0
+    disks: int = 0
+    bad_disks: Mapping[str, str] = field(default_factory=dict)
+    target_known: bool = True
+    planned: Mapping[str, int] = field(default_factory=dict)
+    applied: int = 0
+    failed: int = 0
+    interrupted: str = ""
+    backing_off: int = 0
+    fence_events: int = 0
+    fence_reason: str = ""
+    takeovers: int = 0
+    watchdog_error: str | None = None
+    backend: str = ""
+    wall: float = 0.0
+
+    def summary(self) -> str:
+        """The cycle's log line: the state, then what was planned and how much of it took effect."""
+        state = (f"session={(self.session or 'none')[:8]} fenced={self.fenced} held={self.held} "
+                 f"exported={len(self.exported)} up={self.addresses} free={self.free} nodes={self.nodes} "
+                 f"disks={self.disks} bad_disks={len(self.bad_disks)}"
+                 + ("" if self.target_known else " target=unknown"))
+        if not self.planned:
+            return f"{state}; nothing to do"
+        plan = ", ".join(f"{k} {v}" for k, v in sorted(self.planned.items()))
+        tail = f"; stopped early: {self.interrupted}" if self.interrupted else ""
+        return f"{state}; planned {plan}, {self.applied} applied, {self.failed} failed{tail}"
+
+    def state_line(self) -> str:
+        return self.summary().split(";", 1)[0]
+
+    def status(self, pid: int) -> dict[str, Any]:
+        """What ``status.json`` holds (read by ``pathagent status``)."""
+        return {"node": self.node, "session": self.session, "fenced": self.fenced, "pid": pid,
+                "lease_left": None if self.lease_left is None else round(self.lease_left, 3),
+                "held": self.held, "exported": len(self.exported), "addresses": self.addresses,
+                "target_known": self.target_known, "backend": self.backend, "bad_disks": dict(self.bad_disks),
+                "fence_events": self.fence_events, "last_fence": self.fence_reason,
+                "watchdog_error": self.watchdog_error, "cycle": self.cycle, "updated": self.wall}
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            "pathagent_up": 1,
+            "pathagent_session_valid": int(self.session is not None),
+            "pathagent_fenced": int(self.fenced),
+            "pathagent_lease_left_seconds": -1 if self.lease_left is None else round(self.lease_left, 3),
+            "pathagent_paths_held": self.held,
+            "pathagent_paths_exported": len(self.exported),
+            "pathagent_addresses_up": self.addresses,
+            "pathagent_paths_total": self.paths,
+            "pathagent_paths_free": self.free,
+            "pathagent_nodes_live": self.nodes,
+            "pathagent_disks_started": self.disks,
+            "pathagent_disks_invalid": len(self.bad_disks),
+            "pathagent_paths_backing_off": self.backing_off,
+            "pathagent_target_state_known": int(self.target_known),
+            "pathagent_fence_events_total": self.fence_events,
+            "pathagent_takeovers_total": self.takeovers,
+            "pathagent_cycles_total": self.cycle,
+        }

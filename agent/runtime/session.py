@@ -1,0 +1,277 @@
+"""The session keeper: our ``iSCSITarget`` session, its lease, and the liveness signals tied to it.
+
+- ``establish()``: adopt the session the previous agent process recorded (planned restart: nothing is
+  released or unexported) when Consul still has it *and* it matches the config (lock-delay, checks, TTL);
+  a recorded session that no longer matches is replaced without an outage by moving its locks to a new
+  one in transactions (an explicit unlock has no lock-delay). Anything else is destroyed, after fencing
+  whatever may still be served here, and a new session is made.
+- ``confirm_once()`` (the confirmer thread, every ``confirm_interval``): one consistent read of the
+  session. A success sent at t extends the fencer's deadline to t + ``fence_after``, records it for the
+  next process, pets the watchdog with it, and, while the main loop is healthy and we are not fenced,
+  passes our TTL check and renews the session's TTL. A missing session means Consul invalidated it:
+  fence at once and start over.
+
+The TTL check (``[consul] agent_check_ttl``) is the agent's liveness on the session: a dead, hung or
+permanently fenced agent stops passing it and Consul invalidates the session, so its paths go to other
+nodes after the lock-delay. The session TTL (``[consul] session_ttl``) does the same from the servers'
+side when the node cannot even tell its Consul agent (an RPC-only partition, a revoked token). Both are
+safe only because the watchdog stops the data path of an agent that no longer confirms, before the
+earliest takeover (docs/fencing.md).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Callable
+
+from agent.backend import Watchdog
+from agent.config import Config
+from agent.core.lease import Lease
+from agent.core.model import PathKey
+from agent.core.store import CoordinationStore, SessionInfo
+from agent.core.tree import lock_value, parse_tree
+from agent.errors import AgentError, CoordinationError
+from agent.runtime.clock import Clock, boot_id
+from agent.runtime.fencer import Fencer
+from agent.runtime.statedir import StateDir
+
+log = logging.getLogger(__name__)
+
+CHECK_ID = "pathagent-alive"
+TRANSFER_BATCH = 21   # check-session + unlock + lock per path, 64 operations per transaction
+
+
+class SessionKeeper:
+    def __init__(self, cfg: Config, store: CoordinationStore, node: str, clock: Clock, fencer: Fencer,
+                 watchdog: Watchdog, state: StateDir, healthy: Callable[[], bool] = lambda: True,
+                 wake: Callable[[], None] = lambda: None, sleep: Callable[[float], None] = time.sleep) -> None:
+        self.cfg = cfg
+        self.sleep = sleep
+        self.store = store
+        self.node = node
+        self.clock = clock
+        self.fencer = fencer
+        self.watchdog = watchdog
+        self.state = state
+        self.healthy = healthy
+        self.wake = wake
+        self.session: str | None = None
+        self.lock_delay = cfg.consul.lock_delay      # of the session we hold (an adopted one's may differ)
+        self.lease = Lease(cfg.consul.fence_after)
+        self.settle_until = float("-inf")
+        self.created = False                         # the session is new (not adopted)
+        self._lock = threading.Lock()
+        self._error: str | None = None
+        self._renewed = float("-inf")
+        self._boot = boot_id()
+        self.watchdog_error: str | None = None
+
+    # --- what the config asks for ------------------------------------------------------------------------
+    def wanted_checks(self) -> tuple[str, ...]:
+        c = self.cfg.consul
+        return ("serfHealth",) + ((CHECK_ID,) if c.agent_check_ttl > 0 else ()) + tuple(c.checks)
+
+    def matches(self, s: SessionInfo) -> str:
+        """Why session ``s`` does not match the config ('' when it does)."""
+        c = self.cfg.consul
+        if abs(s.lock_delay - c.lock_delay) > 1e-3:
+            return f"its lock-delay is {s.lock_delay:g}s, the config says {c.lock_delay:g}s"
+        if set(s.checks) != set(self.wanted_checks()):
+            return f"its checks are {', '.join(sorted(s.checks)) or 'none'}, the config wants " \
+                   f"{', '.join(sorted(self.wanted_checks()))}"
+        if abs(s.ttl - c.session_ttl) > 1e-3:
+            return f"its TTL is {s.ttl:g}s, the config says {c.session_ttl:g}s"
+        if s.behavior != "release":
+            return f"its behavior is {s.behavior}"
+        return ""
+
+    def fence_after_for(self, lock_delay: float) -> float:
+        """``fence_after`` for a session with ``lock_delay`` (shorter when an adopted session's lock-delay is
+        shorter than the configured one: the margin of the inequality is kept)."""
+        c = self.cfg.consul
+        return c.fence_after - max(0.0, c.lock_delay - lock_delay)
+
+    # --- establishing ------------------------------------------------------------------------------------
+    def establish(self, maybe_serving: Callable[[], bool]) -> None:
+        """Adopt, replace or create our session (see the module docstring). ``maybe_serving()`` tells
+        whether anything may still be served here (then a session that is not adopted is destroyed only
+        after a fence). Raises ``CoordinationError``."""
+        c = self.cfg.consul
+        if c.agent_check_ttl > 0:
+            # registering again keeps a critical status: pass it too (a session cannot list a critical check)
+            self.store.register_check(CHECK_ID, f"pathagent on {self.node}", c.agent_check_ttl)
+            self.store.pass_check(CHECK_ID, "agent starting")
+        sent = self.clock.now()
+        ours = [s for s in self.store.node_sessions(self.node) if s.name == c.session_name]
+        recorded = self.state.session()
+        old = next((s for s in ours if s.id == recorded), None)
+        for s in ours:
+            if s is not old:
+                if maybe_serving():
+                    self.fencer.fence(f"session {s.id[:8]} of this node is not ours to adopt")
+                log.info("destroying stale session %s of node %s", s.id[:8], self.node)
+                self.store.destroy_session(s.id)
+        if old is not None:
+            why = self.matches(old)
+            if not why:
+                self._hold(old.id, old.lock_delay, sent, created=False)
+                log.info("adopted session %s (still valid): keeping every path", old.id[:8])
+                return
+            log.warning("session %s does not match the config (%s): moving its locks to a new session",
+                        old.id[:8], why)
+            self._replace(old, sent, maybe_serving)
+            return
+        if maybe_serving():
+            self.fencer.fence("a new session does not cover what an earlier agent process left served")
+        sent = self.clock.now()
+        sid = self._create()
+        self._hold(sid, c.lock_delay, sent, created=True)
+
+    def _create(self) -> str:
+        c = self.cfg.consul
+        for attempt in range(20):
+            try:
+                sid = self.store.create_session(self.node, c.session_name, self.wanted_checks(), c.lock_delay,
+                                                ttl=c.session_ttl)
+                break
+            except CoordinationError as e:
+                # the servers may not have the check's new status yet (the local agent syncs it at once)
+                if "critical state" not in str(e) or attempt == 19:
+                    raise
+                self.sleep(0.1)
+        log.info("created session %s on node %s (checks %s, lock-delay %gs%s)", sid[:8], self.node,
+                 ", ".join(self.wanted_checks()), c.lock_delay,
+                 f", TTL {c.session_ttl:g}s" if c.session_ttl > 0 else "")
+        return sid
+
+    def _hold(self, sid: str, lock_delay: float, sent: float, created: bool) -> None:
+        with self._lock:
+            self.session = sid
+            self.lock_delay = lock_delay
+            self.created = created
+            self.lease = Lease(self.fence_after_for(lock_delay)).confirm(sent)
+            if created:
+                self.settle_until = sent + self.cfg.placement_settle
+        self.state.record_session(sid)
+        self._extend(sent)
+
+    def _replace(self, old: SessionInfo, sent: float, maybe_serving: Callable[[], bool]) -> None:
+        """Move every lock of ``old`` to a new session matching the config, then destroy ``old``. While the
+        move runs, the deadline follows ``old``'s real lock-delay."""
+        self._hold(old.id, old.lock_delay, sent, created=False)
+        if self.fence_after_for(old.lock_delay) < self.cfg.consul.confirm_interval:
+            if maybe_serving():
+                self.fencer.fence(f"session {old.id[:8]}'s lock-delay {old.lock_delay:g}s leaves no room to "
+                                  "serve while it is replaced")
+        proof = self.clock.now()             # the new session exists at least from this send time on
+        new = self._create()
+        _, entries = self.store.read_tree()
+        view = parse_tree(self.store.prefix, entries)
+        held: list[PathKey] = sorted(view.held_by(old.id))
+        value = lock_value(self.node, new, self.clock.wall())
+        moved = 0
+        for i in range(0, len(held), TRANSFER_BATCH):
+            sent = self.clock.now()
+            res = self.store.transfer(held[i:i + TRANSFER_BATCH], old.id, new, value)
+            if res.ok:
+                proof = sent
+            else:
+                if maybe_serving():
+                    self.fencer.fence(f"moving the locks of session {old.id[:8]} failed ({res.reason()})")
+                break
+            moved += len(held[i:i + TRANSFER_BATCH])
+        if moved < len(held):
+            log.error("session %s: %d locks could not be moved; they are lost with it",
+                      old.id[:8], len(held) - moved)
+        try:
+            self.store.release_node_record(self.node, old.id)
+        except CoordinationError as e:
+            log.info("node record of %s not released: %s", old.id[:8], e)
+        self.store.destroy_session(old.id)
+        log.warning("replaced session %s by %s: %d of %d locks moved", old.id[:8], new[:8], moved, len(held))
+        self._hold(new, self.cfg.consul.lock_delay, proof, created=False)
+
+    # --- confirming --------------------------------------------------------------------------------------
+    def _extend(self, sent: float) -> None:
+        until = sent + self.lease.fence_after
+        self.fencer.extend(until)
+        self.state.record_serve_until(until, self._boot)
+        try:
+            self.watchdog.pet(until)
+            if self.watchdog_error:
+                log.info("watchdog reachable again")
+            self.watchdog_error = None
+        except AgentError as e:
+            if self.watchdog_error != str(e):
+                log.error("watchdog not pet: %s", e)
+            self.watchdog_error = str(e)
+
+    def confirm_once(self) -> None:
+        """One consistent read of our session (see the module docstring)."""
+        sid = self.session
+        if sid is None:
+            return
+        sent = self.clock.now()
+        try:
+            info = self.store.session_info(sid)
+        except CoordinationError as e:
+            if self._error != str(e):
+                log.warning("session %s not confirmed: %s", sid[:8], e)
+            self._error = str(e)
+            return
+        if self._error:
+            log.info("session %s confirmed again", sid[:8])
+        self._error = None
+        with self._lock:
+            if self.session != sid:
+                return
+            if info is None:
+                self.session = None
+                self.lease = self.lease.reset()
+        if info is None:
+            log.error("session %s is gone (invalidated by Consul)", sid[:8])
+            self.fencer.fence(f"session {sid[:8]} was invalidated")
+            self.wake()
+            return
+        with self._lock:
+            self.lease = self.lease.confirm(sent)
+        self._extend(sent)
+        if self.fencer.fenced:
+            self.wake()
+        elif self.healthy():
+            self._liveness(sid)
+
+    def _liveness(self, sid: str) -> None:
+        c = self.cfg.consul
+        try:
+            if c.agent_check_ttl > 0:
+                self.store.pass_check(CHECK_ID)
+            now = self.clock.now()
+            if c.session_ttl > 0 and now - self._renewed >= c.session_ttl / 3:
+                if self.store.renew_session(sid):
+                    self._renewed = now
+        except CoordinationError as e:
+            log.warning("liveness not reported: %s", e)
+
+    def run(self, halt: threading.Event) -> None:
+        """The confirmer thread."""
+        while not halt.is_set():
+            self.confirm_once()
+            halt.wait(self.cfg.consul.confirm_interval)
+
+    # --- ending ------------------------------------------------------------------------------------------
+    def destroy(self) -> None:
+        """Release our node record and destroy the session (after an orderly stop left nothing served)."""
+        sid = self.session or self.state.session()
+        if sid is None:
+            return
+        try:
+            self.store.release_node_record(self.node, sid)
+        except CoordinationError as e:
+            log.info("node record not released: %s", e)
+        self.store.destroy_session(sid)
+        log.info("session %s destroyed", sid[:8])
+        with self._lock:
+            self.session = None
+        self.state.record_session(None)

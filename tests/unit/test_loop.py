@@ -1,0 +1,419 @@
+"""Tier 1: the whole node loop (session keeper, fencer, watcher, definitions, applier, planner) on an
+in-memory store and a fake clock, driven step by step. Each test names the finding of the safety review
+(shared/reviews/safety.md) it pins down."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from agent.core import keys
+from agent.core.model import PathKey
+from agent.runtime.applier import SURRENDER_BLOCK, UNSERVICEABLE_AFTER
+from agent.runtime.loop import TARGET_UNKNOWN_FENCE
+from agent.runtime.session import CHECK_ID
+from doubles import Node, config, disk, make_node
+from memstore import FakeClock, MemoryStore
+
+P1, P2 = PathKey("d1", 1), PathKey("d1", 2)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def store(clock: FakeClock) -> MemoryStore:
+    return MemoryStore(clock)
+
+
+def one(tmp_path: Path, store: MemoryStore, clock: FakeClock, name: str = "gwa", **kw: object) -> Node:
+    n = make_node(tmp_path, store, clock, name, disks={"d1": disk("d1"), "d2": disk("d2")}, **kw)  # type: ignore[arg-type]
+    n.start()
+    return n
+
+
+def serve_all(n: Node, rounds: int = 4) -> None:
+    for _ in range(rounds):
+        n.step()
+
+
+def test_a_node_takes_exports_and_brings_up_every_path(tmp_path: Path, store: MemoryStore, clock: FakeClock) -> None:
+    store.start_disk("d1", 2)
+    n = one(tmp_path, store, clock)
+    serve_all(n)
+    assert n.serving() == {"d1/1", "d1/2"}
+    assert set(n.target.served) == {P1, P2}
+    assert store.holder(P1) == n.session
+    # each address only once its path is exported
+    order = [(op, p) for _, op, p in n.target.log]
+    for p in ("d1/1", "d1/2"):
+        assert order.index(("export", p)) < order.index(("up", p))
+    assert n.watchdog.pets and n.watchdog.pets[-1] == n.agent.fencer.serve_until
+    assert keys.node_key(store.prefix, "gwa") in store.kv
+
+
+def test_c1_slow_export_during_a_partition_never_brings_its_address_up(tmp_path: Path, store: MemoryStore,
+                                                                       clock: FakeClock) -> None:
+    """C1: an export that takes 10 s while the node is cut off: the fencer (its own thread) fences at the
+    deadline, and the address of the slow path is never brought up afterwards."""
+    store.start_disk("d1", 2)
+    n = one(tmp_path, store, clock)
+    n.agent.keeper.confirm_once()
+    n.agent.watcher.poll_once()
+    n.agent.cycle()                              # acquires both paths
+    n.agent.watcher.poll_once()
+    deadline = n.agent.fencer.serve_until
+
+    def slow(path: PathKey) -> None:
+        n.agent.store.partitioned = True         # type: ignore[attr-defined]
+        clock.advance(10.0)
+        n.agent.fencer.check()                   # the fencer thread runs during the export
+    n.target.during_export = slow
+    for _ in range(4):
+        n.agent.cycle()
+    assert n.agent.fencer.fenced
+    ups_after = [t for t, op, _ in n.network.log if op == "up" and t >= deadline]
+    assert ups_after == [], f"an address came up after the deadline {deadline}: {n.network.log}"
+    assert n.serving() == set()
+
+
+def test_c2_fence_needs_no_answer_from_the_target(tmp_path: Path, store: MemoryStore, clock: FakeClock) -> None:
+    """C2: the target daemon does not answer (exported() fails) when the lease runs out: the addresses
+    still go down at the deadline, then the data path is stopped in one step."""
+    store.start_disk("d1", 2)
+    n = one(tmp_path, store, clock)
+    serve_all(n)
+    assert n.serving() == {"d1/1", "d1/2"}
+    n.target.unknown = True
+    n.agent.store.partitioned = True             # type: ignore[attr-defined]
+    deadline = n.agent.fencer.serve_until
+    clock.t = deadline
+    n.agent.fencer.check()
+    assert n.serving() == set()
+    assert n.target.fences == 1
+    downs = [t for t, op, _ in n.network.log if op == "down"]
+    assert downs and max(downs) <= deadline
+    assert [op for _, op, _ in n.target.log][-3:] == ["down", "down", "fence"], "addresses first"
+    n.target.unknown = True
+    n.agent.cycle()                              # and the loop copes with the silent target
+    assert n.agent.report.target_known is False and n.serving() == set()
+
+
+def test_c2_a_target_that_cannot_tell_for_long_is_fenced_and_its_paths_recovered(
+        tmp_path: Path, store: MemoryStore, clock: FakeClock) -> None:
+    store.start_disk("d1", 2)
+    n = one(tmp_path, store, clock)
+    serve_all(n)
+    n.target.unknown = True
+    n.step()
+    clock.advance(TARGET_UNKNOWN_FENCE + 0.1)
+    n.agent.keeper.confirm_once()
+    n.agent.cycle()                              # fences: killing the wedged daemon is what cures it
+    assert n.target.fences == 1 and not n.target.unknown
+    serve_all(n)
+    assert n.serving() == {"d1/1", "d1/2"}, "re-exported once the fenced backend answers again"
+
+
+def test_c3_a_stopping_disk_is_let_go_only_after_its_address_and_export(tmp_path: Path, store: MemoryStore,
+                                                                      clock: FakeClock) -> None:
+    store.start_disk("d1", 2)
+    n = one(tmp_path, store, clock)
+    serve_all(n)
+    n.target.unexport_fails = {P2}
+    store.set(keys.disk_key(store.prefix, "d1"), b'{"pool":"rbd","image":"pathagent-d1","stopping":true}')
+    serve_all(n)
+    assert store.holder(P1) is None, "released after address down and unexport"
+    assert store.holder(P2) == n.session, "kept: its unexport failed, so it may still be served here"
+    assert P2 not in n.network.up_paths
+    n.target.unexport_fails = set()
+    serve_all(n)
+    assert store.holder(P2) is None and not n.target.served
+
+
+def test_c4_the_watchdog_is_pet_only_after_confirmations(tmp_path: Path, store: MemoryStore, clock: FakeClock) -> None:
+    store.start_disk("d1", 1)
+    n = one(tmp_path, store, clock)
+    serve_all(n)
+    pets = len(n.watchdog.pets)
+    n.agent.store.partitioned = True             # type: ignore[attr-defined]
+    for _ in range(10):
+        clock.advance(0.5)
+        n.step()
+    assert len(n.watchdog.pets) == pets, "no pet without a confirmation"
+    assert n.watchdog.pets[-1] <= clock.now(), "the last deadline passed: the watchdog acts"
+    assert n.serving() == set()
+
+
+def test_h2_liveness_check_is_registered_passed_while_healthy_and_not_when_fenced(
+        tmp_path: Path, store: MemoryStore, clock: FakeClock) -> None:
+    store.start_disk("d1", 1)
+    n = one(tmp_path, store, clock)
+    serve_all(n)
+    sid = n.session
+    assert sid is not None and f"gwa:{CHECK_ID}" in store.sessions[sid].checks
+    assert store.sessions[sid].ttl == 30.0
+    passed = store.checks[f"gwa:{CHECK_ID}"].passed_at
+    clock.advance(1.0)
+    n.step()
+    assert store.checks[f"gwa:{CHECK_ID}"].passed_at > passed
+    # the main loop stalls: confirmations go on, the check is no longer passed, Consul ends the session
+    clock.advance(16.0)
+    n.agent.keeper.confirm_once()
+    store.expire_checks()
+    assert sid not in store.sessions, "a stalled agent's session is invalidated by its check"
+
+
+def test_h3_stray_address_goes_down_and_release_waits_for_it(tmp_path: Path, store: MemoryStore,
+                                                             clock: FakeClock) -> None:
+    store.start_disk("d1", 2)
+    n = one(tmp_path, store, clock)
+    serve_all(n)
+    n.target.served.pop(P1)                      # the target lost P1 (daemon restarted) but its IP is up
+    n.step(rounds=1)
+    assert P1 not in n.network.up_paths or P1 in n.target.served
+    serve_all(n)
+    assert n.serving() == {"d1/1", "d1/2"}
+    # an address that will not go down keeps its path locked here
+    n.network.down_fails = {P2}
+    store.set(keys.disk_key(store.prefix, "d1"), b'{"pool":"rbd","image":"pathagent-d1","stopping":true}')
+    serve_all(n)
+    assert store.holder(P2) == n.session
+    assert store.holder(P1) is None
+
+
+def test_h4_adopted_session_with_a_shorter_lock_delay_is_replaced_without_an_outage(
+        tmp_path: Path, store: MemoryStore, clock: FakeClock) -> None:
+    store.start_disk("d1", 2)
+    cfg_old = config(tmp_path / "gwa", lock_delay=5.0, fence_after=3.0)
+    n = make_node(tmp_path, store, clock, "gwa", cfg=cfg_old, disks={"d1": disk("d1")})
+    n.start()
+    serve_all(n)
+    old = n.session
+    assert old is not None and store.sessions[old].lock_delay == 5.0
+    # planned restart with a longer lock-delay: a new process on the same state and data path
+    m = make_node(tmp_path, store, clock, "gwa", disks={"d1": disk("d1")})
+    m.target.served, m.network.up_paths = n.target.served, n.network.up_paths
+    n.agent.state.unlock()
+    m.start()
+    new = m.session
+    assert new != old and old not in store.sessions
+    assert store.sessions[new].lock_delay == 8.0
+    assert store.holder(P1) == new and store.holder(P2) == new, "the locks moved"
+    assert m.target.fences == 0 and m.serving() == {"d1/1", "d1/2"}, "nothing stopped serving"
+    serve_all(m)
+    assert m.serving() == {"d1/1", "d1/2"}
+
+
+def test_adopting_a_matching_session_keeps_everything(tmp_path: Path, store: MemoryStore, clock: FakeClock) -> None:
+    store.start_disk("d1", 2)
+    n = one(tmp_path, store, clock)
+    serve_all(n)
+    m = make_node(tmp_path, store, clock, "gwa", disks={"d1": disk("d1")})
+    m.target.served, m.network.up_paths = n.target.served, n.network.up_paths
+    n.agent.state.unlock()
+    m.start()
+    assert m.session == n.session and m.target.fences == 0
+    serve_all(m)
+    assert m.serving() == {"d1/1", "d1/2"}
+
+
+def test_h5_a_poisoned_value_is_skipped_and_everything_else_served(tmp_path: Path, store: MemoryStore,
+                                                                    clock: FakeClock) -> None:
+    store.start_disk("d1", 2)
+    store.set(keys.move_key(store.prefix, PathKey("d1", 1)), b"[" * 100000, session=None)
+    store.set(f"{store.prefix}/disks/d2", b"[" * 100000)
+    store.set(f"{store.prefix}/disks/d2/1", b"\xff\xfe")
+    n = make_node(tmp_path, store, clock, "gwa", disks={"d1": disk("d1")})
+    n.start()
+    serve_all(n)
+    assert n.serving() == {"d1/1", "d1/2"}
+    view = n.agent.watcher.latest()
+    assert view is not None and {k for k, _ in view.skipped} >= {f"{store.prefix}/disks/d2"}
+    assert "d2" in n.agent.report.bad_disks or "d2" not in n.agent.definitions.current()[0]
+
+
+def test_m2_a_held_path_this_node_cannot_serve_is_surrendered(tmp_path: Path, store: MemoryStore,
+                                                             clock: FakeClock) -> None:
+    store.start_disk("d1", 2)
+    n = one(tmp_path, store, clock)
+    serve_all(n)
+    del n.catalog.disks["d1"]                   # the definition was never readable by this node...
+    n.agent.definitions._defs.clear()           # ...(a fresh process): nothing to keep serving
+    n.target.served.clear()
+    n.network.up_paths.clear()
+    serve_all(n)
+    assert store.holder(P1) == n.session
+    clock.advance(UNSERVICEABLE_AFTER + 1)
+    serve_all(n)
+    assert store.holder(P1) is None and store.holder(P2) is None, "given up for another node to serve"
+    assert n.agent.backoff.until[P1] > clock.now() + SURRENDER_BLOCK - 2
+
+
+def test_session_invalidated_fences_at_once_and_starts_over(tmp_path: Path, store: MemoryStore,
+                                                          clock: FakeClock) -> None:
+    store.start_disk("d1", 2)
+    n = one(tmp_path, store, clock)
+    serve_all(n)
+    old = n.session
+    assert old is not None
+    store.invalidate(old)
+    n.agent.keeper.confirm_once()
+    assert n.serving() == set() and n.target.fences == 1 and n.session is None
+    clock.advance(8.1)                           # the lock-delay of the invalidated session
+    n.agent.keeper.establish(n.agent.maybe_serving)
+    serve_all(n)
+    assert n.session not in (None, old) and n.serving() == {"d1/1", "d1/2"}
+
+
+def test_fenced_node_unfences_only_after_reading_the_keys_again(tmp_path: Path, store: MemoryStore,
+                                                               clock: FakeClock) -> None:
+    store.start_disk("d1", 2)
+    n = one(tmp_path, store, clock)
+    serve_all(n)
+    part = n.agent.store
+    part.partitioned = True                      # type: ignore[attr-defined]
+    clock.advance(4.5)
+    n.step()
+    assert n.agent.fencer.fenced and n.serving() == set()
+    part.partitioned = False                     # type: ignore[attr-defined]
+    n.agent.keeper.confirm_once()                # lease valid again...
+    part.partitioned = True                      # type: ignore[attr-defined] ...but the keys cannot be read
+    n.agent.cycle()
+    assert n.agent.fencer.fenced, "no unfence from a view that may predate the partition"
+    part.partitioned = False                     # type: ignore[attr-defined]
+    serve_all(n)
+    assert not n.agent.fencer.fenced and n.serving() == {"d1/1", "d1/2"}
+
+
+def test_batch_acquire_and_a_rolled_back_batch_falls_back_to_one_by_one(tmp_path: Path, store: MemoryStore,
+                                                                        clock: FakeClock) -> None:
+    for i in range(20):
+        store.start_disk(f"e{i:02d}", 2)
+    n = make_node(tmp_path, store, clock, "gwa", disks={f"e{i:02d}": disk(f"e{i:02d}") for i in range(20)})
+    n.start()
+    n.agent.keeper.confirm_once()
+    n.agent.watcher.poll_once()
+    assert n.agent.fencer.unfence()              # (a cycle would first read the keys afresh)
+    store.set(keys.path_key(store.prefix, PathKey("e05", 1)))    # changed since the view: the batch rolls back
+    n.agent.cycle()
+    held = [p for p in (PathKey(f"e{i:02d}", j) for i in range(20) for j in (1, 2)) if store.holder(p)]
+    assert len(held) == 39, "every path but the changed one, the first batch of 32 one by one"
+    txns = store.calls.count("txn")
+    serve_all(n)
+    assert store.holder(PathKey("e05", 1)) == n.session
+    assert txns < 45
+
+
+def test_move_request_hands_a_path_over(tmp_path: Path, store: MemoryStore, clock: FakeClock) -> None:
+    store.start_disk("d1", 2)
+    a = one(tmp_path, store, clock, "gwa")
+    b = one(tmp_path, store, clock, "gwb")
+    for _ in range(3):
+        a.step()
+        b.step()
+    owner, other = (a, b) if store.holder(P1) == a.session else (b, a)
+    cli = store.create_session("cli", "pathagent-cli", (), 0.0, 10.0, "delete")
+    store._txn([("lock", keys.move_key(store.prefix, P1), cli, ('{"node":"%s"}' % other.agent.node).encode())])
+    for _ in range(3):
+        owner.step()
+        other.step()
+    assert store.holder(P1) == other.session
+    assert "d1/1" in other.serving() and "d1/1" not in owner.serving()
+
+
+def test_two_nodes_never_have_the_same_address_up(tmp_path: Path, store: MemoryStore, clock: FakeClock) -> None:
+    """A node cut off: it fences itself at its deadline; the other takes the paths only after the
+    lock-delay; at no step are both serving one path."""
+    store.start_disk("d1", 2)
+    store.start_disk("d2", 2)
+    a = one(tmp_path, store, clock, "gwa")
+    b = one(tmp_path, store, clock, "gwb")
+    for _ in range(3):
+        a.step()
+        b.step()
+    a.agent.store.partitioned = True             # type: ignore[attr-defined]
+    sid = a.session
+    assert sid is not None
+    store.invalidate(sid)                        # worst case: invalidated right after its last confirmation
+    for _ in range(40):
+        clock.advance(0.25)
+        a.step()
+        b.step()
+        assert not (a.serving() & b.serving()), f"served twice at {clock.now()}"
+    assert b.serving() == {"d1/1", "d1/2", "d2/1", "d2/2"}
+
+
+def test_orderly_stop_takes_everything_down_releases_and_disarms(tmp_path: Path, store: MemoryStore,
+                                                                clock: FakeClock) -> None:
+    store.start_disk("d1", 2)
+    n = one(tmp_path, store, clock)
+    serve_all(n)
+    sid = n.session
+    n.agent.shutdown()
+    assert n.serving() == set() and not n.target.served
+    assert store.holder(P1) is None and sid not in store.sessions
+    assert n.watchdog.disarmed
+
+
+def test_orderly_stop_keeps_the_session_when_the_target_cannot_tell(tmp_path: Path, store: MemoryStore,
+                                                                   clock: FakeClock) -> None:
+    store.start_disk("d1", 2)
+    n = one(tmp_path, store, clock)
+    serve_all(n)
+    sid = n.session
+    n.target.unknown, n.target.cured_by_fence = True, False
+    n.agent.shutdown()
+    assert n.serving() == set(), "addresses down anyway"
+    assert n.target.fences >= 1, "and the data path stopped in one step"
+    assert sid in store.sessions and not n.watchdog.disarmed
+
+
+def test_new_session_never_vouches_for_what_an_earlier_one_served(tmp_path: Path, store: MemoryStore,
+                                                                 clock: FakeClock) -> None:
+    store.start_disk("d1", 2)
+    n = one(tmp_path, store, clock)
+    serve_all(n)
+    store.invalidate(n.session or "")            # while no agent runs
+    m = make_node(tmp_path, store, clock, "gwa", disks={"d1": disk("d1")})
+    m.target.served, m.network.up_paths = dict(n.target.served), set(n.network.up_paths)
+    n.agent.state.unlock()
+    m.start()
+    assert m.target.fences == 1 and m.serving() == set(), "fenced before a new session was made"
+
+
+def test_inherited_deadline_is_clamped(tmp_path: Path) -> None:
+    from agent.runtime.statedir import StateDir
+    s = StateDir(str(tmp_path))
+    s.record_serve_until(5000.0, "boot-1")
+    assert s.serve_until(1000.0, "boot-1", 4.0) == 1004.0, "a deadline in the future is capped"
+    assert s.serve_until(6000.0, "boot-1", 4.0) == 6000.0
+    assert s.serve_until(1000.0, "boot-2", 4.0) == 1000.0, "another boot: nothing inherited"
+    (tmp_path / "lease.json").write_text('{"boot_id": "boot-1", "serve_until": NaN}')
+    assert s.serve_until(1000.0, "boot-1", 4.0) == 1000.0
+
+
+def test_planned_placement_even_with_two_nodes(tmp_path: Path, store: MemoryStore, clock: FakeClock) -> None:
+    disks_ = {f"e{i}": disk(f"e{i}") for i in range(6)}
+    for d in disks_:
+        store.start_disk(d, 2)
+    cfg = dataclasses.replace(config(tmp_path), placement_settle=1.0)
+    a = make_node(tmp_path, store, clock, "gwa", cfg=cfg, disks=disks_)
+    b = make_node(tmp_path, store, clock, "gwb", cfg=cfg, disks=disks_)
+    a.start()
+    b.start()
+    a.step()
+    b.step()                                     # both register while settling
+    clock.advance(1.1)
+    for _ in range(4):
+        a.step()
+        b.step()
+    assert len(a.serving()) == len(b.serving()) == 6
+    assert not a.serving() & b.serving()
+
+
+def test_config_replace_keeps_dataclass_shape() -> None:
+    c = config(Path("/tmp"))
+    assert dataclasses.replace(c, state_dir="/x").consul.lock_delay == 8.0
