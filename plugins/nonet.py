@@ -1,4 +1,8 @@
-"""``none`` network backend: floating IPs are managed elsewhere (or not at all). Does nothing."""
+"""``none`` network backend: floating IPs are managed elsewhere (or not at all). Does nothing.
+
+``active`` reports what was brought up by this process, so the planner's address bookkeeping stays
+consistent; ``fence`` forgets it.
+"""
 from __future__ import annotations
 
 from typing import Mapping
@@ -21,3 +25,6 @@ class NoNetwork(NetworkBackend):
 
     def active(self) -> frozenset[PathKey]:
         return frozenset(self._up)
+
+    def fence(self) -> None:
+        self._up.clear()
