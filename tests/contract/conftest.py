@@ -1,11 +1,11 @@
 """Fixtures for the backend contract suites: a gateway lab (network namespaces), a micro Ceph on the lab's
-root-namespace address, and RBD images."""
+root-namespace address, RBD images, and the host's Ceph probe capability."""
 from __future__ import annotations
 
 import os
 import shutil
 import tempfile
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -58,3 +58,14 @@ def images(ceph: Any) -> Iterator[RbdImages]:
     yield im
     im.close()
 
+
+@pytest.fixture(scope="session")
+def host_ceph_probe(ceph: Any) -> Iterator[Callable[[str, str], None]]:
+    """``PluginContext.ceph_probe`` as the agent builds it: on the host's one Ceph client (3 s timeout)."""
+    from agent.adapters.ceph import CephClient
+    from agent.runtime.service import ceph_probe
+    client = CephClient(ceph.conf_path, "admin", 3.0)
+    try:
+        yield ceph_probe(client)
+    finally:
+        client.close()

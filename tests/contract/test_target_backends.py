@@ -2,21 +2,28 @@
 
 - ``fake``: runs anywhere.
 - ``tgt``: a real tgtd started by the backend inside a gateway network namespace, LUNs on a micro Ceph
-  reachable through the lab's root-namespace address, checked with a real userspace initiator
-  (libiscsi) from the initiator namespace.
+  reachable through the lab's root-namespace address (probed through the host's Ceph client, as the agent
+  does), checked with a real userspace initiator (libiscsi) from the initiator namespace.
 - ``lio``: needs kernel LIO (configfs); skipped with the reason where it cannot run.
 
-The first group holds for every backend (idempotency, ``exported`` after a restart, ``cleanup``); the
-second for backends with a data path (I/O, identity, ACL, CHAP); the last for tgt alone (tgtd crash,
-Ceph outage, rollback).
+The first group holds for every backend (idempotency, ``exported`` after a restart, read-only ``exported``,
+``fence``: at once, from a second instance and from another process, bounded while the daemon is wedged,
+export again afterwards); the second for backends with a data path (I/O, identity, ACL, CHAP, a fence
+drops the sessions); the last for tgt alone (tgtd death: restarted empty and the agent woken, the
+zero-length READ crash, Ceph outage, rollback, the child environment).
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import itertools
+import json
 import logging
 import os
-import shutil
+import re
+import signal
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -26,8 +33,9 @@ from typing import Any, Callable, Iterator, TypeVar
 import pytest
 
 from agent.backend import PluginContext, TargetBackend
-from agent.errors import PermanentBackendError, TransientBackendError
+from agent.config import CephConfig
 from agent.core.model import Chap, Disk, PathKey, PathSpec
+from agent.errors import PermanentBackendError, TransientBackendError
 from lab import iscsi
 from lab.gwtools import RbdImages, stop_tgtd, tgt_missing
 from lab.netns import GatewayLab, NetnsThread, ip
@@ -37,27 +45,45 @@ _ids = itertools.count(1)
 _vips = itertools.count(0)
 INI = "iqn.2016-05.io.pathagent.test:ini-a"
 OTHER_INI = "iqn.2016-05.io.pathagent.test:ini-b"
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+#: what the guard process does: build the backend from the same config and state dir, and fence
+GUARD = """
+import json, sys, time
+from agent.backend import PluginContext
+from agent.config import CephConfig
+from agent.plugins import plugin_class
+a = json.loads(sys.argv[1])
+b = plugin_class("target", a["name"])(PluginContext(node="", state_dir=a["state_dir"], options=a["options"],
+                                                    ceph=CephConfig(**a["ceph"])))
+t = time.monotonic()
+b.fence()
+print(time.monotonic() - t)
+"""
 
 
 @dataclass
 class Harness:
-    """One backend under test: ``new()`` makes an instance on the same state dir (an agent restart),
-    ``call`` runs in the backend's network namespace, ``disk()`` makes a disk it can serve."""
+    """One backend under test: ``new()`` makes an instance on the same state dir (an agent restart, or the
+    guard), ``call`` runs in the backend's network namespace, ``disk()`` makes a disk it can serve,
+    ``wedged()`` makes its daemon stop answering, ``daemons()`` lists the daemon processes it has."""
 
     name: str
     state_dir: str
-    make: Callable[[], TargetBackend]
+    ctx: PluginContext
+    make: Callable[[PluginContext], TargetBackend]
     real: bool = False
     lab: GatewayLab | None = None
     images: RbdImages | None = None
     ns_thread: NetnsThread | None = None
     node: str = "gwa"
-    ceph_conf: str = ""
+    wakes: list[float] = field(default_factory=list)
     backends: list[TargetBackend] = field(default_factory=list)
     addresses: list[tuple[str, str]] = field(default_factory=list)   # (namespace, ip/prefix) added by tests
 
-    def new(self) -> TargetBackend:
-        b = self.call(self.make)
+    def new(self, **options: Any) -> TargetBackend:
+        ctx = dataclasses.replace(self.ctx, options={**self.ctx.options, **options})
+        b = self.call(self.make, ctx)
         self.backends.append(b)
         return b
 
@@ -80,13 +106,84 @@ class Harness:
         n = next(_vips)
         return self.lab.vip(n) if self.lab else f"198.18.250.{n % 250 + 1}"
 
+    def woken(self) -> None:
+        self.wakes.append(time.monotonic())
+
+    def tgtd(self) -> int | None:
+        """tgt: the pid in the backend's pid file when that process is a live tgtd."""
+        try:
+            with open(os.path.join(self.state_dir, "tgt", "tgtd.pid")) as f:
+                pid = int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+        return pid if _alive(pid) else None
+
+    def daemons(self) -> list[int]:
+        """Live daemon processes of this state dir (tgt: every tgtd whose TGT_IPC_SOCKET is ours)."""
+        if self.name != "tgt":
+            return []
+        want = f"TGT_IPC_SOCKET={os.path.join(self.state_dir, 'tgt', 'socket')}".encode()
+        out = []
+        for d in os.listdir("/proc"):
+            if not d.isdigit():
+                continue
+            try:
+                with open(f"/proc/{d}/environ", "rb") as f:
+                    env = f.read().split(b"\0")
+                with open(f"/proc/{d}/comm") as f2:
+                    comm = f2.read().strip()
+            except OSError:
+                continue
+            if comm == "tgtd" and want in env and _alive(int(d)):
+                out.append(int(d))
+        return out
+
+    @contextlib.contextmanager
+    def wedged(self) -> Iterator[None]:
+        """The daemon stops answering (tgt: SIGSTOP; fake: its stall file) until the block ends."""
+        if self.name == "tgt":
+            pid = self.tgtd()
+            assert pid is not None
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                yield
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
+        else:
+            stall = self.ctx.options["stall_file"]
+            open(stall, "w").close()
+            try:
+                yield
+            finally:
+                os.unlink(stall)
+
+    def fence_in_another_process(self) -> float:
+        """Run the guard's fence in a fresh Python process; returns how long ``fence()`` took there."""
+        arg = json.dumps({"name": self.name, "state_dir": self.state_dir, "options": dict(self.ctx.options),
+                          "ceph": dataclasses.asdict(self.ctx.ceph)})
+        r = subprocess.run([sys.executable, "-c", GUARD, arg], capture_output=True, text=True, timeout=30,
+                           cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
+        assert r.returncode == 0, r.stderr
+        return float(r.stdout.split()[-1])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(") ", 1)[1][0] not in "ZX"
+    except OSError:
+        return False
+
 
 # ------------------------------------------------------------------------------------------------ harnesses
 
 def _fake(tmp: str) -> Iterator[Harness]:
     from plugins.fake import FakeBackend
-    ctx = PluginContext(node="gwa", state_dir=tmp)
-    yield Harness("fake", tmp, lambda: FakeBackend(ctx))
+    h = Harness("fake", tmp, PluginContext(node="gwa", state_dir=tmp,
+                                           options={"stall_file": os.path.join(tmp, "stall")}), FakeBackend)
+    h.ctx = dataclasses.replace(h.ctx, wake=h.woken)
+    yield h
 
 
 def _tgt(request: pytest.FixtureRequest, tmp: str) -> Iterator[Harness]:
@@ -96,12 +193,14 @@ def _tgt(request: pytest.FixtureRequest, tmp: str) -> Iterator[Harness]:
     lab: GatewayLab = request.getfixturevalue("gw_lab")
     ceph = request.getfixturevalue("ceph")
     images: RbdImages = request.getfixturevalue("images")
+    probe = request.getfixturevalue("host_ceph_probe")
     from plugins.tgt import TgtBackend
-    ctx = PluginContext(node="gwa", state_dir=tmp, options={"ceph_timeout": 3, "product_rev": "gwa"},
-                        ceph={"conf": ceph.conf_path, "client_id": "admin"}, port=3260)
     th = NetnsThread(lab.ns("gwa"))
-    h = Harness("tgt", tmp, lambda: TgtBackend(ctx), real=True, lab=lab, images=images, ns_thread=th,
-                ceph_conf=ceph.conf_path)
+    h = Harness("tgt", tmp, PluginContext(node="gwa", state_dir=tmp, options={"ceph_timeout": 3, "product_rev": "gwa"},
+                                          ceph=CephConfig(conf=ceph.conf_path, client_id="admin"), port=3260,
+                                          ceph_probe=probe),
+                TgtBackend, real=True, lab=lab, images=images, ns_thread=th)
+    h.ctx = dataclasses.replace(h.ctx, wake=h.woken)
     try:
         yield h
     finally:
@@ -109,8 +208,12 @@ def _tgt(request: pytest.FixtureRequest, tmp: str) -> Iterator[Harness]:
             b.close()
         th.close()
         stop_tgtd(tmp)
+        leaked = h.daemons()                   # a tgtd the pid file does not name: the backend lost track of it
+        for pid in leaked:
+            os.kill(pid, signal.SIGKILL)
         for ns, addr in h.addresses:
             ip("addr", "del", addr, "dev", "eth0", ns=ns, check=False)
+        assert not leaked, f"tgtd processes not in the pid file: {leaked}"
 
 
 def _lio(request: pytest.FixtureRequest, tmp: str) -> Iterator[Harness]:
@@ -177,20 +280,6 @@ def test_exported_survives_agent_restart(harness: Harness) -> None:
     assert harness.call(again.exported) == want - {PathKey(d2.id, 2)}
 
 
-def test_cleanup_keeps_only_keep(harness: Harness) -> None:
-    b = harness.new()
-    d1, d2 = harness.disk(), harness.disk()
-    for d in (d1, d2):
-        for i in (1, 2):
-            harness.call(b.export, PathKey(d.id, i), d)
-    keep = frozenset({PathKey(d1.id, 2)})
-    harness.call(b.cleanup, keep)
-    assert harness.call(b.exported) == keep
-    assert harness.call(harness.new().exported) == keep
-    harness.call(b.cleanup, frozenset())
-    assert harness.call(b.exported) == frozenset()
-
-
 def test_export_of_unknown_path_is_permanent(harness: Harness) -> None:
     b = harness.new()
     d = harness.disk(paths=1)
@@ -204,9 +293,101 @@ def test_changed_definition_is_updated_in_place(harness: Harness) -> None:
     d = harness.disk(initiators=(INI,))
     p = PathKey(d.id, 1)
     harness.call(b.export, p, d)
-    changed = Disk(**{**{f: getattr(d, f) for f in d.__dataclass_fields__}, "initiators": (INI, OTHER_INI)})
+    changed = _with(d, initiators=(INI, OTHER_INI))
     harness.call(b.export, p, changed)
     assert harness.call(b.exported) == {p}
+
+
+def test_exported_never_starts_a_daemon(harness: Harness) -> None:
+    b = harness.new()
+    assert harness.call(b.exported) == frozenset()
+    assert harness.call(harness.new().exported) == frozenset()
+    time.sleep(0.2)
+    assert harness.daemons() == []
+    assert not os.path.exists(os.path.join(harness.state_dir, "tgt", "tgtd.pid"))
+
+
+def test_fence_stops_serving_every_path_and_forgets_them(harness: Harness) -> None:
+    b = harness.new()
+    d1, d2 = harness.disk(), harness.disk()
+    for d in (d1, d2):
+        for i in (1, 2):
+            harness.call(b.export, PathKey(d.id, i), d)
+    assert len(harness.call(b.exported)) == 4
+    daemons = harness.daemons()
+    b.fence()                                  # from the test's thread: fence needs no namespace nor lock
+    assert harness.call(b.exported) == frozenset()
+    assert harness.call(harness.new().exported) == frozenset()
+    assert not any(_alive(pid) for pid in daemons)
+    time.sleep(0.5)                            # nothing comes back by itself
+    assert harness.call(b.exported) == frozenset()
+    b.fence()                                  # idempotent
+    assert harness.call(b.exported) == frozenset()
+
+
+def test_fence_from_a_second_instance_on_the_same_state_dir(harness: Harness) -> None:
+    b = harness.new()
+    d = harness.disk()
+    harness.call(b.export, PathKey(d.id, 1), d)
+    guard = harness.new()                      # what the guard process builds
+    guard.fence()
+    assert harness.call(b.exported) == frozenset()
+    assert harness.call(guard.exported) == frozenset()
+
+
+def test_fence_from_another_process(harness: Harness) -> None:
+    b = harness.new()
+    d = harness.disk()
+    harness.call(b.export, PathKey(d.id, 1), d)
+    harness.call(b.export, PathKey(d.id, 2), d)
+    daemons = harness.daemons()
+    took = harness.fence_in_another_process()
+    print(f"\n{harness.name}: fence() in another process took {took * 1000:.1f} ms")
+    assert harness.call(b.exported) == frozenset()
+    assert not any(_alive(pid) for pid in daemons)
+    assert took < 0.5
+
+
+def test_fence_is_bounded_while_the_daemon_is_wedged_under_a_call(harness: Harness) -> None:
+    b = harness.new()
+    d, late = harness.disk(), harness.disk()
+    harness.call(b.export, PathKey(d.id, 1), d)
+    daemons = harness.daemons()
+    errors: list[BaseException] = []
+
+    def stuck_export() -> None:
+        try:
+            harness.call(b.export, PathKey(late.id, 1), late)
+        except BaseException as e:  # handed to the test thread
+            errors.append(e)
+
+    with harness.wedged():
+        th = threading.Thread(target=stuck_export)
+        th.start()
+        time.sleep(0.3)                        # the export is inside the backend now, holding what it holds
+        t0 = time.monotonic()
+        b.fence()
+        took = time.monotonic() - t0
+        print(f"\n{harness.name}: fence() with the daemon wedged under an export took {took * 1000:.1f} ms")
+        assert took < 0.5
+        assert not any(_alive(pid) for pid in daemons)
+    th.join(15)
+    assert not th.is_alive()
+    assert len(errors) == 1 and isinstance(errors[0], TransientBackendError), errors
+    assert harness.call(b.exported) == frozenset()
+
+
+def test_export_works_again_after_a_fence(harness: Harness) -> None:
+    b = harness.new()
+    d = harness.disk()
+    p = PathKey(d.id, 1)
+    harness.call(b.export, p, d)
+    b.fence()
+    assert harness.call(b.exported) == frozenset()
+    harness.call(b.export, p, d)
+    assert harness.call(b.exported) == {p}
+    harness.call(b.unexport, p)
+    assert harness.call(b.exported) == frozenset()
 
 
 # ------------------------------------------------------------------------------------------------ data path
@@ -224,6 +405,10 @@ def _serve(h: Harness, b: TargetBackend, d: Disk, index: int = 1) -> str:
 def _add_ip(h: Harness, ns: str, addr: str) -> None:
     ip("addr", "replace", addr, "dev", "eth0", ns=ns)
     h.addresses.append((ns, addr))
+
+
+def _with(d: Disk, **kw: Any) -> Disk:
+    return Disk(**{**{f: getattr(d, f) for f in d.__dataclass_fields__}, **kw})
 
 
 def test_initiator_io_and_identity(real: Harness) -> None:
@@ -266,10 +451,6 @@ def test_acl_unlisted_initiator_refused(real: Harness) -> None:
     assert iscsi.inq(portals[listed.id], listed.iqn, ns, initiator=INI) is None
 
 
-def _with(d: Disk, **kw: Any) -> Disk:
-    return Disk(**{**{f: getattr(d, f) for f in d.__dataclass_fields__}, **kw})
-
-
 def test_chap_and_mutual_chap(real: Harness) -> None:
     h = real
     assert h.lab is not None
@@ -298,11 +479,58 @@ def test_chap_and_mutual_chap(real: Harness) -> None:
         assert "alice-secret" not in log
 
 
+def test_fence_drops_the_sessions_at_once(real: Harness) -> None:
+    h = real
+    assert h.lab is not None
+    ns = h.lab.ns("ini")
+    b = h.new()
+    d1, d2 = h.disk(), h.disk(initiators=None)
+    p1, p2 = _serve(h, b, d1), _serve(h, b, d2)
+    with iscsi.Session(p1, d1.iqn, initiator=INI, netns=ns, reconnect=False, timeout=2) as s:
+        assert s.capacity()[0] > 0
+        b.fence()
+        with pytest.raises(iscsi.IscsiError):
+            s.read(0, 8)
+    # the IPs are still up here (the network plugin's business): nothing answers on them
+    assert iscsi.inq(p1, d1.iqn, ns, initiator=INI, timeout=2) is None
+    assert iscsi.inq(p2, d2.iqn, ns, initiator=INI, timeout=2) is None
+    time.sleep(0.5)
+    assert iscsi.inq(p2, d2.iqn, ns, initiator=INI, timeout=2) is None      # and nothing comes back
+    h.call(b.export, PathKey(d2.id, 1), d2)                                  # until exported again
+    assert iscsi.inq(p2, d2.iqn, ns, initiator=INI) is not None
+
+
 # ------------------------------------------------------------------------------------------------ tgt only
 
 def _tgtd_pid(h: Harness) -> int:
     with open(os.path.join(h.state_dir, "tgt", "tgtd.pid")) as f:
         return int(f.read().split()[0])
+
+
+def _record(h: Harness) -> dict[str, Any]:
+    with open(os.path.join(h.state_dir, "tgt", "exports.json")) as f:
+        data: dict[str, Any] = json.load(f)
+    return data
+
+
+def _show(h: Harness, mode: str) -> str:
+    r = subprocess.run(["tgtadm", "-C", "0", "--lld", "iscsi", "--mode", mode, "--op", "show"],
+                       env={**os.environ, "TGT_IPC_SOCKET": os.path.join(h.state_dir, "tgt", "socket")},
+                       capture_output=True, text=True, timeout=10)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def _wait(cond: Callable[[], bool], timeout: float, what: str) -> float:
+    t0 = time.monotonic()
+    while not cond():
+        assert time.monotonic() - t0 < timeout, f"{what}: not within {timeout} s"
+        time.sleep(0.02)
+    return time.monotonic() - t0
+
+
+DIED = (r"tgt: tgtd \(pid %d\) died: killed by signal 9; restarted it \(pid (\d+)\) empty; "
+        r"the agent re-exports what it holds")
 
 
 def test_tgt_same_identity_on_two_gateways(tgt: Harness, tmp_path: Any) -> None:
@@ -314,8 +542,7 @@ def test_tgt_same_identity_on_two_gateways(tgt: Harness, tmp_path: Any) -> None:
     a = h.new()
     d = h.disk()
     pa = _serve(h, a, d, 1)
-    ctx_b = PluginContext(node="gwb", state_dir=str(tmp_path / "gwb"), options={"product_rev": "gwb"},
-                          ceph={"conf": h.ceph_conf, "client_id": "admin"}, port=3260)
+    ctx_b = dataclasses.replace(h.ctx, node="gwb", state_dir=str(tmp_path / "gwb"), options={"product_rev": "gwb"})
     with NetnsThread(h.lab.ns("gwb")) as tb:
         b = tb.call(TgtBackend, ctx_b)
         try:
@@ -351,7 +578,10 @@ def test_tgt_restart_keeps_tgtd_and_close_does_not_stop_it(tgt: Harness) -> None
     assert open(f"/proc/{pid}/comm").read().strip() == "tgtd"
 
 
-def test_tgt_restores_targets_after_tgtd_is_killed(tgt: Harness, caplog: pytest.LogCaptureFixture) -> None:
+def test_tgt_killed_tgtd_is_restarted_empty_and_the_agent_woken(tgt: Harness,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """No replay (a fenced or session-less agent must not be made to serve again): the watcher restarts
+    tgtd empty, forgets the exports and wakes the agent, which re-exports what it holds."""
     h = tgt
     assert h.lab is not None and h.images is not None
     ns = h.lab.ns("ini")
@@ -366,18 +596,21 @@ def test_tgt_restores_targets_after_tgtd_is_killed(tgt: Harness, caplog: pytest.
         s.sync()
     pid = _tgtd_pid(h)
     caplog.set_level(logging.WARNING, logger="plugins.tgt")
-    os.kill(pid, 9)
-    t0 = time.monotonic()
-    # the backend's watcher restarts tgtd and replays without waiting for the agent's next call
-    while iscsi.inq(p2, d2.iqn, ns, initiator=INI, timeout=1) is None:
-        assert time.monotonic() - t0 < 5, "targets not restored within 5 s"
-        time.sleep(0.02)
-    took = time.monotonic() - t0
-    print(f"\ntgtd kill -9 -> {len(before)} paths served again after {took:.3f} s (no agent call)")
+    woken = len(h.wakes)
+    os.kill(pid, signal.SIGKILL)
+    took = _wait(lambda: len(h.wakes) > woken and h.tgtd() not in (None, pid), 5, "tgtd restarted, agent woken")
+    print(f"\ntgtd kill -9 -> restarted empty and the agent woken after {took:.3f} s")
+    assert h.call(b.exported) == frozenset()
+    assert _record(h)["disks"] == {} and _show(h, "target") == "" and _show(h, "portal") == ""
+    msgs = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    m = [re.fullmatch(DIED % pid, x) for x in msgs]
+    assert any(m), msgs
+    assert int(next(x for x in m if x).group(1)) == _tgtd_pid(h)
+    assert iscsi.inq(p2, d2.iqn, ns, initiator=INI, timeout=1) is None
+    # what the agent does when woken: re-export what it holds
+    for p in sorted(before):
+        h.call(b.export, p, d1 if p.disk == d1.id else d2)
     assert h.call(b.exported) == before
-    assert _tgtd_pid(h) != pid
-    assert any("killed by signal 9" in r.getMessage() and "replaying 2 disk" in r.getMessage()
-               for r in caplog.records)
     assert iscsi.inq(p1, d1.iqn, ns, initiator=INI, chap=("bob", "bob-secret-123")) is not None
     assert iscsi.inq(p1, d1.iqn, ns, initiator=INI, chap=("bob", "wrong-secret-1")) is None
     assert iscsi.inq(p1, d1.iqn, ns, initiator=OTHER_INI, chap=("bob", "bob-secret-123")) is None
@@ -385,9 +618,68 @@ def test_tgt_restores_targets_after_tgtd_is_killed(tgt: Harness, caplog: pytest.
         assert s.read(8, len(data) // 512) == data
 
 
+def test_tgt_two_instances_restart_one_tgtd(tgt: Harness) -> None:
+    """Two instances on one state dir (an agent and the next one during a planned restart) both watch
+    tgtd; after its death exactly one new tgtd runs and the pid file names it."""
+    h = tgt
+    a, b = h.new(), h.new()
+    d = h.disk()
+    h.call(a.export, PathKey(d.id, 1), d)
+    assert h.call(b.exported) == {PathKey(d.id, 1)}           # b watches too now
+    for _ in range(3):
+        pid = _tgtd_pid(h)
+        os.kill(pid, signal.SIGKILL)
+        _wait(lambda: h.tgtd() not in (None, pid), 5, "tgtd restarted")
+        time.sleep(0.3)
+        assert h.daemons() == [h.tgtd()]
+
+
+def test_tgt_an_export_during_a_fence_that_missed_tgtd_fails_and_serves_nothing(tgt: Harness) -> None:
+    """A fence that ran while an export was under way but found no tgtd to kill (the export was starting
+    it): the export notices the fence mark, kills the tgtd it configured and fails."""
+    h = tgt
+    probe = h.ctx.ceph_probe
+    assert probe is not None
+    from plugins.tgt import TgtBackend
+
+    def probe_then_fence_mark(pool: str, image: str) -> None:
+        probe(pool, image)
+        TgtBackend(h.ctx).tgtd.write_mark()       # the fence's mark, as if its kill had come too early
+    b = h.call(TgtBackend, dataclasses.replace(h.ctx, ceph_probe=probe_then_fence_mark))
+    h.backends.append(b)
+    d = h.disk()
+    with pytest.raises(TransientBackendError, match="fenced while exporting"):
+        h.call(b.export, PathKey(d.id, 1), d)
+    assert h.call(b.exported) == frozenset()
+    _wait(lambda: h.tgtd() is not None, 5, "tgtd restarted empty by the watcher")
+    assert _show(h, "target") == ""
+    b2 = h.new()                                  # the next export is after the fence: it serves
+    h.call(b2.export, PathKey(d.id, 1), d)
+    assert h.call(b2.exported) == {PathKey(d.id, 1)}
+
+
+def test_tgt_without_the_watcher_the_next_export_restarts_tgtd(tgt: Harness,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    h = tgt
+    b = h.new(watch=False)
+    d = h.disk()
+    h.call(b.export, PathKey(d.id, 1), d)
+    pid = _tgtd_pid(h)
+    caplog.set_level(logging.WARNING, logger="plugins.tgt")
+    os.kill(pid, signal.SIGKILL)
+    _wait(lambda: not _alive(pid), 5, "tgtd dead")
+    assert h.call(b.exported) == frozenset()
+    time.sleep(0.3)
+    assert h.daemons() == [] and h.wakes == []             # exported() restarted nothing
+    h.call(b.export, PathKey(d.id, 2), d)
+    assert h.call(b.exported) == {PathKey(d.id, 2)}        # path 1 went with the old tgtd
+    assert len(h.wakes) == 1
+    assert any(re.fullmatch(DIED % pid, r.getMessage()) for r in caplog.records)
+
+
 def test_tgt_recovers_from_the_zero_length_read_crash(tgt: Harness) -> None:
-    """A zero-length READ from any logged-in initiator aborts tgtd (librbd assert); supervision in
-    ``exported`` brings every target back."""
+    """A zero-length READ from any logged-in initiator aborts tgtd (librbd assert); the backend restarts it
+    empty and wakes the agent, whose re-export brings the target back."""
     h = tgt
     assert h.lab is not None
     ns = h.lab.ns("ini")
@@ -397,12 +689,60 @@ def test_tgt_recovers_from_the_zero_length_read_crash(tgt: Harness) -> None:
     pid = _tgtd_pid(h)
     with iscsi.Session(portal, d.iqn, initiator=INI, netns=ns, reconnect=False, timeout=3) as s:
         s.read_zero_length()
-    deadline = time.monotonic() + 5
-    while os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().split(") ")[1][0] not in "ZX":
-        assert time.monotonic() < deadline, "tgtd survived the zero-length READ (tgt fixed?)"
-        time.sleep(0.05)
+    _wait(lambda: not _alive(pid), 5, "tgtd crashed by the zero-length READ (tgt fixed?)")
+    _wait(lambda: bool(h.wakes), 5, "agent woken")
+    assert h.call(b.exported) == frozenset()
+    h.call(b.export, PathKey(d.id, 1), d)
     assert h.call(b.exported) == {PathKey(d.id, 1)}
     assert iscsi.inq(portal, d.iqn, ns, initiator=INI) is not None
+
+
+def test_tgt_exported_does_not_hang_on_a_stopped_tgtd(tgt: Harness) -> None:
+    h = tgt
+    b = h.new(show_timeout=0.5)
+    d = h.disk()
+    h.call(b.export, PathKey(d.id, 1), d)
+    with h.wedged():
+        t0 = time.monotonic()
+        with pytest.raises(TransientBackendError, match="no answer from tgtd"):
+            h.call(b.exported)
+        assert time.monotonic() - t0 < 0.5 + 0.5
+    assert h.call(b.exported) == {PathKey(d.id, 1)}
+
+
+def test_tgt_fence_with_many_targets(tgt: Harness) -> None:
+    h = tgt
+    b = h.new()
+    n = 20
+    disks = [h.disk(paths=1, size=8 << 20) for _ in range(n)]
+    for d in disks:
+        h.call(b.export, PathKey(d.id, 1), d)
+    assert len(h.call(b.exported)) == n
+    pid = _tgtd_pid(h)
+    t0 = time.monotonic()
+    b.fence()
+    took = time.monotonic() - t0
+    print(f"\nfence() of tgtd with {n} targets (RBD LUNs) took {took * 1000:.1f} ms")
+    assert not _alive(pid) and took < 0.5
+    assert h.call(b.exported) == frozenset()
+
+
+def test_tgt_children_get_a_scrubbed_environment(tgt: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    h = tgt
+    monkeypatch.setenv("NOTIFY_SOCKET", "/run/systemd/notify")
+    monkeypatch.setenv("CONSUL_HTTP_TOKEN", "consul-token-secret")
+    monkeypatch.setenv("WATCHDOG_USEC", "5000000")
+    b = h.new()
+    d = h.disk()
+    h.call(b.export, PathKey(d.id, 1), d)
+    with open(f"/proc/{_tgtd_pid(h)}/environ", "rb") as f:
+        env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+    assert b"NOTIFY_SOCKET" not in env and b"CONSUL_HTTP_TOKEN" not in env and b"WATCHDOG_USEC" not in env
+    assert env[b"TGT_IPC_SOCKET"] == os.path.join(h.state_dir, "tgt", "socket").encode()
+    ceph_args = env[b"CEPH_ARGS"].decode()
+    for opt in ("--client_mount_timeout 3", "--rados_mon_op_timeout 3", "--rados_osd_op_timeout 3",
+                "--rbd_cache false"):
+        assert opt in ceph_args
 
 
 def test_tgt_ceph_unreachable_is_transient_and_tgtd_stays_responsive(tgt: Harness, ceph: Any) -> None:
@@ -447,15 +787,9 @@ def test_tgt_failed_export_leaves_nothing(tgt: Harness) -> None:
     with pytest.raises(PermanentBackendError, match="does not exist"):
         h.call(b.export, PathKey(d.id, 1), gone)
     assert h.call(b.exported) == frozenset()
-    out = subprocess.run(["tgtadm", "-C", "0", "--lld", "iscsi", "--mode", "target", "--op", "show"],
-                         env={**os.environ, "TGT_IPC_SOCKET": os.path.join(h.state_dir, "tgt", "socket")},
-                         capture_output=True, text=True, timeout=10)
-    assert out.returncode == 0 and d.iqn not in out.stdout
-    portals = subprocess.run(["tgtadm", "-C", "0", "--lld", "iscsi", "--mode", "portal", "--op", "show"],
-                             env={**os.environ, "TGT_IPC_SOCKET": os.path.join(h.state_dir, "tgt", "socket")},
-                             capture_output=True, text=True, timeout=10).stdout
+    assert d.iqn not in _show(h, "target")
     spec = d.path(1)
-    assert spec is not None and spec.ip not in portals
+    assert spec is not None and spec.ip not in _show(h, "portal")
     # an existing path of the disk survives a failed export of another path, whose portal is undone
     h.call(b.export, PathKey(d.id, 1), d)
     with pytest.raises(PermanentBackendError, match="unexport it first"):
@@ -463,9 +797,7 @@ def test_tgt_failed_export_leaves_nothing(tgt: Harness) -> None:
     assert h.call(b.exported) == {PathKey(d.id, 1)}
     spec2 = d.path(2)
     assert spec2 is not None
-    portals = subprocess.run(["tgtadm", "-C", "0", "--lld", "iscsi", "--mode", "portal", "--op", "show"],
-                             env={**os.environ, "TGT_IPC_SOCKET": os.path.join(h.state_dir, "tgt", "socket")},
-                             capture_output=True, text=True, timeout=10).stdout
+    portals = _show(h, "portal")
     assert spec2.ip not in portals and spec.ip in portals
 
 
@@ -491,8 +823,9 @@ def test_tgt_bad_options_are_config_errors(tmp_path: Any) -> None:
     from plugins.tgt import TgtBackend
     with pytest.raises(ConfigError) as e:
         TgtBackend(PluginContext(node="n", state_dir=str(tmp_path), options={
-            "io_threads": "four", "vendor_id": "LONGER-THAN-8", "rbd_cache": "no", "ceph_timeout": 0}))
+            "io_threads": "four", "vendor_id": "LONGER-THAN-8", "rbd_cache": "no", "ceph_timeout": 0,
+            "show_timeout": 0}))
     keys = {k for k, _ in e.value.problems}
     assert keys == {"target.tgt.io_threads", "target.tgt.vendor_id", "target.tgt.rbd_cache",
-                    "target.tgt.ceph_timeout"}
+                    "target.tgt.ceph_timeout", "target.tgt.show_timeout"}
     assert not os.path.exists(tmp_path / "tgt")     # the constructor starts nothing

@@ -1,0 +1,282 @@
+"""What to tell tgtd, as data: pure functions from (intent, tgtd's state) to a list of operations.
+
+``ops_for`` makes one disk's target match its ``Entry``; ``prune_ops`` removes what the record no longer
+needs; ``served`` and ``applied`` compare the record with tgtd's state. No function here has a side
+effect: the backend runs the ops in order (``TgtBackend._run``). See docs/backend-tgt.md.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Mapping, Union
+
+from agent.core.model import PathKey
+from agent.errors import PermanentBackendError
+from plugins.tgt.record import Entry, passwords
+from plugins.tgt.tgtadm import TgtLun, TgtState, TgtTarget, portal_of
+
+LUN = 1
+_NAME_PREFIXES = ("iqn.", "eui.", "naa.")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the ops depend on besides the intent: the iSCSI port, the fixed ``listen`` address (``""``:
+    none), the INQUIRY strings and bs_rbd's ``--bsopts``."""
+
+    port: int = 3260
+    listen: str = ""
+    vendor_id: str = "PATHAGNT"
+    product_id: str = "RBD"
+    product_rev: str = "0001"
+    bsopts: str = ""
+
+
+# ---------------------------------------------------------------------------------------------- the ops
+
+@dataclass(frozen=True)
+class Probe:
+    """Ask the host whether Ceph answers and the image exists (before bs_rbd would block tgtd on it)."""
+
+    pool: str
+    image: str
+
+    @property
+    def what(self) -> str:
+        return f"probe Ceph for {self.pool}/{self.image}"
+
+
+@dataclass(frozen=True)
+class Call:
+    """One plain tgtadm call. ``slow``: it may wait for Ceph (a LUN add)."""
+
+    what: str
+    args: tuple[str, ...]
+    slow: bool = False
+
+
+@dataclass(frozen=True)
+class NewAccount:
+    """Create a CHAP account (the password goes on tgtadm's argv; it is never in ``what`` or ``repr``)."""
+
+    user: str
+    password: str = field(repr=False)
+
+    @property
+    def what(self) -> str:
+        return f"create CHAP account {self.user!r}"
+
+    @property
+    def args(self) -> tuple[str, ...]:
+        return ("--mode", "account", "--op", "new", "--user", self.user, "--password", self.password)
+
+
+@dataclass(frozen=True)
+class AddPortal:
+    portal: str
+
+    @property
+    def what(self) -> str:
+        return f"add portal {self.portal}"
+
+    @property
+    def args(self) -> tuple[str, ...]:
+        return ("--mode", "portal", "--op", "new", "--param", f"portal={self.portal}")
+
+
+@dataclass(frozen=True)
+class DeletePortal:
+    """Delete a portal; one that is already gone is fine."""
+
+    portal: str
+
+    @property
+    def what(self) -> str:
+        return f"delete portal {self.portal}"
+
+    @property
+    def args(self) -> tuple[str, ...]:
+        return ("--mode", "portal", "--op", "delete", "--param", f"portal={self.portal}")
+
+
+@dataclass(frozen=True)
+class DeleteTarget:
+    """Delete a target with ``--force`` (drops its sessions); retried while tgt calls it busy."""
+
+    tid: int
+    name: str
+
+    @property
+    def what(self) -> str:
+        return f"delete target {self.name}"
+
+    @property
+    def args(self) -> tuple[str, ...]:
+        return ("--mode", "target", "--op", "delete", "--force", "--tid", str(self.tid))
+
+
+Op = Union[Probe, Call, NewAccount, AddPortal, DeletePortal, DeleteTarget]
+
+
+# ---------------------------------------------------------------------------------------------- comparing
+
+def lun_ok(entry: Entry, t: TgtTarget | None) -> bool:
+    lun = t.luns.get(LUN) if t else None
+    return lun is not None and lun.bstype == "rbd" and lun.path == f"{entry.pool}/{entry.image}"
+
+
+def served(record: Mapping[str, Entry], state: TgtState, port: int) -> frozenset[PathKey]:
+    """Recorded paths that tgtd serves: the disk's target with LUN 1 on its image, and the path's portal."""
+    out: set[PathKey] = set()
+    for d, e in record.items():
+        if lun_ok(e, state.targets.get(e.iqn)):
+            out.update(PathKey(d, i) for i, ip in e.paths.items() if portal_of(ip, port) in state.portals)
+    return frozenset(out)
+
+
+def applied(entry: Entry, state: TgtState, port: int) -> bool:
+    """Whether tgtd already has ``entry`` exactly (secrets are trusted to the record)."""
+    t = state.targets.get(entry.iqn)
+    if t is None or not lun_ok(entry, t):
+        return False
+    lun = t.luns[LUN]
+    return (lun.scsi_sn == entry.serial and lun.scsi_id == entry.serial and t.acl == entry.acl()
+            and t.accounts_in == {c.user for c, out in entry.accounts() if not out}
+            and t.accounts_out == {c.user for c, out in entry.accounts() if out}
+            and all(portal_of(ip, port) in state.portals for ip in entry.paths.values()))
+
+
+def wanted_portals(record: Mapping[str, Entry], s: Settings) -> set[str]:
+    out = {portal_of(ip, s.port) for e in record.values() for ip in e.paths.values()}
+    if s.listen:
+        out.add(portal_of(s.listen, s.port))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- planning
+
+def _acl_kind(who: str) -> str:
+    return "--initiator-address" if who == "ALL" or not who.startswith(_NAME_PREFIXES) else "--initiator-name"
+
+
+def ops_for(entry: Entry, state: TgtState, prev: Entry | None, record: Mapping[str, Entry],
+            s: Settings = Settings()) -> list[Op]:
+    """The ops that make tgtd's target for ``entry`` match it. ``state``: tgtd's state now (with the
+    account list); ``prev``: the entry the record held before (it tells whether a CHAP password changed);
+    ``record``: every recorded disk, ``entry`` included. Order: Ceph probe, target, LUN, identity, ACL
+    (allow before disallow), CHAP, portals. ``PermanentBackendError`` when the target's LUN 1 is another
+    image. Pure: ``state`` is not modified."""
+    st = copy.deepcopy(state)
+    ops: list[Op] = []
+    t = st.targets.get(entry.iqn)
+    lun = t.luns.get(LUN) if t is not None else None
+    if lun is not None and not lun_ok(entry, t):
+        raise PermanentBackendError(f"disk {entry.disk}: target {entry.iqn} serves {lun.path or lun.kind} "
+                                    f"as LUN {LUN}, not {entry.pool}/{entry.image}; unexport it first")
+    if t is None or lun is None:
+        # before anything else: bs_rbd would block tgtd's event loop while Ceph does not answer
+        ops.append(Probe(entry.pool, entry.image))
+    if t is None:
+        t = TgtTarget(tid=st.free_tid(), name=entry.iqn)
+        st.targets[entry.iqn] = t
+        ops.append(Call(f"create target {entry.iqn}",
+                        ("--mode", "target", "--op", "new", "--tid", str(t.tid), "--targetname", entry.iqn)))
+    tid = str(t.tid)
+    if lun is None:
+        lun = TgtLun(lun=LUN, bstype="rbd", path=f"{entry.pool}/{entry.image}")
+        t.luns[LUN] = lun
+        ops.append(Call(f"add LUN {entry.pool}/{entry.image} to {entry.iqn}",
+                        ("--mode", "logicalunit", "--op", "new", "--tid", tid, "--lun", str(LUN), "--bstype", "rbd",
+                         "--backing-store", f"{entry.pool}/{entry.image}", "--bsopts", s.bsopts), slow=True))
+    if lun.scsi_sn != entry.serial or lun.scsi_id != entry.serial:
+        params = (f"vendor_id={s.vendor_id},product_id={s.product_id},product_rev={s.product_rev},"
+                  f"scsi_sn={entry.serial},scsi_id={entry.serial}")
+        ops.append(Call(f"set identity of {entry.iqn}", ("--mode", "logicalunit", "--op", "update", "--tid", tid,
+                                                         "--lun", str(LUN), "--params", params)))
+    want = entry.acl()
+    for who in sorted(want - t.acl):
+        ops.append(Call(f"allow {who} on {entry.iqn}", ("--mode", "target", "--op", "bind", "--tid", tid,
+                                                        _acl_kind(who), who)))
+    for who in sorted(t.acl - want):
+        ops.append(Call(f"disallow {who} on {entry.iqn}", ("--mode", "target", "--op", "unbind", "--tid", tid,
+                                                           _acl_kind(who), who)))
+    t.acl = set(want)
+    ops += _account_ops(entry, t, st, prev, record)
+    for ip in sorted(set(entry.paths.values())):
+        p = portal_of(ip, s.port)
+        if p not in st.portals:
+            ops.append(AddPortal(p))
+            st.portals.add(p)
+    return ops
+
+
+def _account_ops(entry: Entry, t: TgtTarget, st: TgtState, prev: Entry | None,
+                 record: Mapping[str, Entry]) -> list[Op]:
+    """CHAP: an account whose password changed (or is unknown) is deleted and created again, which unbinds
+    it everywhere, so it is bound again to every recorded target that uses it; tgt allows one outgoing
+    account per target. Mutates ``t`` and ``st`` (the caller's copies)."""
+    ops: list[Op] = []
+    known = passwords({d: e for d, e in record.items() if d != entry.disk})
+    if prev is not None:
+        known.update({c.user: c.password for c, _ in prev.accounts()})
+    accounts = st.accounts if st.accounts is not None else set()
+
+    def bind(target: TgtTarget, user: str, outgoing: bool) -> None:
+        have = target.accounts_out if outgoing else target.accounts_in
+        if user in have:
+            return
+        if outgoing:
+            for old in sorted(target.accounts_out):
+                ops.append(_unbind(target, old, True))
+            target.accounts_out.clear()
+        ops.append(Call(f"bind CHAP account {user!r} to {target.name}",
+                        ("--mode", "account", "--op", "bind", "--tid", str(target.tid), "--user", user)
+                        + (("--outgoing",) if outgoing else ())))
+        have.add(user)
+
+    for c, outgoing in entry.accounts():
+        if c.user in accounts and known.get(c.user) != c.password:
+            ops.append(Call(f"replace CHAP account {c.user!r}", ("--mode", "account", "--op", "delete",
+                                                                 "--user", c.user)))
+            accounts.discard(c.user)
+            for tt in st.targets.values():
+                tt.accounts_in.discard(c.user)
+                tt.accounts_out.discard(c.user)
+        if c.user not in accounts:
+            ops.append(NewAccount(c.user, c.password))
+            accounts.add(c.user)
+            for e in record.values():
+                other = st.targets.get(e.iqn)
+                if e.disk == entry.disk or other is None:
+                    continue
+                for oc, oout in e.accounts():
+                    if oc.user == c.user:
+                        bind(other, oc.user, oout)
+        bind(t, c.user, outgoing)
+    want_in = {c.user for c, out in entry.accounts() if not out}
+    want_out = {c.user for c, out in entry.accounts() if out}
+    for user in sorted(t.accounts_in - want_in):
+        ops.append(_unbind(t, user, False))
+        t.accounts_in.discard(user)
+    for user in sorted(t.accounts_out - want_out):
+        ops.append(_unbind(t, user, True))
+        t.accounts_out.discard(user)
+    st.accounts = accounts
+    return ops
+
+
+def _unbind(t: TgtTarget, user: str, outgoing: bool) -> Call:
+    return Call(f"unbind CHAP account {user!r}", ("--mode", "account", "--op", "unbind", "--tid", str(t.tid),
+                                                  "--user", user) + (("--outgoing",) if outgoing else ()))
+
+
+def prune_ops(state: TgtState, record: Mapping[str, Entry], s: Settings = Settings()) -> list[Op]:
+    """The ops that remove from tgtd what ``record`` does not need: targets, then portals, then (when
+    ``state`` has the account list) accounts. tgtd is ours alone. Pure."""
+    iqns = {e.iqn for e in record.values()}
+    ops: list[Op] = [DeleteTarget(t.tid, name) for name, t in sorted(state.targets.items()) if name not in iqns]
+    ops += [DeletePortal(p) for p in sorted(state.portals - wanted_portals(record, s))]
+    users = set(passwords(record))
+    ops += [Call(f"delete CHAP account {u!r}", ("--mode", "account", "--op", "delete", "--user", u))
+            for u in sorted((state.accounts or set()) - users)]
+    return ops

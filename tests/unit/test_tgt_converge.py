@@ -1,0 +1,256 @@
+"""The tgt backend's op lists, table-tested without tgtd: ``ops_for`` (target, LUN, identity, ACL, CHAP,
+portals), ``prune_ops``, ``served`` and ``applied``."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Iterable
+
+import pytest
+
+from agent.core.model import Chap, PathKey
+from agent.errors import PermanentBackendError
+from plugins.tgt.converge import (AddPortal, Call, DeletePortal, DeleteTarget, NewAccount, Op, Probe, Settings,
+                                  applied, ops_for, prune_ops, served)
+from plugins.tgt.record import Entry
+from plugins.tgt.tgtadm import TgtLun, TgtState, TgtTarget, parse_portals, parse_targets
+
+INI = "iqn.2016-05.io.pathagent.test:ini-a"
+OTHER = "iqn.2016-05.io.pathagent.test:ini-b"
+S = Settings(port=3260, bsopts="conf=/etc/ceph/ceph.conf;id=admin")
+IQN = "iqn.2016-05.io.pathagent:d1"
+SERIAL = "5f0c1e2a-0000-4000-8000-00000000000a"
+
+
+def entry(disk: str = "d1", iqn: str = IQN, initiators: tuple[str, ...] | None = (INI,), chap: Chap | None = None,
+          mutual: Chap | None = None, paths: dict[int, str] | None = None, image: str = "img-d1") -> Entry:
+    return Entry(disk=disk, iqn=iqn, pool="rbd", image=image, serial=SERIAL, initiators=initiators, chap=chap,
+                 mutual_chap=mutual, paths={1: "10.0.0.1"} if paths is None else paths)
+
+
+def target(tid: int = 1, iqn: str = IQN, acl: Iterable[str] = (INI,), ins: Iterable[str] = (),
+           outs: Iterable[str] = (), image: str | None = "rbd/img-d1", serial: str = SERIAL) -> TgtTarget:
+    luns = {0: TgtLun(0, "controller", bstype="null", path="None")}
+    if image is not None:
+        luns[1] = TgtLun(1, "disk", scsi_id=serial, scsi_sn=serial, bstype="rbd", path=image)
+    return TgtTarget(tid=tid, name=iqn, luns=luns, acl=set(acl), accounts_in=set(ins), accounts_out=set(outs))
+
+
+def state(*targets: TgtTarget, portals: Iterable[str] = ("10.0.0.1:3260",),
+          accounts: Iterable[str] = ()) -> TgtState:
+    return TgtState(targets={t.name: t for t in targets}, portals=set(portals), accounts=set(accounts))
+
+
+def bind(user: str, tid: int = 1, iqn: str = IQN, outgoing: bool = False) -> Call:
+    return Call(f"bind CHAP account {user!r} to {iqn}", ("--mode", "account", "--op", "bind", "--tid", str(tid),
+                                                         "--user", user) + (("--outgoing",) if outgoing else ()))
+
+
+def unbind(user: str, tid: int = 1, outgoing: bool = False) -> Call:
+    return Call(f"unbind CHAP account {user!r}", ("--mode", "account", "--op", "unbind", "--tid", str(tid),
+                                                  "--user", user) + (("--outgoing",) if outgoing else ()))
+
+
+def allow(who: str, kind: str = "--initiator-name", tid: int = 1) -> Call:
+    return Call(f"allow {who} on {IQN}", ("--mode", "target", "--op", "bind", "--tid", str(tid), kind, who))
+
+
+def disallow(who: str, kind: str = "--initiator-name", tid: int = 1) -> Call:
+    return Call(f"disallow {who} on {IQN}", ("--mode", "target", "--op", "unbind", "--tid", str(tid), kind, who))
+
+
+def delete_account(user: str, what: str = "replace") -> Call:
+    return Call(f"{what} CHAP account {user!r}", ("--mode", "account", "--op", "delete", "--user", user))
+
+
+def new_target_ops(tid: int) -> list[Op]:
+    return [
+        Probe("rbd", "img-d1"),
+        Call(f"create target {IQN}", ("--mode", "target", "--op", "new", "--tid", str(tid), "--targetname", IQN)),
+        Call(f"add LUN rbd/img-d1 to {IQN}", ("--mode", "logicalunit", "--op", "new", "--tid", str(tid), "--lun", "1",
+                                              "--bstype", "rbd", "--backing-store", "rbd/img-d1",
+                                              "--bsopts", "conf=/etc/ceph/ceph.conf;id=admin"), slow=True),
+        Call(f"set identity of {IQN}", ("--mode", "logicalunit", "--op", "update", "--tid", str(tid), "--lun", "1",
+                                        "--params", "vendor_id=PATHAGNT,product_id=RBD,product_rev=0001,"
+                                                    f"scsi_sn={SERIAL},scsi_id={SERIAL}"))]
+
+
+OTHER_T = target(tid=1, iqn="iqn.2016-05.io.pathagent:other", acl=("ALL",))
+
+CASES: list[tuple[str, Entry, TgtState, Entry | None, dict[str, Entry], list[Op]]] = [
+    ("new target on an empty tgtd",
+     entry(), state(portals=()), None, {},
+     new_target_ops(1) + [allow(INI), AddPortal("10.0.0.1:3260")]),
+    ("new target takes the smallest free tid",
+     entry(initiators=None), state(OTHER_T, target(tid=3, iqn="iqn.x:three")), None, {},
+     new_target_ops(2) + [allow("ALL", "--initiator-address", tid=2)]),
+    ("new target that admits nobody binds no ACL",
+     entry(initiators=()), state(), None, {},
+     new_target_ops(1)),
+    ("applied already: nothing to do",
+     entry(), state(target()), entry(), {}, []),
+    ("a target left without its LUN gets it back, after a probe",
+     entry(), state(target(image=None)), None, {},
+     [new_target_ops(1)[0]] + new_target_ops(1)[2:]),
+    ("ACL: allow the new initiator first, then disallow the old one",
+     entry(initiators=(OTHER,)), state(target()), entry(), {},
+     [allow(OTHER), disallow(INI)]),
+    ("ACL: opened to everyone",
+     entry(initiators=None), state(target()), entry(), {},
+     [allow("ALL", "--initiator-address"), disallow(INI)]),
+    ("ACL: closed to everyone",
+     entry(initiators=()), state(target(acl=(INI, OTHER))), entry(), {},
+     [disallow(INI), disallow(OTHER)]),
+    ("ACL: an address rule is bound by address",
+     entry(initiators=("198.18.0.9",)), state(target(acl=())), entry(), {},
+     [allow("198.18.0.9", "--initiator-address")]),
+    ("CHAP added",
+     entry(chap=Chap("alice", "pw-1")), state(target()), entry(), {},
+     [NewAccount("alice", "pw-1"), bind("alice")]),
+    ("CHAP password changed: the account is replaced and bound again",
+     entry(chap=Chap("alice", "pw-2")), state(target(ins=("alice",)), accounts=("alice",)),
+     entry(chap=Chap("alice", "pw-1")), {},
+     [delete_account("alice"), NewAccount("alice", "pw-2"), bind("alice")]),
+    ("CHAP password changed: re-bound to every recorded target that uses the account",
+     entry(chap=Chap("alice", "pw-2")),
+     state(target(ins=("alice",)), target(tid=2, iqn="iqn.x:d2", ins=("alice",)), accounts=("alice",)),
+     entry(chap=Chap("alice", "pw-1")),
+     {"d2": entry(disk="d2", iqn="iqn.x:d2", chap=Chap("alice", "pw-2"))},
+     [delete_account("alice"), NewAccount("alice", "pw-2"), bind("alice", tid=2, iqn="iqn.x:d2"), bind("alice")]),
+    ("CHAP user shared with another disk, same password: bound, not re-created",
+     entry(chap=Chap("alice", "pw-1")), state(target(), target(tid=2, iqn="iqn.x:d2", ins=("alice",)),
+                                              accounts=("alice",)),
+     entry(), {"d2": entry(disk="d2", iqn="iqn.x:d2", chap=Chap("alice", "pw-1"))},
+     [bind("alice")]),
+    ("an account tgtd has but the record does not know is re-created (its password is unknown)",
+     entry(chap=Chap("alice", "pw-1")), state(target(), accounts=("alice",)), entry(), {},
+     [delete_account("alice"), NewAccount("alice", "pw-1"), bind("alice")]),
+    ("CHAP removed: unbound",
+     entry(), state(target(ins=("alice",)), accounts=("alice",)), entry(chap=Chap("alice", "pw-1")), {},
+     [unbind("alice")]),
+    ("mutual CHAP added",
+     entry(chap=Chap("alice", "pw-1"), mutual=Chap("tgt-1", "tpw-1")),
+     state(target(ins=("alice",)), accounts=("alice",)), entry(chap=Chap("alice", "pw-1")), {},
+     [NewAccount("tgt-1", "tpw-1"), bind("tgt-1", outgoing=True)]),
+    ("mutual CHAP swapped: one outgoing account per target, so the old one is unbound first",
+     entry(chap=Chap("alice", "pw-1"), mutual=Chap("tgt-2", "tpw-2")),
+     state(target(ins=("alice",), outs=("tgt-1",)), accounts=("alice", "tgt-1")),
+     entry(chap=Chap("alice", "pw-1"), mutual=Chap("tgt-1", "tpw-1")), {},
+     [NewAccount("tgt-2", "tpw-2"), unbind("tgt-1", outgoing=True), bind("tgt-2", outgoing=True)]),
+    ("incoming and outgoing swapped",
+     entry(chap=Chap("tgt-1", "tpw-1"), mutual=Chap("alice", "pw-1")),
+     state(target(ins=("alice",), outs=("tgt-1",)), accounts=("alice", "tgt-1")),
+     entry(chap=Chap("alice", "pw-1"), mutual=Chap("tgt-1", "tpw-1")), {},
+     [bind("tgt-1"), unbind("tgt-1", outgoing=True), bind("alice", outgoing=True), unbind("alice")]),
+    ("a second path adds its portal",
+     entry(paths={1: "10.0.0.1", 2: "10.0.0.2"}), state(target()), entry(), {},
+     [AddPortal("10.0.0.2:3260")]),
+    ("two paths on one IP need one portal",
+     entry(paths={1: "10.0.0.5", 2: "10.0.0.5"}), state(target(), portals=()), entry(), {},
+     [AddPortal("10.0.0.5:3260")]),
+    ("an IPv6 path",
+     entry(paths={1: "fd00::7"}), state(target(), portals=()), entry(), {},
+     [AddPortal("[fd00::7]:3260")]),
+    ("a wrong identity is set again",
+     entry(), state(target(serial="beaf11")), entry(), {},
+     [new_target_ops(1)[3]]),
+]
+
+
+@pytest.mark.parametrize("name,e,st,prev,others,want", CASES, ids=[c[0] for c in CASES])
+def test_ops_for(name: str, e: Entry, st: TgtState, prev: Entry | None, others: dict[str, Entry],
+                 want: list[Op]) -> None:
+    before = copy.deepcopy(st)
+    record = {**others, e.disk: e}
+    assert ops_for(e, st, prev, record, S) == want
+    assert st == before                                   # pure: the state given is not touched
+
+
+def test_lun_on_another_image_is_permanent_before_any_op() -> None:
+    with pytest.raises(PermanentBackendError, match="unexport it first"):
+        ops_for(entry(image="img-other"), state(target()), entry(), {"d1": entry(image="img-other")}, S)
+
+
+def test_secrets_are_never_in_what_or_repr() -> None:
+    e = entry(chap=Chap("alice", "s3cret-in"), mutual=Chap("tgt", "s3cret-out"))
+    ops = ops_for(e, state(portals=()), None, {"d1": e}, S)
+    assert NewAccount("alice", "s3cret-in") in ops
+    for op in ops:
+        assert "s3cret" not in op.what and "s3cret" not in repr(op) and "s3cret" not in str(op)
+
+
+def test_settings_reach_the_ops() -> None:
+    s = Settings(port=13260, vendor_id="GW", product_id="P", product_rev="r1", bsopts="conf=/x;id=y")
+    ops = ops_for(entry(), state(portals=()), None, {"d1": entry()}, s)
+    args = [a for op in ops if isinstance(op, Call) for a in op.args]
+    assert "conf=/x;id=y" in args
+    assert f"vendor_id=GW,product_id=P,product_rev=r1,scsi_sn={SERIAL},scsi_id={SERIAL}" in args
+    assert ops[-1] == AddPortal("10.0.0.1:13260")
+
+
+# ------------------------------------------------------------------------------------------------ prune
+
+def test_prune_after_the_last_path_removes_target_portal_and_accounts() -> None:
+    st = state(target(ins=("alice",), outs=("tgt-1",)), TgtTarget(tid=2, name="iqn.x:keep"),
+               portals=("10.0.0.1:3260", "10.0.0.9:3260"), accounts=("alice", "tgt-1", "keep-user"))
+    keep = entry(disk="d2", iqn="iqn.x:keep", chap=Chap("keep-user", "k"), paths={1: "10.0.0.9"})
+    assert prune_ops(st, {"d2": keep}, S) == [
+        DeleteTarget(1, IQN), DeletePortal("10.0.0.1:3260"),
+        Call("delete CHAP account 'alice'", ("--mode", "account", "--op", "delete", "--user", "alice")),
+        Call("delete CHAP account 'tgt-1'", ("--mode", "account", "--op", "delete", "--user", "tgt-1"))]
+
+
+def test_prune_keeps_a_portal_still_used_and_the_listen_portal() -> None:
+    st = state(target(), portals=("10.0.0.1:3260", "10.0.0.2:3260", "192.0.2.1:3260"))
+    s = Settings(port=3260, listen="192.0.2.1")
+    assert prune_ops(st, {"d1": entry(paths={2: "10.0.0.1"})}, s) == [DeletePortal("10.0.0.2:3260")]
+
+
+def test_prune_without_the_account_list_leaves_accounts() -> None:
+    st = TgtState(targets={IQN: target()}, portals=set(), accounts=None)
+    assert prune_ops(st, {}, S) == [DeleteTarget(1, IQN)]
+
+
+# ------------------------------------------------------------------------------------------------ served
+
+def test_served_needs_the_lun_on_the_image_and_the_portal() -> None:
+    e = entry(paths={1: "10.0.0.1", 2: "10.0.0.2"})
+    assert served({"d1": e}, state(target()), 3260) == {PathKey("d1", 1)}
+    assert served({"d1": e}, state(target(), portals=("10.0.0.1:3260", "10.0.0.2:3260")), 3260) == {
+        PathKey("d1", 1), PathKey("d1", 2)}
+    assert served({"d1": e}, state(target(image=None)), 3260) == frozenset()
+    assert served({"d1": e}, state(target(image="rbd/other")), 3260) == frozenset()
+    assert served({"d1": e}, state(), 3260) == frozenset()
+
+
+def test_applied_compares_everything_but_secrets() -> None:
+    e = entry(chap=Chap("alice", "pw"))
+    assert not applied(e, state(target()), 3260)
+    assert applied(e, state(target(ins=("alice",))), 3260)
+    assert not applied(e, state(target(ins=("alice",)), portals=()), 3260)
+    assert not applied(e, state(target(ins=("alice",), acl=(INI, OTHER))), 3260)
+
+
+def test_ops_from_a_real_show() -> None:
+    """disk-a of the captured output as the record has it: nothing to do; its password changed: re-created."""
+    show = Path(__file__).parent / "tgt-show"
+    st = TgtState(targets=parse_targets((show / "targets-mixed.txt").read_text()),
+                  portals=parse_portals((show / "portals-mixed.txt").read_text()),
+                  accounts={"alice", "bob", "target-a"})
+    a = Entry(disk="a", iqn="iqn.2016-05.io.pathagent:disk-a", pool="rbd", image="capimg", serial=SERIAL,
+              initiators=(INI, OTHER), chap=Chap("alice", "alice-secret-1"),
+              mutual_chap=Chap("target-a", "target-secret-1"), paths={1: "127.0.0.2"})
+    d = Entry(disk="d", iqn="iqn.2016-05.io.pathagent:disk-d", pool="rbd", image="capimg2", serial="beaf31",
+              initiators=("127.0.0.1",), chap=Chap("bob", "bob-secret-123"), mutual_chap=None, paths={1: "127.0.0.1"})
+    record = {"a": a, "d": d}
+    port = 13260
+    s = Settings(port=port)
+    assert ops_for(a, st, a, record, s) == [] and applied(a, st, port)
+    changed = Entry(**{**a.__dict__, "chap": Chap("alice", "alice-secret-2")})
+    ops = ops_for(changed, st, a, {**record, "a": changed}, s)
+    assert ops[:2] == [delete_account("alice"), NewAccount("alice", "alice-secret-2")]
+    assert ops[2:] == [Call("bind CHAP account 'alice' to iqn.2016-05.io.pathagent:disk-a",
+                            ("--mode", "account", "--op", "bind", "--tid", "1", "--user", "alice"))]
+    # d's LUN 1 still has tgt's default serial: served (the identity is export's business, not exported's)
+    assert served(record, st, port) == {PathKey("a", 1), PathKey("d", 1)}
+    assert not applied(d, st, port)
