@@ -1,49 +1,55 @@
-"""``iproute`` network backend: floating path IPs as secondary addresses, through netlink (pyroute2).
+"""``iproute`` network backend: floating path IPs as secondary addresses, through netlink (pyroute2), in
+the caller's network namespace. Prose, record format and measurements: ``docs/network-iproute.md``.
 
-Works in the agent's own network namespace (the gateway namespace in the lab; the host's otherwise).
-
-- ``up`` adds ``spec.ip/spec.prefix`` to the interface that carries the path's subnet: the one named for a
-  subnet containing the IP in ``[network.iproute] interfaces`` (``{"198.18.0.0/24" = "eth0"}``), else
-  the interface with an address (not one of ours) whose subnet contains the IP (longest prefix wins;
-  two interfaces with the same prefix are ambiguous: name one in ``interfaces``). The address gets the
-  label ``<ifname>:<label>`` (default ``:pa``; only when that fits in 15 characters) and is recorded in
-  ``{state_dir}/iproute.json`` *before* it is added. Then it is announced with a gratuitous ARP
-  (``arping -q -U -c 1 -I IF IP``, in the background; the child is reaped by later calls and ``close``):
-  Linux sends none by itself, and without it initiators keep the old gateway's MAC for up to a minute.
-- ``down`` removes the path's address only if it is ours: recorded for that path, or carrying our label.
-  An address with the same IP that we did not add is never touched.
-- ``active`` reports the recorded paths whose address is present on the recorded interface.
-
-Also, before adding, ``net.ipv4.conf.<if>.promote_secondaries`` is set to 1 on the interface (logged): a
-floating IP that happens to be the first address of its subnet on the interface would otherwise take
-every other floating IP of that subnet with it when it is removed.
-
-``up`` and ``down`` are idempotent. An IP already present on this node but not added by this backend is
-a ``PermanentBackendError`` (two owners of one address); netlink errors are translated into
-``TransientBackendError`` (or ``PermanentBackendError`` for missing interfaces and invalid addresses).
-IPv6 path addresses are not supported (``PermanentBackendError``).
+- Ours = an address labelled ``<ifname>:<label>``, or recorded in ``{state_dir}/iproute.json`` for the
+  interface it is on. Nothing else is ever removed.
+- ``up`` records the address, then adds it, then announces it with ``ANNOUNCEMENTS`` gratuitous ARPs from
+  one background ``arping``, which is recorded (pid and start time) before it may send. An IP up here
+  and not ours, or up for another path, is a ``PermanentBackendError``.
+- ``down`` removes the path's address and stops its announcement; it returns only when no address with
+  the path's IP is left on this node, and raises ``TransientBackendError`` (address, interface, what to
+  do) otherwise.
+- ``fence`` takes no lock and may run in another thread or process on the same state dir: one netlink
+  dump, every address of ours deleted, then every recorded or running announcement killed (and waited
+  for), then the record rewritten. ``up`` that overlapped a ``fence`` of the same instance undoes itself.
+- ``active`` reads the kernel. Netlink errors are ``TransientBackendError``, a missing interface or an
+  invalid address ``PermanentBackendError``; IPv4 only.
 """
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import logging
 import os
+import select
+import shutil
+import signal
 import socket
 import subprocess
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from agent.backend import NetworkBackend, PluginContext
-from agent.errors import PermanentBackendError, TransientBackendError
-from agent.core.model import PathKey, PathSpec
 from agent import statefile
+from agent.backend import NetworkBackend, PluginContext
+from agent.childenv import child_env
+from agent.core.model import PathKey, PathSpec
+from agent.errors import BackendError, PermanentBackendError, TransientBackendError
 from plugins import sysctl
 from plugins.options import Options
 
 log = logging.getLogger(__name__)
 
 IFNAMSIZ = 15
+#: gratuitous ARPs per ``up``, one a second (arping's interval); arping exits after ``ANNOUNCEMENTS`` s
+ANNOUNCEMENTS = 3
+#: how long ``fence``/``down`` wait for a killed announcement to be gone
+KILL_WAIT = 0.2
+#: the announcement waits on its stdin until its pid is recorded; EOF (the agent died first): no ARP
+_GATE = 'read -r go && exec "$@"'
+
+_Record = dict[str, dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,13 @@ class _Addr:
     label: str | None
 
 
+@dataclass(frozen=True)
+class _Child:
+    proc: subprocess.Popen[bytes]
+    ip: str
+    start: int | None     # /proc start time (clock ticks after boot); None: it was gone at once
+
+
 class IprouteNetwork(NetworkBackend):
     """See the module docstring."""
 
@@ -61,13 +74,14 @@ class IprouteNetwork(NetworkBackend):
         "interfaces": 'table subnet -> interface name, e.g. {"198.18.0.0/24" = "eth0"}; a path IP in a listed '
                       "subnet goes on that interface (default: the interface that has an address in the subnet)",
         "label": "suffix of the address label <ifname>:<label> marking our addresses (default pa)",
-        "arping": "path of arping (iputils) used for the gratuitous ARP (default arping); empty: no announcement",
+        "arping": "path of arping (iputils) used for the gratuitous ARPs (default arping); empty: no announcement",
         "promote_secondaries": "set net.ipv4.conf.<if>.promote_secondaries=1 before adding (default true)",
         "file": "record of added addresses (default {state_dir}/iproute.json)",
     }
 
     def __init__(self, context: PluginContext) -> None:
-        """Reads ``[network.iproute]`` (``ConfigError`` listing every bad key); touches nothing."""
+        """Reads ``[network.iproute]`` (``ConfigError`` listing every bad key); touches nothing. Imports
+        pyroute2 now (when it is installed), so that a later ``fence`` does not pay for the import."""
         o = Options("network.iproute", context.options)
         self.path = o.text("file", "") or os.path.join(context.state_dir, "iproute.json")
         self.label = o.text("label", "pa", 8)
@@ -88,8 +102,17 @@ class IprouteNetwork(NetworkBackend):
             self.interfaces.append((n, ifname))
         o.done()
         self.interfaces.sort(key=lambda x: -x[0].prefixlen)
-        self._children: list[subprocess.Popen[bytes]] = []
-        self._lock = threading.Lock()
+        self._children: list[_Child] = []
+        self._lock = threading.Lock()            # up/down/active/close; never taken by fence
+        self._fence_count = itertools.count(1)
+        self._fences = 0                         # changes at the start and at the end of every fence
+        self._fencing: set[object] = set()       # the fences running now
+        try:
+            from pyroute2 import IPRoute
+            self._iproute: Any = IPRoute
+        except ImportError as e:
+            self._iproute = None
+            self._import_error = str(e)
 
     # ---------------------------------------------------------------- the ABC
 
@@ -99,7 +122,9 @@ class IprouteNetwork(NetworkBackend):
         ip = self._ipv4(spec.ip)
         if not 0 < spec.prefix <= 32:
             raise PermanentBackendError(f"path {path}: prefix length {spec.prefix} is not valid for IPv4")
+        key = str(path)
         with self._lock:
+            since = (self._fences, bool(self._fencing))
             self._reap()
             record = self._load()
             with self._ipr() as ipr:
@@ -108,23 +133,32 @@ class IprouteNetwork(NetworkBackend):
                 ifname = self._choose(path, ip, addrs, links, record)
                 index = next(i for i, n in links.items() if n == ifname)
                 label = self._label_for(ifname)
-                mine = record.get(str(path))
+                mine = record.get(key)
                 for a in addrs:
                     if a.ip != ip:
                         continue
-                    ours = self._ours(a, links, record)
-                    if not ours:
+                    on = links.get(a.index, str(a.index))
+                    if not self._ours(a, links, record):
                         raise PermanentBackendError(
-                            f"path {path}: {ip} is already configured on {links.get(a.index, a.index)} and was not "
+                            f"path {path}: {ip} is already configured on {on} and was not "
                             "added by pathagent; refusing to take it over")
+                    others = self._sharing(record, key, ip, on)
+                    if others:
+                        raise PermanentBackendError(
+                            f"path {path}: {ip} is already up on {on} for path {others[0]}; two paths cannot "
+                            "share one IP (fix the disk definitions)")
                     if a.index == index and a.prefix == spec.prefix:
                         if mine is None or mine.get("ip") != ip or mine.get("ifname") != ifname:
-                            record[str(path)] = {"ip": ip, "prefix": spec.prefix, "ifname": ifname}
+                            record[key] = {"ip": ip, "prefix": spec.prefix, "ifname": ifname}
                             self._save(record)
+                        if self._fenced_since(since):
+                            raise TransientBackendError(f"path {path}: a fence ran while {ip} was being "
+                                                        f"brought up on {ifname}")
                         return
                     # ours, but on another interface or with another prefix: move it
-                    self._del(ipr, a, str(path))
-                record[str(path)] = {"ip": ip, "prefix": spec.prefix, "ifname": ifname}
+                    self._del(ipr, a, key)
+                    self._stop_announcements(ip, [mine] if mine else [])
+                record[key] = {"ip": ip, "prefix": spec.prefix, "ifname": ifname}
                 self._save(record)
                 if self.promote:
                     self._promote(ifname)
@@ -134,35 +168,58 @@ class IprouteNetwork(NetworkBackend):
                         kw["label"] = label
                     ipr.addr("add", **kw)
                 except Exception as e:
-                    del record[str(path)]
+                    del record[key]
                     self._save(record)
                     raise self._translate(f"add {ip}/{spec.prefix} on {ifname} for {path}", e) from None
             log.info("iproute: %s/%d up on %s for %s", ip, spec.prefix, ifname, path)
-            self._announce(ifname, ip)
+            self._announce(key, ifname, ip, record, since)
+            if self._fenced_since(since):
+                self._undo(key, _Addr(ip, spec.prefix, index, label))
+                raise TransientBackendError(
+                    f"path {path}: a fence ran while {ip} was being brought up on {ifname}; taken down again")
 
     def down(self, path: PathKey, spec: PathSpec | None) -> None:
-        """Remove the address of ``path`` if it is ours (recorded for the path, or labelled by us). Absent
-        addresses are a no-op."""
+        """Remove the address of ``path`` (ours: recorded for the path, or labelled by us) and stop its
+        announcement. Returns only when no address with the path's IP is left here; raises
+        ``TransientBackendError`` while one is (not ours, or still the address of another recorded path).
+        With neither a record for the path nor ``spec`` there is no IP to look for: a no-op."""
+        key = str(path)
         with self._lock:
             self._reap()
             record = self._load()
-            mine = record.get(str(path))
+            mine = record.get(key)
             ip = str(mine["ip"]) if mine else (self._ipv4(spec.ip) if spec is not None else None)
             if ip is None:
                 return
+            left: list[str] = []
+            shared = False
             with self._ipr() as ipr:
                 links = self._links(ipr)
                 for a in self._addrs(ipr):
                     if a.ip != ip:
                         continue
-                    recorded = mine is not None and links.get(a.index) == mine.get("ifname")
-                    if recorded or (a.label is not None and a.label == self._label_for(links.get(a.index, ""))):
-                        self._del(ipr, a, str(path))
-                        log.info("iproute: %s/%d down on %s for %s", ip, a.prefix, links.get(a.index), path)
+                    on = links.get(a.index, str(a.index))
+                    others = self._sharing(record, key, ip, on)
+                    if others:
+                        shared = True
+                        left.append(f"{ip}/{a.prefix} on {on} is also the address of path {others[0]} on this "
+                                    f"node (two paths with one IP): take {others[0]} down first")
+                    elif (mine is not None and mine.get("ifname") == on) or self._labelled(a, on):
+                        self._del(ipr, a, key)
+                        log.info("iproute: %s/%d down on %s for %s", ip, a.prefix, on, path)
                     else:
-                        log.warning("iproute: %s on %s is not ours; leaving it", ip, links.get(a.index, a.index))
+                        left.append(
+                            f"{ip}/{a.prefix} is up on {on} but pathagent does not know it as its own (no record "
+                            f"in {self.path}, no label {self._label_for(on) or '(none fits)'}); the path stays "
+                            f"held until it is gone: if pathagent added it (record lost), remove it with "
+                            f"'ip addr del {ip}/{a.prefix} dev {on}', otherwise free {ip} from whatever uses it")
+            if not shared:
+                self._stop_announcements(ip, [mine] if mine else [])
+            if left:
+                raise TransientBackendError(f"path {path}: cannot take {ip} down: " + "; ".join(left),
+                                            retry_after=5.0)
             if mine is not None:
-                del record[str(path)]
+                del record[key]
                 self._save(record)
 
     def active(self) -> frozenset[PathKey]:
@@ -182,16 +239,71 @@ class IprouteNetwork(NetworkBackend):
                     out.add(PathKey(disk, int(idx)))
             return frozenset(out)
 
+    def fence(self) -> None:
+        """Every address of ours down, then every announcement stopped, then the record rewritten without
+        the removed addresses. Takes no lock (its own netlink socket), so it runs while another thread is
+        inside ``up``/``down``/``active`` and from another process on the same state dir. Raises
+        ``TransientBackendError`` (after doing all it could) when an address could not be removed, the
+        record could not be read (labelled addresses are still removed), or an announcement did not die."""
+        token = object()
+        self._fencing.add(token)
+        self._fences = next(self._fence_count)
+        try:
+            self._fence()
+        finally:
+            self._fences = next(self._fence_count)
+            self._fencing.discard(token)
+
+    def _fence(self) -> None:
+        t0 = time.monotonic()
+        problems: list[str] = []
+        try:
+            record = self._load()
+        except BackendError as e:
+            problems.append(f"{e}; removed the labelled addresses only")
+            record = {}
+        removed: set[tuple[str, str]] = set()
+        try:
+            with self._ipr() as ipr:
+                links = self._links(ipr)
+                for a in self._addrs(ipr):
+                    if not self._ours(a, links, record):
+                        continue
+                    try:
+                        self._del(ipr, a, "the fence")
+                        removed.add((a.ip, links.get(a.index, "")))
+                    except BackendError as e:
+                        problems.append(str(e))
+        except BackendError as e:
+            problems.append(str(e))
+        t1 = time.monotonic()
+        # announcements next: ours in memory, and those recorded (by this or another process) since
+        try:
+            now = self._load()
+        except BackendError:
+            now = record
+        alive = _kill(self._announcers(None, now.values()), KILL_WAIT)
+        if alive:
+            problems.append(f"announcement (arping) pid {', '.join(map(str, alive))} did not exit after SIGKILL")
+        t2 = time.monotonic()
+        # the record last, and only when the addresses are gone
+        keep = {k: v for k, v in now.items() if (v.get("ip"), v.get("ifname")) not in removed}
+        if keep != now:
+            try:
+                self._save(keep)
+            except BackendError as e:   # harmless: active() reads the kernel; later calls tidy it
+                log.warning("iproute: fence: %s", e)
+        log.warning("iproute: fenced: %d address(es) removed in %.1f ms, announcements stopped in %.1f ms, "
+                    "%.1f ms in all%s", len(removed), (t1 - t0) * 1e3, (t2 - t1) * 1e3,
+                    (time.monotonic() - t0) * 1e3, "" if not problems else "; " + "; ".join(problems))
+        if problems:
+            raise TransientBackendError("iproute: fence incomplete: " + "; ".join(problems), retry_after=0.5)
+
     def close(self) -> None:
-        """Reap announcement children (waiting at most ~1.5 s each); addresses stay."""
+        """Reap the announcements that finished. Running ones are left to finish (their pids are recorded,
+        so a later fence, in this process or another, still stops them); addresses stay."""
         with self._lock:
-            for p in self._children:
-                try:
-                    p.wait(timeout=1.5)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
-            self._children.clear()
+            self._reap()
 
     # ---------------------------------------------------------------- helpers
 
@@ -209,11 +321,19 @@ class IprouteNetwork(NetworkBackend):
         label = f"{ifname}:{self.label}"
         return label if len(label) <= IFNAMSIZ else None
 
+    def _labelled(self, a: _Addr, ifname: str) -> bool:
+        return a.label is not None and a.label == self._label_for(ifname)
+
     def _ours(self, a: _Addr, links: Mapping[int, str], record: Mapping[str, Mapping[str, Any]]) -> bool:
         ifname = links.get(a.index, "")
         if any(v.get("ip") == a.ip and v.get("ifname") == ifname for v in record.values()):
             return True
-        return a.label is not None and a.label == self._label_for(ifname)
+        return self._labelled(a, ifname)
+
+    @staticmethod
+    def _sharing(record: Mapping[str, Mapping[str, Any]], key: str, ip: str, ifname: str) -> list[str]:
+        """Other recorded paths whose address is ``ip`` on ``ifname``."""
+        return sorted(k for k, v in record.items() if k != key and v.get("ip") == ip and v.get("ifname") == ifname)
 
     def _choose(self, path: PathKey, ip: str, addrs: list[_Addr], links: Mapping[int, str],
                 record: Mapping[str, Mapping[str, Any]]) -> str:
@@ -241,12 +361,10 @@ class IprouteNetwork(NetworkBackend):
         return names[0]
 
     def _ipr(self) -> Any:
+        if self._iproute is None:
+            raise PermanentBackendError(f"pyroute2 is not importable: {self._import_error}")
         try:
-            from pyroute2 import IPRoute
-        except ImportError as e:
-            raise PermanentBackendError(f"pyroute2 is not importable: {e}") from None
-        try:
-            return IPRoute()
+            return self._iproute()
         except Exception as e:
             raise self._translate("open a netlink socket", e) from None
 
@@ -258,7 +376,7 @@ class IprouteNetwork(NetworkBackend):
 
     def _addrs(self, ipr: Any) -> list[_Addr]:
         try:
-            msgs = ipr.get_addr(family=socket.AF_INET)
+            msgs = list(ipr.get_addr(family=socket.AF_INET))
         except Exception as e:
             raise self._translate("list addresses", e) from None
         out = []
@@ -276,6 +394,15 @@ class IprouteNetwork(NetworkBackend):
                 return
             raise self._translate(f"remove {a.ip}/{a.prefix} for {what}", e) from None
 
+    def _undo(self, key: str, a: _Addr) -> None:
+        """``up`` overlapped a fence: take this path's address and announcement down again."""
+        self._stop_announcements(a.ip, [])
+        with self._ipr() as ipr:
+            self._del(ipr, a, key)
+        record = self._load()
+        if record.pop(key, None) is not None:
+            self._save(record)
+
     @staticmethod
     def _translate(what: str, e: Exception) -> Exception:
         code = getattr(e, "code", None)
@@ -291,27 +418,84 @@ class IprouteNetwork(NetworkBackend):
         except OSError as e:
             log.warning("iproute: cannot set %s: %s", p, e)
 
-    def _announce(self, ifname: str, ip: str) -> None:
+    # ---------------------------------------------------------------- announcements
+
+    def _fenced_since(self, since: tuple[int, bool]) -> bool:
+        """Whether a fence of this instance overlapped the time since ``since`` was taken (``(self._fences,
+        bool(self._fencing))``): one was running then or is now, or one started or ended in between."""
+        return since[1] or bool(self._fencing) or self._fences != since[0]
+
+    def _announce(self, key: str, ifname: str, ip: str, record: _Record, since: tuple[int, bool]) -> None:
+        """Start the gratuitous ARPs for ``ip``: the child is gated on its stdin, recorded under ``key``,
+        and only then let go (unless a fence ran meanwhile)."""
         if not self.arping:
             return
+        exe = shutil.which(self.arping)
+        if exe is None:
+            log.warning("iproute: %s not found: %s is up but not announced", self.arping, ip)
+            return
+        argv = ["/bin/sh", "-c", _GATE, "pathagent-arping", exe, "-q", "-U", "-c", str(ANNOUNCEMENTS),
+                "-w", str(ANNOUNCEMENTS), "-I", ifname, ip]
         try:
-            self._children.append(subprocess.Popen(
-                [self.arping, "-q", "-U", "-c", "1", "-I", ifname, ip], stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
+            proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL, start_new_session=True, env=child_env())
         except OSError as e:
-            log.warning("iproute: cannot run %s to announce %s: %s", self.arping, ip, e)
+            log.warning("iproute: cannot start %s to announce %s: %s", self.arping, ip, e)
+            return
+        child = _Child(proc, ip, _starttime(proc.pid))
+        self._children.append(child)
+        go = child.start is not None
+        if go:
+            record[key] = dict(record[key], arping={"pid": proc.pid, "start": child.start})
+            try:
+                self._save(record)
+            except BackendError as e:
+                log.error("iproute: %s is up but not announced: cannot record the announcement: %s", ip, e)
+                go = False
+        go = go and not self._fenced_since(since)
+        assert proc.stdin is not None
+        try:
+            if go:
+                proc.stdin.write(b"go\n")
+            proc.stdin.close()
+        except OSError as e:   # it died already
+            log.warning("iproute: announcement of %s did not start: %s", ip, e)
+        if not go:
+            _kill({proc.pid: child.start} if child.start is not None else {}, KILL_WAIT)
+
+    def _announcers(self, ip: str | None, entries: Any) -> dict[int, int]:
+        """pid -> start time of the announcements of ``ip`` (every IP when ``None``): those this
+        instance started, and those recorded in ``entries`` (record entries)."""
+        out = {c.proc.pid: c.start for c in list(self._children)
+               if c.start is not None and (ip is None or c.ip == ip)}
+        for v in entries:
+            a = v.get("arping") if isinstance(v, Mapping) else None
+            if isinstance(a, Mapping) and (ip is None or v.get("ip") == ip):
+                pid, start = a.get("pid"), a.get("start")
+                if isinstance(pid, int) and isinstance(start, int) and pid > 0:
+                    out.setdefault(pid, start)
+        return out
+
+    def _stop_announcements(self, ip: str, entries: list[Mapping[str, Any]]) -> None:
+        alive = _kill(self._announcers(ip, entries), KILL_WAIT)
+        if alive:
+            log.error("iproute: announcement of %s (pid %s) did not exit after SIGKILL", ip, alive)
 
     def _reap(self) -> None:
         still = []
-        for p in self._children:
-            rc = p.poll()
+        for c in self._children:
+            rc = c.proc.poll()
             if rc is None:
-                still.append(p)
+                still.append(c)
+            elif rc == -signal.SIGKILL:
+                log.debug("iproute: announcement of %s stopped", c.ip)
             elif rc != 0:
-                log.warning("iproute: gratuitous ARP (arping) exited with status %d", rc)
+                log.warning("iproute: gratuitous ARP for %s (arping) exited with status %d", c.ip, rc)
         self._children = still
 
-    def _load(self) -> dict[str, dict[str, Any]]:
+    # ---------------------------------------------------------------- the record
+
+    def _load(self) -> _Record:
         try:
             data = statefile.read(self.path, {})
             return {str(k): dict(v) for k, v in data.get("addresses", {}).items()}
@@ -323,3 +507,64 @@ class IprouteNetwork(NetworkBackend):
             statefile.write(self.path, {"addresses": {k: dict(v) for k, v in sorted(record.items())}})
         except OSError as e:
             raise TransientBackendError(f"iproute record {self.path}: {e}") from e
+
+
+def _starttime(pid: int) -> int | None:
+    """The start time of process ``pid`` (``/proc/PID/stat`` field 22), ``None`` if it is gone or a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    if not fields or fields[0] in (b"Z", b"X"):
+        return None
+    try:
+        return int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def _kill(procs: Mapping[int, int], timeout: float) -> list[int]:
+    """SIGKILL each ``pid`` whose start time is still the recorded one (so never a reused pid), through a
+    pidfd, and wait up to ``timeout`` for them to exit. Returns the pids still running then."""
+    fds: dict[int, int] = {}
+    plain: dict[int, int] = {}        # no pidfd (Linux < 5.3): a plain kill after the same check
+    for pid, start in procs.items():
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            continue
+        except OSError:
+            if _starttime(pid) == start:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    plain[pid] = start
+                except OSError:
+                    pass
+            continue
+        if _starttime(pid) != start:
+            os.close(fd)              # gone, a zombie, or another process has the pid now
+            continue
+        try:
+            signal.pidfd_send_signal(fd, signal.SIGKILL)
+            fds[fd] = pid
+        except OSError:
+            os.close(fd)
+    try:
+        poller = select.poll()
+        for fd in fds:
+            poller.register(fd, select.POLLIN)   # readable once the process has exited
+        pending = dict(fds)
+        end = time.monotonic() + timeout
+        while pending or plain:
+            plain = {p: s for p, s in plain.items() if _starttime(p) == s}
+            left = end - time.monotonic()
+            if left <= 0 or not (pending or plain):
+                break
+            for fd, _ in poller.poll(min(left, 0.01) * 1000 if plain else left * 1000):
+                poller.unregister(fd)
+                pending.pop(fd, None)
+        return sorted([*pending.values(), *plain])
+    finally:
+        for fd in fds:
+            os.close(fd)

@@ -1,20 +1,28 @@
 """The ``iproute`` network backend in a real gateway namespace (lab: gwa, gwb, ini on one bridge).
 
-Checks: up/down/idempotency, ``active`` from the kernel after a restart, the gratuitous ARP moving the
-initiator's neighbour entry, that it never removes (nor takes over) an address it did not add, interface
-choice by subnet and by the ``interfaces`` table."""
+Checks: up/down/idempotency, ``active`` from the kernel after a restart, the gratuitous ARPs (three,
+counted on the wire at the initiator, from a child with the scrubbed environment) moving the initiator's
+neighbour entry, that it never removes (nor takes over) an address it did not add, that ``down`` refuses to
+return while the path's IP is still here, interface choice by subnet and by the ``interfaces`` table, and
+``fence``: every address of ours and none other, also from a second instance on the same state dir (the
+guard process), without the instance's lock, killing running announcements, and undoing an ``up`` it
+overlapped."""
 from __future__ import annotations
 
 import itertools
 import json
 import os
+import socket
+import stat
+import struct
+import threading
 import time
 from typing import Any, Iterator
 
 import pytest
 
 from agent.backend import PluginContext
-from agent.errors import PermanentBackendError
+from agent.errors import PermanentBackendError, TransientBackendError
 from agent.core.model import PathKey, PathSpec
 from lab.gwtools import missing_tools
 from lab.netns import GatewayLab, NetnsThread, ip, run_in
@@ -34,17 +42,38 @@ def gwa(gw_lab: GatewayLab) -> Iterator[NetnsThread]:
 
 
 @pytest.fixture
-def net(gw_lab: GatewayLab, gwa: NetnsThread, tmp_path: Any) -> Iterator[Any]:
+def ini(gw_lab: GatewayLab) -> Iterator[NetnsThread]:
+    with NetnsThread(gw_lab.ns("ini")) as t:
+        yield t
+
+
+@pytest.fixture
+def make(gw_lab: GatewayLab, gwa: NetnsThread, tmp_path: Any) -> Iterator[Any]:
+    """``make(**options)``: an ``IprouteNetwork`` built in gwa on the test's state dir (every call builds
+    another instance on the same dir, as the guard process does)."""
     from plugins.iproute import IprouteNetwork
-    ctx = PluginContext(node="gwa", state_dir=str(tmp_path))
-    b = gwa.call(IprouteNetwork, ctx)
-    yield b
-    gwa.call(b.close)
+    made: list[Any] = []
+
+    def build(**options: Any) -> Any:
+        b = gwa.call(IprouteNetwork, PluginContext(node="gwa", state_dir=str(tmp_path), options=options))
+        made.append(b)
+        return b
+    yield build
+    for b in made:
+        try:
+            gwa.call(b.fence)      # also stops announcements still running
+        finally:
+            gwa.call(b.close)
     # remove whatever a failing test left: every address on gwa's eth0 but the node's own
     own = f"{gw_lab.node_ip('gwa')}/24"
     for a in addrs(gw_lab, "gwa"):
         if a != own:
             ip("addr", "del", a, "dev", "eth0", ns=gw_lab.ns("gwa"), check=False)
+
+
+@pytest.fixture
+def net(make: Any) -> Any:
+    return make()
 
 
 def addrs(lab: GatewayLab, node: str) -> dict[str, str]:
@@ -124,11 +153,17 @@ def test_never_touches_a_foreign_address(gw_lab: GatewayLab, gwa: NetnsThread, n
     p = PathKey("d3", 1)
     with pytest.raises(PermanentBackendError, match="not added by pathagent"):
         gwa.call(net.up, p, PathSpec(1, vip, 24))
-    gwa.call(net.down, p, PathSpec(1, vip, 24))
-    gwa.call(net.down, PathKey("d3", 2), PathSpec(2, other, 24))
+    # down() leaves them, and does not return as if the path's IP were gone (the agent would release it)
+    with pytest.raises(TransientBackendError, match=f"{vip}/24 is up on eth0.*ip addr del {vip}/24 dev eth0"):
+        gwa.call(net.down, p, PathSpec(1, vip, 24))
+    with pytest.raises(TransientBackendError, match=f"{other}/24 is up on eth0"):
+        gwa.call(net.down, PathKey("d3", 2), PathSpec(2, other, 24))
     a = addrs(gw_lab, "gwa")
     assert f"{vip}/24" in a and a[f"{other}/24"] == "eth0:x"
     assert gwa.call(net.active) == frozenset()
+    # once the admin removed it, down() returns
+    ip("addr", "del", f"{vip}/24", "dev", "eth0", ns=ns)
+    gwa.call(net.down, p, PathSpec(1, vip, 24))
 
 
 def test_interface_choice(gw_lab: GatewayLab, gwa: NetnsThread, tmp_path: Any) -> None:
@@ -163,3 +198,253 @@ def test_bad_options_are_config_errors(tmp_path: Any) -> None:
     keys = {k for k, _ in e.value.problems}
     assert keys == {"network.iproute.interfaces.198.18.0.0/33", "network.iproute.interfaces.2001:db8::/64",
                     "network.iproute.label", "network.iproute.promote_secondaries"}
+
+
+# ------------------------------------------------------------------------------------------------ GARP
+
+class GarpWatch:
+    """The gratuitous ARPs for ``addr`` (requests whose sender and target address are ``addr``) arriving
+    on eth0 of the namespace of ``ns_thread``, with their arrival times (``time.monotonic``)."""
+
+    def __init__(self, ns_thread: NetnsThread, addr: str) -> None:
+        self.addr = socket.inet_aton(addr)
+        self.sock = ns_thread.call(self._open)    # a socket stays in the namespace it was made in
+        self.times: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _open() -> socket.socket:
+        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0806))
+        s.bind(("eth0", 0))
+        s.settimeout(0.05)
+        return s
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                f = self.sock.recv(2048)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            # Ethernet header 14 bytes; ARP op at 20, sender IP at 28, target IP at 38
+            if len(f) >= 42 and struct.unpack("!H", f[20:22])[0] == 1 and f[28:32] == self.addr == f[38:42]:
+                self.times.append(time.monotonic())
+
+    def wait(self, n: int, timeout: float) -> None:
+        end = time.monotonic() + timeout
+        while len(self.times) < n:
+            assert time.monotonic() < end, f"saw {len(self.times)} gratuitous ARPs, waited for {n}"
+            time.sleep(0.01)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sock.close()
+
+
+def need_arping() -> None:
+    if missing_tools("arping"):
+        pytest.skip("arping (iputils-arping) is not installed")
+
+
+def test_three_gratuitous_arps_on_the_wire(gw_lab: GatewayLab, gwa: NetnsThread, ini: NetnsThread,
+                                           net: Any) -> None:
+    need_arping()
+    vip = gw_lab.vip(next(_n))
+    w = GarpWatch(ini, vip)
+    try:
+        t0 = time.monotonic()
+        gwa.call(net.up, PathKey("g1", 1), PathSpec(1, vip, 24))
+        time.sleep(3.5)                       # arping -c 3 -w 3 has exited by then
+    finally:
+        w.close()
+    assert len(w.times) == 3, w.times
+    assert w.times[0] - t0 < 0.5
+    gaps = [b - a for a, b in zip(w.times, w.times[1:])]
+    assert all(0.8 < g < 1.2 for g in gaps), gaps
+    gwa.call(net.down, PathKey("g1", 1), None)
+
+
+def test_announcement_argv_and_scrubbed_environment(gw_lab: GatewayLab, gwa: NetnsThread, make: Any,
+                                                    tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    stub = tmp_path / "arping-stub"
+    out = tmp_path / "stub-out"
+    stub.write_text(f'#!/bin/sh\nenv > {out}.env\nprintf "%s\\n" "$@" > {out}.tmp && mv {out}.tmp {out}\n')
+    stub.chmod(stub.stat().st_mode | stat.S_IXUSR)
+    monkeypatch.setenv("CONSUL_HTTP_TOKEN", "s3cret-token")
+    monkeypatch.setenv("NOTIFY_SOCKET", "/run/systemd/notify")
+    net = make(arping=str(stub))
+    vip = gw_lab.vip(next(_n))
+    gwa.call(net.up, PathKey("g2", 1), PathSpec(1, vip, 24))
+    t0 = time.monotonic()
+    while not out.exists():
+        assert time.monotonic() - t0 < 3, "the announcement did not run"
+        time.sleep(0.01)
+    assert out.read_text().split() == ["-q", "-U", "-c", "3", "-w", "3", "-I", "eth0", vip]
+    env = (tmp_path / "stub-out.env").read_text()
+    assert "s3cret-token" not in env and "NOTIFY_SOCKET" not in env
+    gwa.call(net.down, PathKey("g2", 1), None)
+
+
+# ------------------------------------------------------------------------------------------------ fence
+
+LONG_IF = "pathagentlong0"     # "<ifname>:pa" does not fit in 15 characters: addresses here carry no label
+LONG_PEER = "pathagentlong1"
+LONG_NET = "198.19.252"        # only ever inside gwa's namespace
+
+
+@pytest.fixture
+def long_if(gw_lab: GatewayLab, gwa: NetnsThread) -> Iterator[str]:
+    ns = gw_lab.ns("gwa")
+    ip("link", "add", LONG_IF, "type", "veth", "peer", "name", LONG_PEER, ns=ns)
+    try:
+        ip("link", "set", LONG_PEER, "up", ns=ns)
+        ip("link", "set", LONG_IF, "up", ns=ns)
+        yield LONG_IF
+    finally:
+        ip("link", "del", LONG_IF, ns=ns, check=False)
+
+
+def if_addrs(lab: GatewayLab, node: str, ifname: str) -> set[str]:
+    out = set()
+    for link in json.loads(ip("-4", "-j", "addr", "show", "dev", ifname, ns=lab.ns(node)).stdout):
+        out |= {f"{a['local']}/{a['prefixlen']}" for a in link.get("addr_info", [])}
+    return out
+
+
+def running(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie does not: the test process reaps its children lazily)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
+def announcer_pids(state_dir: Any) -> dict[str, int]:
+    """path -> pid of its announcement, from the record."""
+    rec = json.load(open(state_dir / "iproute.json"))["addresses"]
+    return {k: int(v["arping"]["pid"]) for k, v in rec.items() if "arping" in v}
+
+
+def test_fence_removes_ours_and_nothing_else_also_from_a_second_instance(
+        gw_lab: GatewayLab, gwa: NetnsThread, make: Any, long_if: str, tmp_path: Any) -> None:
+    ns = gw_lab.ns("gwa")
+    opts = {"interfaces": {f"{LONG_NET}.0/24": LONG_IF}, "arping": "" if missing_tools("arping") else "arping"}
+    agent = make(**opts)
+    v1, v3, v4, v5 = (gw_lab.vip(next(_n)) for _ in range(4))
+    v2 = f"{LONG_NET}.7"
+    gwa.call(agent.up, PathKey("f1", 1), PathSpec(1, v1, 24))     # labelled eth0:pa and recorded
+    gwa.call(agent.up, PathKey("f1", 2), PathSpec(2, v2, 24))     # recorded only (no label fits)
+    ip("addr", "add", f"{v3}/24", "dev", "eth0", ns=ns)                        # someone else's
+    ip("addr", "add", f"{v4}/24", "dev", "eth0", "label", "eth0:x", ns=ns)    # another tool's label
+    ip("addr", "add", f"{v5}/24", "dev", "eth0", "label", "eth0:pa", ns=ns)   # ours by label, record lost
+    assert f"{v2}/24" in if_addrs(gw_lab, "gwa", LONG_IF)
+    pids = announcer_pids(tmp_path)
+    if opts["arping"]:
+        assert set(pids) == {"f1/1", "f1/2"} and all(running(p) for p in pids.values())
+    # the guard: its own instance on the same state dir, no memory of what the agent did
+    guard = make(**opts)
+    gwa.call(guard.fence)
+    a = addrs(gw_lab, "gwa")
+    assert f"{v1}/24" not in a and f"{v5}/24" not in a
+    assert f"{v3}/24" in a and a[f"{v4}/24"] == "eth0:x" and f"{gw_lab.node_ip('gwa')}/24" in a
+    assert f"{v2}/24" not in if_addrs(gw_lab, "gwa", LONG_IF)
+    assert not any(running(p) for p in pids.values()), "the agent's announcements outlived the guard's fence"
+    assert json.load(open(tmp_path / "iproute.json"))["addresses"] == {}
+    assert gwa.call(agent.active) == frozenset() and gwa.call(guard.active) == frozenset()
+    # nothing comes back by itself; the agent can bring a path up again and down cleanly
+    gwa.call(agent.down, PathKey("f1", 1), PathSpec(1, v1, 24))
+    gwa.call(agent.up, PathKey("f1", 1), PathSpec(1, v1, 24))
+    assert gwa.call(agent.active) == {PathKey("f1", 1)}
+    gwa.call(agent.fence)
+    assert f"{v1}/24" not in addrs(gw_lab, "gwa")
+
+
+def test_fence_does_not_wait_for_the_instance_lock(gw_lab: GatewayLab, gwa: NetnsThread, net: Any) -> None:
+    vips = [gw_lab.vip(next(_n)) for _ in range(3)]
+    for i, v in enumerate(vips, 1):
+        gwa.call(net.up, PathKey("f2", i), PathSpec(i, v, 24))
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:          # stands for the main thread inside up()/down()/active()
+        with net._lock:
+            held.set()
+            release.wait(5)
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert held.wait(2)
+        t0 = time.monotonic()
+        gwa.call(net.fence)
+        took = time.monotonic() - t0
+    finally:
+        release.set()
+        holder.join()
+    assert took < 0.5, f"fence took {took:.3f} s while the lock was held"
+    assert not any(f"{v}/24" in addrs(gw_lab, "gwa") for v in vips)
+    print(f"\nfence of 3 addresses with the lock held elsewhere: {took * 1e3:.1f} ms")
+
+
+def test_fence_kills_a_running_announcement(gw_lab: GatewayLab, gwa: NetnsThread, ini: NetnsThread, net: Any,
+                                            tmp_path: Any) -> None:
+    need_arping()
+    vip = gw_lab.vip(next(_n))
+    w = GarpWatch(ini, vip)
+    try:
+        gwa.call(net.up, PathKey("f3", 1), PathSpec(1, vip, 24))
+        w.wait(1, 1.0)                        # the first of three went out
+        pid = announcer_pids(tmp_path)["f3/1"]
+        assert running(pid)
+        gwa.call(net.fence)
+        done = time.monotonic()
+        assert not running(pid)
+        time.sleep(1.6)                       # the second would have gone out ~1 s after the first
+    finally:
+        w.close()
+    assert [t for t in w.times if t > done + 0.3] == [], "an announcement went out after the fence"
+    assert len(w.times) == 1
+    assert f"{vip}/24" not in addrs(gw_lab, "gwa")
+
+
+def test_up_overlapping_a_fence_undoes_itself(gw_lab: GatewayLab, gwa: NetnsThread, net: Any, tmp_path: Any,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    vip = gw_lab.vip(next(_n))
+    # the fence runs inside up(), after the record was written and before the address is added
+    monkeypatch.setattr(net, "_promote", lambda ifname: net.fence())
+    with pytest.raises(TransientBackendError, match="a fence ran"):
+        gwa.call(net.up, PathKey("f4", 1), PathSpec(1, vip, 24))
+    assert f"{vip}/24" not in addrs(gw_lab, "gwa")
+    assert "f4/1" not in json.load(open(tmp_path / "iproute.json"))["addresses"]
+    assert gwa.call(net.active) == frozenset()
+
+
+# ------------------------------------------------------------------------------------------------ down
+
+def test_down_raises_while_an_address_it_cannot_recognise_is_up(gw_lab: GatewayLab, gwa: NetnsThread, make: Any,
+                                                                long_if: str, tmp_path: Any) -> None:
+    ns = gw_lab.ns("gwa")
+    net = make(interfaces={f"{LONG_NET}.0/24": LONG_IF}, arping="")
+    p, spec = PathKey("r1", 1), PathSpec(1, f"{LONG_NET}.9", 24)
+    gwa.call(net.up, p, spec)                 # unlabelled: the record is all that makes it ours
+    os.remove(tmp_path / "iproute.json")      # record lost
+    with pytest.raises(TransientBackendError,
+                       match=rf"{spec.ip}/24 is up on {LONG_IF}.*ip addr del {spec.ip}/24 dev {LONG_IF}"):
+        gwa.call(net.down, p, spec)
+    assert f"{spec.ip}/24" in if_addrs(gw_lab, "gwa", LONG_IF)
+    ip("addr", "del", f"{spec.ip}/24", "dev", LONG_IF, ns=ns)      # what the message tells the admin
+    gwa.call(net.down, p, spec)
+
+
+def test_two_paths_cannot_share_an_ip(gw_lab: GatewayLab, gwa: NetnsThread, net: Any) -> None:
+    vip = gw_lab.vip(next(_n))
+    gwa.call(net.up, PathKey("s1", 1), PathSpec(1, vip, 24))
+    with pytest.raises(PermanentBackendError, match="for path s1/1; two paths cannot share one IP"):
+        gwa.call(net.up, PathKey("s2", 1), PathSpec(1, vip, 24))
+    gwa.call(net.down, PathKey("s2", 1), None)          # never up for s2: nothing to do, s1 keeps it
+    assert f"{vip}/24" in addrs(gw_lab, "gwa")
+    gwa.call(net.down, PathKey("s1", 1), None)
+    assert f"{vip}/24" not in addrs(gw_lab, "gwa")
