@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 from typing import TYPE_CHECKING, Any, Callable
 
 from agent.core import schema
@@ -190,7 +191,10 @@ def _start(args: argparse.Namespace, disks: Disks) -> int:
 
 
 def _stop(args: argparse.Namespace, disks: Disks) -> int:
-    was = disks.stop(args.id)
+    if args.timeout <= 0:
+        raise UsageError(f"--timeout {args.timeout:g}: must be positive")
+    was = disks.stop(args.id, timeout=args.timeout,
+                     progress=lambda msg: print(f"pathagent: {msg}", file=sys.stderr))
     emit(args, {"id": args.id, "started": False, "was_started": was},
           f"disk {args.id} stopped" if was else f"disk {args.id} was not started")
     return EXIT_OK
@@ -278,8 +282,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("id", metavar="ID")
     _pool_opt(p, "look in")
 
-    p = _leaf(sub, "stop", _stop, "remove the disk's Consul keys: owners stop serving it")
+    p = _leaf(sub, "stop", _stop, "owners stop serving the disk and release its paths; then its Consul keys "
+                                  "are removed")
     p.add_argument("id", metavar="ID")
+    p.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="how long to wait for the owners to let go (default 60); running the command again "
+                        "finishes a stop that timed out")
 
     p = _leaf(sub, "delete", _delete, "remove a stopped disk's image and data")
     p.add_argument("id", metavar="ID")

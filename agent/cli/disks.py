@@ -2,18 +2,17 @@
 
 A disk is an RBD image ``pathagent-<id>`` whose metadata key ``pathagent.disk`` holds its definition
 (``agent.core.schema``), plus, while it is started, Consul keys (``agent.core.keys``): the disk key
-``{prefix}/disks/{id}`` (JSON ``{"pool", "image"[, "rev"]}``) and one path key
+``{prefix}/disks/{id}`` (``agent.core.tree.disk_value``) and one path key
 ``{prefix}/disks/{id}/{index}`` per path.
 
 - ``create`` validates everything first, then makes the image (features krbd maps: layering,
   exclusive-lock) and writes the metadata; if writing the metadata fails the image is removed again.
   The new id is 8 random lowercase hex digits, unused in the pool and in Consul.
 - ``start`` is one Consul transaction: check that the disk key does not exist, clear anything left under
-  ``{prefix}/disks/{id}/`` (path keys cannot exist without the disk key except through foreign writes;
-  per-key check-not-exists would need 2 operations per path, and 32 paths would not fit Consul's 64),
-  set the disk key, set every path key empty. Refused (``DiskStateError``) when already started.
-- ``stop`` is one transaction deleting the path keys (and pending move requests) and the disk key:
-  owners unexport. Idempotent.
+  ``{prefix}/disks/{id}/`` (unlocked leftovers only: locked ones make it refuse), set the disk key, set
+  every path key empty. Refused (``DiskStateError``) when already started or still stopping.
+- ``stop`` asks the owners to let go and waits for them (see ``Disks.stop``): no path of a stopped disk
+  can be served anywhere when it returns, whatever state its owners were in. Idempotent.
 - ``delete`` refuses a started disk, then removes the image (retrying while a gateway still has it open,
   which it may for a moment after ``stop``).
 - ``update`` rewrites the metadata, then, if the disk is started, rewrites the disk key with ``rev``
@@ -29,21 +28,24 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 import secrets
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 from agent.core import keys
 from agent.core import schema
 from agent.adapters.ceph import CephClient, CephError, CephNotFound, ImageBusy, ImageNotFound
 from agent.config import Config
-from agent.adapters.consul_store import ConsulStore, TxnOps
+from agent.adapters.consul_store import ACQUIRE_BATCH, ConsulStore, TxnOps
+from agent.cli.clisession import cli_session
+from agent.core.model import DiskRecord
+from agent.core.store import next_index
+from agent.core.tree import decode_disk, disk_value, parse_tree
 from agent.errors import AgentError, DefinitionError
-from agent.core.model import Chap, Disk, PathSpec
+from agent.core.model import Chap, Disk, PathKey, PathSpec
 
 IMAGE_PREFIX = "pathagent-"
 DEFAULT_IQN_BASE = "iqn.2016-05.io.pathagent"
@@ -89,16 +91,6 @@ class DiskInfo:
     error: DefinitionError | None = None
 
 
-@dataclass(frozen=True)
-class Record:
-    """A started disk's key: where its image is, and the key's ModifyIndex and ``rev``."""
-
-    pool: str
-    image: str
-    modify_index: int
-    rev: int
-
-
 class Disks:
     """Disk lifecycle operations on one Consul store and one Ceph cluster, as configured by ``cfg``."""
 
@@ -109,35 +101,24 @@ class Disks:
         self.prefix = store.prefix
 
     # --- lookups -----------------------------------------------------------------------------------------
-    def record(self, disk_id: str) -> Record | None:
-        """The started disk's record, or ``None`` when the disk is not started."""
+    def record(self, disk_id: str) -> DiskRecord | None:
+        """The started (or stopping) disk's record, or ``None`` when the disk is not started."""
         e = self.store.get(keys.disk_key(self.prefix, disk_id))
         if e is None:
             return None
-        return self._record(disk_id, e.value, e.modify_index)
-
-    def _record(self, disk_id: str, value: bytes | None, modify_index: int) -> Record:
         try:
-            d = json.loads(value or b"")
-            return Record(str(d["pool"]), str(d["image"]), modify_index, int(d.get("rev", 0)))
-        except (ValueError, TypeError, KeyError, AttributeError):
+            return decode_disk(disk_id, e.value, e.modify_index)
+        except ValueError as err:
             raise DiskError(f"disk {disk_id}: its Consul key {keys.disk_key(self.prefix, disk_id)} is not "
-                            "valid JSON with pool and image") from None
+                            f"readable ({err})") from None
 
-    def records(self) -> dict[str, Record]:
+    def records(self) -> dict[str, DiskRecord]:
         """Every started disk's record (disk keys that cannot be read are skipped)."""
-        _, entries = self.store.read_tree()
-        out = {}
-        for e in entries:
-            kind = keys.parse(self.prefix, e.key)
-            if kind is not None and kind[0] == "disk" and isinstance(kind[1], str):
-                try:
-                    out[kind[1]] = self._record(kind[1], e.value, e.modify_index)
-                except DiskError:
-                    continue
-        return out
+        index, entries = self.store.read_tree()
+        view = parse_tree(self.prefix, entries, index)
+        return {d: r for d, r in view.disks.items() if r.pool and r.image}
 
-    def locate(self, disk_id: str, pool: str | None = None) -> tuple[str, str, Record | None]:
+    def locate(self, disk_id: str, pool: str | None = None) -> tuple[str, str, DiskRecord | None]:
         """``(pool, image, record)`` of ``disk_id``: from its disk key when started, else the image
         ``pathagent-<id>`` in ``pool`` (default ``[ceph] pool``). ``DiskNotFound`` if neither exists."""
         if not keys.DISK_ID_RE.fullmatch(disk_id):
@@ -266,56 +247,101 @@ class Disks:
                     raise
                 time.sleep(0.5)
 
-    # --- start, stop -----------------------------------------------------------------------------------
+    # --- start, stop ---------------------------------------------------------------------------------
     def start(self, disk_id: str, pool: str | None = None) -> Disk:
-        """Create the disk key and its path keys in one transaction. Refuses an invalid or started disk."""
+        """Create the disk key and its path keys in one transaction. Refuses an invalid disk, a started one
+        and one that is still stopping (its owners have not all let go)."""
+        if not keys.DISK_ID_RE.fullmatch(disk_id):
+            raise DiskNotFound(f"{disk_id!r} is not a disk id")
+        rec = self.record(disk_id)               # Consul first: a started or stopping disk needs no Ceph call
+        if rec is not None:
+            if rec.stopping:
+                raise DiskStateError(f"disk {disk_id} is still stopping (an owner has not released its paths "
+                                     f"yet); run `pathagent disk stop {disk_id}` to finish the stop first")
+            raise DiskStateError(f"disk {disk_id} is already started")
         p, image, rec = self.locate(disk_id, pool)
         if rec is not None:
             raise DiskStateError(f"disk {disk_id} is already started")
         disk = self.load(disk_id, p, image)
         dkey = keys.disk_key(self.prefix, disk_id)
-        skey = keys.stopped_key(self.prefix, disk_id)
-        self._wait_after_stop(disk_id, skey)
-        ops = (TxnOps().check_not_exists(dkey).delete_tree(dkey + "/").delete(skey)
-               .set(dkey, json.dumps({"pool": p, "image": image}).encode()))
+        index, entries = self.store.read_tree()
+        view = parse_tree(self.prefix, entries, index)
+        held = sorted(str(k) for k, st in view.paths.items() if k.disk == disk_id and st.session)
+        if held:
+            raise DiskStateError(f"disk {disk_id}: path keys {', '.join(held)} are still locked without a disk "
+                                 "key (written by something else?); they must be released first")
+        ops = TxnOps().check_not_exists(dkey).delete_tree(dkey + "/").set(dkey, disk_value(p, image))
         for path in disk.paths:
-            ops.set(f"{dkey}/{path.index}", b"")
+            ops.set(keys.path_key(self.prefix, PathKey(disk_id, path.index)), b"")
         res = self.store.txn(ops)
         if not res.ok:
             raise DiskStateError(f"disk {disk_id} is already started ({res.reason()})")
         return disk
 
-    def _wait_after_stop(self, disk_id: str, skey: str) -> None:
-        """A stopped disk's old owners unexport when they see the stop; one that is slow to see it (a
-        stalled watch) is bounded like any failed owner, by the lock-delay. So a restart of the disk
-        waits until ``lock_delay`` after the stop before recreating free path keys."""
-        entry = self.store.get(skey)
-        if entry is None or not entry.value:
-            return
-        try:
-            at = float(json.loads(entry.value).get("at", 0))
-        except (ValueError, AttributeError, TypeError):
-            return
-        wait = at + self.cfg.consul.lock_delay - time.time()
-        if wait > 0:
-            print(f"pathagent: disk {disk_id} was stopped {self.cfg.consul.lock_delay - wait:.1f}s ago; "
-                  f"waiting {wait:.1f}s (the lock-delay) before starting it again", file=sys.stderr)
-            time.sleep(min(wait, self.cfg.consul.lock_delay))
+    def stop(self, disk_id: str, timeout: float = 60.0,
+             progress: Callable[[str], None] = lambda msg: None) -> bool:
+        """Stop a disk with its owners' acknowledgement; returns whether it was started. Idempotent (a stop
+        that timed out is finished by running it again).
 
-    def stop(self, disk_id: str) -> bool:
-        """Delete the disk key, its path keys and pending moves in one transaction. Idempotent; returns
-        whether the disk was started."""
+        1. The disk key is marked ``stopping``: owners take the addresses down, unexport and release their
+           paths explicitly, and nobody acquires them any more.
+        2. This command locks every path key with its own short-lived session as soon as it is free. A path
+           released by its owner is free at once; one whose owner's session was invalidated is free only
+           after Consul's lock-delay, by which time that owner has fenced itself. So once all are locked
+           here, no node can still serve the disk, and no clock was compared to know it.
+        3. The disk key, the path keys and pending moves are deleted in one transaction.
+
+        ``DiskStateError`` (naming the paths and their holders) when owners have not let go within
+        ``timeout`` seconds: the disk stays stopping (nobody serves it anew, ``disk start`` refuses)."""
         if not keys.DISK_ID_RE.fullmatch(disk_id):
             raise DiskNotFound(f"{disk_id!r} is not a disk id")
         dkey = keys.disk_key(self.prefix, disk_id)
-        was = self.store.get(dkey) is not None
-        ops = (TxnOps().delete_tree(dkey + "/").delete_tree(f"{self.prefix}/moves/{disk_id}/").delete(dkey))
-        if was:
-            ops.set(keys.stopped_key(self.prefix, disk_id), json.dumps({"at": time.time()}).encode())
-        res = self.store.txn(ops)
-        if not res.ok:
-            raise DiskError(f"disk {disk_id}: stop failed ({res.reason()})")
-        return was
+        rec = self.record(disk_id)
+        if rec is None:
+            return False
+        for _ in range(5):
+            if rec.stopping:
+                break
+            value = disk_value(rec.pool, rec.image, rec.rev + 1, stopping=True)
+            if self.store.txn(TxnOps().cas(dkey, value, rec.modify_index)).ok:
+                progress(f"disk {disk_id}: asked its owners to let go")
+                break
+            rec = self.record(disk_id)
+            if rec is None:
+                return False
+        end = time.monotonic() + timeout
+        index = 0
+        with cli_session(self.store, f"stop disk {disk_id}") as sid:
+            while True:
+                got, entries = self.store.read_tree(index, wait=1.0) if index else self.store.read_tree()
+                index = next_index(index, got)
+                view = parse_tree(self.prefix, entries, got)
+                mine = {p: st for p, st in view.paths.items() if p.disk == disk_id}
+                free = sorted(p for p, st in mine.items() if st.session is None)
+                for i in range(0, len(free), ACQUIRE_BATCH):
+                    ops = TxnOps()
+                    for p in free[i:i + ACQUIRE_BATCH]:
+                        k = keys.path_key(self.prefix, p)
+                        ops.check_index(k, mine[p].modify_index).lock(k, b"", sid)
+                    self.store.txn(ops)    # refused while in lock-delay, or changed meanwhile: next round
+                held = {p: st for p, st in mine.items() if st.session not in (None, sid)}
+                if not held and all(st.session == sid for st in mine.values()):
+                    break
+                if time.monotonic() >= end:
+                    names = {s: s_node for s_node, s in view.nodes.items()}
+                    who = ", ".join(f"{p} by {st.node or names.get(st.session or '', 'an unknown session')}"
+                                    for p, st in sorted(held.items())) or \
+                        ", ".join(f"{p} (in its lock-delay)" for p in free)
+                    raise DiskStateError(f"disk {disk_id} is stopping, but not every owner has let go within "
+                                         f"{timeout:g}s: {who}. A frozen or cut-off owner loses its session "
+                                         f"and then the lock-delay runs out; run `pathagent disk stop "
+                                         f"{disk_id}` again to finish")
+            ops = (TxnOps().delete_tree(dkey + "/").delete_tree(f"{keys.moves_prefix(self.prefix)}{disk_id}/")
+                   .delete(dkey))
+            res = self.store.txn(ops)
+            if not res.ok:
+                raise DiskError(f"disk {disk_id}: stop failed ({res.reason()})")
+        return True
 
     # --- update ----------------------------------------------------------------------------------------
     def update(self, disk_id: str, pool: str | None = None, name: str | None = None,
@@ -350,12 +376,12 @@ class Disks:
             self.touch(disk_id, rec)
         return new
 
-    def touch(self, disk_id: str, rec: Record, attempts: int = 5) -> None:
+    def touch(self, disk_id: str, rec: DiskRecord, attempts: int = 5) -> None:
         """Rewrite the disk key with ``rev`` + 1 (check-and-set), waking every watcher and changing the
         catalog's cache key. ``DiskStateError`` if the disk is stopped meanwhile."""
         dkey = keys.disk_key(self.prefix, disk_id)
         for _ in range(attempts):
-            value = json.dumps({"pool": rec.pool, "image": rec.image, "rev": rec.rev + 1}).encode()
+            value = disk_value(rec.pool, rec.image, rec.rev + 1, rec.stopping)
             if self.store.txn(TxnOps().cas(dkey, value, rec.modify_index)).ok:
                 return
             current = self.record(disk_id)

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -19,6 +18,7 @@ from agent.config import Config
 from agent.errors import AgentError, CatalogError, ConfigError
 from agent.core.model import PathKey
 from agent.cli.output import EXIT_FAILED, EXIT_OK, EXIT_USAGE, emit, fail
+from agent.core.tree import parse_tree
 
 Handler = Callable[[argparse.Namespace, Config], int]
 
@@ -99,14 +99,12 @@ def cmd_check_config(args: argparse.Namespace, cfg: Config | None) -> int:
 
 
 def _catalog(cfg: Config) -> Catalog:
-    from agent.runtime.service import plugin_context
-    return plugins.load_catalog(cfg.catalog.backend, plugin_context(cfg, cfg.node_name, "catalog"))
+    return plugins.load_catalog(cfg.catalog.backend, plugins.context(cfg, "catalog", cfg.node_name))
 
 
 def path_rows(cfg: Config) -> list[dict[str, Any]]:
-    """Every path key with its owner, IP and state (``held``, ``free``, ``invalid``)."""
+    """Every path key with its owner, IP and state (``held``, ``free``, ``stopping``, ``invalid``)."""
     from agent.adapters.consul_store import ConsulStore
-    from agent.runtime.loop import parse_tree
     store = ConsulStore(cfg.consul)
     try:
         _, entries = store.read_tree()
@@ -131,7 +129,9 @@ def path_rows(cfg: Config) -> list[dict[str, Any]]:
         disk = defs.get(p.disk)
         spec = disk.path(p.index) if disk else None
         node = (st.node or sessions.get(st.session or "")) if st.session else None
-        state = "invalid" if p.disk in errors else ("held" if st.session else "free")
+        stopping = p.disk in tree.disks and tree.disks[p.disk].stopping
+        state = ("invalid" if p.disk in errors else "stopping" if stopping
+                 else "held" if st.session else "free")
         row: dict[str, Any] = {"disk": p.disk, "index": p.index, "ip": spec.ip if spec else None,
                                "node": node, "state": state}
         if p.disk in errors:
@@ -162,7 +162,7 @@ def cmd_paths(args: argparse.Namespace, cfg: Config) -> int:
 
 def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
     from agent.adapters.consul_store import ConsulStore
-    from agent.runtime.loop import parse_tree
+    from agent.runtime.statedir import read_status
     store = ConsulStore(cfg.consul)
     try:
         node = cfg.node_name or store.agent_node_name()
@@ -174,18 +174,13 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
     tree = parse_tree(cfg.consul.prefix.rstrip("/"), entries)
     sids = {s.id for s in sessions}
     held = sum(1 for st in tree.paths.values() if st.session in sids)
-    local: dict[str, Any] = {}
-    try:
-        with open(os.path.join(cfg.state_dir, "status.json"), encoding="utf-8") as f:
-            local = json.load(f)
-    except (OSError, ValueError):
-        local = {}
+    local = read_status(cfg.state_dir)
     running = bool(local.get("pid")) and os.path.exists(f"/proc/{local.get('pid')}")
     data = {
         "node": node, "consul_leader": leader or None,
         "sessions": [{"id": s.id, "checks": list(s.checks), "lock_delay": s.lock_delay} for s in sessions],
         "agent_running": running, "fenced": local.get("fenced") if running else None,
-        "lease_age": local.get("lease_age") if running else None,
+        "lease_left": local.get("lease_left") if running else None,
         "status_age": round(time.time() - local["updated"], 1) if running and "updated" in local else None,
         "paths_held": held, "paths_total": len(tree.paths), "disks_started": len(tree.disks),
         "live_nodes": sorted(tree.nodes), "backend": cfg.target.backend,
@@ -198,8 +193,8 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
         f"node:      {node} ({health})",
         f"session:   {', '.join(s.id for s in sessions) or 'none'}",
         f"agent:     {'running, pid ' + str(local.get('pid')) if running else 'not running'}"
-        + (f", fenced" if data["fenced"] else "") + (f", lease confirmed {data['lease_age']}s ago"
-                                                    if data["lease_age"] is not None else ""),
+        + (f", fenced" if data["fenced"] else "") + (f", lease valid for {data['lease_left']}s more"
+                                                    if data["lease_left"] is not None else ""),
         f"leader:    {leader or 'none'}",
         f"paths:     {held} held here of {len(tree.paths)} ({len(tree.disks)} disks started, "
         f"{len(tree.nodes)} live nodes)",
