@@ -1,8 +1,8 @@
-"""Run real ``pathagent run`` processes for tests and benchmarks, with the ``fake`` target backend and the
-``fake`` catalog (definitions from a JSON file), against real Consul agents.
+"""Run real ``pathagent run`` processes for tests and benchmarks, with the ``fake`` target and network
+backends and the ``fake`` catalog (definitions from a JSON file), against real Consul agents.
 
-``AgentProc.exported()`` reads the fake backend's state file from outside the process, the way a test
-would look at a kernel target.
+``AgentProc.exported()`` and ``addresses()`` read the fake backends' state files from outside the process,
+the way a test would look at a kernel target and at the node's interfaces.
 """
 from __future__ import annotations
 
@@ -97,40 +97,88 @@ class AgentProc:
         ``ceph_conf`` the agent reads definitions from RBD image metadata (the ``rbd`` catalog) of that
         cluster instead of the JSON file ``catalog``."""
         self.name = name
+        self.http = consul_http
         self.dir = workdir / name
         self.dir.mkdir(parents=True, exist_ok=True)
         self.state = self.dir / "state"
         self.config = self.dir / "pathagent.toml"
         self.log = self.dir / "agent.log"
-        timings = (f"lock_delay = {lock_delay}\nfence_after = {fence_after}\nconfirm_interval = 0.5\n"
-                   "timeout = 1.0\nelection_stall = 1.0\nwait = 10\n") if test_timings else ""
-        if ceph_conf:
-            catalog_toml = (f'[catalog]\nbackend = "rbd"\n[ceph]\nconf = "{ceph_conf}"\nrefresh = 5\n'
+        self._lock_delay, self._fence_after, self._test_timings = lock_delay, fence_after, test_timings
+        self._extra, self._ceph_conf, self._catalog = extra, ceph_conf, catalog
+        self._consul_extra = ""
+        self._target_extra = ""
+        self.write_config()
+        self.p: subprocess.Popen[bytes] | None = None
+
+    def extra_consul(self, toml: str) -> None:
+        """More ``[consul]`` keys (applied at the next ``start``)."""
+        self._consul_extra += toml
+
+    def extra_target(self, toml: str) -> None:
+        """More ``[target.fake]`` keys (applied at the next ``start``)."""
+        self._target_extra += toml
+
+    def write_config(self) -> None:
+        timings = (f"lock_delay = {self._lock_delay}\nfence_after = {self._fence_after}\nconfirm_interval = 0.5\n"
+                   "timeout = 0.8\nelection_stall = 1.0\nwait = 10\n") if self._test_timings else ""
+        if self._ceph_conf:
+            catalog_toml = (f'[catalog]\nbackend = "rbd"\n[ceph]\nconf = "{self._ceph_conf}"\nrefresh = 5\n'
                             'timeout = 3\n')
         else:
-            catalog_toml = f'[catalog]\nbackend = "fake"\n[catalog.fake]\nfile = "{catalog}"\n'
+            catalog_toml = f'[catalog]\nbackend = "fake"\n[catalog.fake]\nfile = "{self._catalog}"\n'
+        extra = self._extra
+        if self._target_extra:
+            if "[target.fake]\n" in extra:
+                extra = extra.replace("[target.fake]\n", "[target.fake]\n" + self._target_extra, 1)
+            else:
+                extra += "[target.fake]\n" + self._target_extra
         self.config.write_text(f"""
 [consul]
-address = "{consul_http}"
-{timings}[state]
+address = "{self.http}"
+{timings}{self._consul_extra}[state]
 dir = "{self.state}"
 [target]
 backend = "fake"
 stop_time = 0.5
 [network]
-backend = "none"
+backend = "fake"
 {catalog_toml}[placement]
 grace = 2
 [log]
 level = "INFO"
 {extra}
 """)
-        self.p: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> "AgentProc":
-        env = dict(os.environ, PYTHONPATH=str(REPO))
-        self.p = proc.spawn([*PATHAGENT, "--config", str(self.config), "run"], str(self.log), env=env)
+    def start(self, env: dict[str, str] | None = None, rewrite: bool = True) -> "AgentProc":
+        """Start ``pathagent run`` (the config is written afresh unless ``rewrite`` is false); ``env`` is
+        added to the environment (e.g. ``NOTIFY_SOCKET``)."""
+        if rewrite and self._dirty():
+            self.write_config()
+        full = dict(os.environ, PYTHONPATH=str(REPO), **(env or {}))
+        self.p = proc.spawn([*PATHAGENT, "--config", str(self.config), "run"], str(self.log), env=full)
         return self
+
+    def _dirty(self) -> bool:
+        """Whether ``extra_consul``/``extra_target`` added keys the written config lacks."""
+        text = self.config.read_text() if self.config.exists() else ""
+        return (self._consul_extra and self._consul_extra not in text) or \
+            (self._target_extra and self._target_extra not in text) or False
+
+    def cli(self, *args: str, timeout: float = 90) -> "subprocess.CompletedProcess[str]":
+        """Run a ``pathagent`` command with this agent's config."""
+        return subprocess.run([*PATHAGENT, "--config", str(self.config), *args], capture_output=True, text=True,
+                              timeout=timeout, env=dict(os.environ, PYTHONPATH=str(REPO)))
+
+    def guard_running(self) -> bool:
+        """Whether this agent's watchdog guard process is alive (by its pid file)."""
+        for f in self.state.glob("guard-*.lock"):
+            try:
+                pid = int(f.read_text().split()[0])        # the guard writes its pid into its lock
+            except (OSError, ValueError, IndexError):
+                continue
+            if proc.alive(pid) and "plugins.guard" in proc.cmdline(pid):
+                return True
+        return False
 
     @property
     def pid(self) -> int:
@@ -159,11 +207,20 @@ level = "INFO"
             return set()
         return set(data.get("paths", {}))
 
+    def addresses(self) -> set[str]:
+        """Paths whose floating IP this node has up (the fake network backend's record)."""
+        try:
+            data = json.loads((self.state / "fake-addresses.json").read_text())
+        except (FileNotFoundError, ValueError):
+            return set()
+        return set(data.get("addresses", {}))
+
     def session(self) -> str | None:
         try:
-            return (self.state / "session").read_text().strip() or None
-        except FileNotFoundError:
+            sid = json.loads((self.state / "session.json").read_text()).get("id")
+        except (FileNotFoundError, ValueError, AttributeError):
             return None
+        return sid if isinstance(sid, str) and sid else None
 
     def log_text(self) -> str:
         try:
@@ -172,6 +229,8 @@ level = "INFO"
             return ""
 
     def stop(self) -> None:
+        """SIGTERM (an orderly stop: the agent disarms its guard), then make sure no guard of this state
+        directory outlives the test (an agent that was killed leaves its guard behind by design)."""
         if self.p is not None and self.p.poll() is None:
             proc.signal_checked(self.pid, signal.SIGCONT, "agent.cli")
             self.p.terminate()
@@ -180,6 +239,12 @@ level = "INFO"
             except subprocess.TimeoutExpired:
                 self.p.kill()
                 self.p.wait(5)
+        for f in self.state.glob("guard-*.lock"):
+            try:
+                pid = int(f.read_text().split()[0])        # the guard writes its pid into its lock
+            except (OSError, ValueError, IndexError):
+                continue
+            proc.stop(pid, "plugins.guard")
 
 
 def wait_for(pred: Any, timeout: float, interval: float = 0.05, what: str = "condition",

@@ -92,6 +92,22 @@ class Gateway:
         except FileNotFoundError:
             return ""
 
+    def cli(self, *args: str, timeout: float = 120) -> "subprocess.CompletedProcess[str]":
+        """A ``pathagent`` command run on this gateway (its namespace, its config, its Consul agent)."""
+        return subprocess.run(["ip", "netns", "exec", self.ns, PYTHON, "-m", "agent.cli", "--config", str(self.config),
+                               *args], capture_output=True, text=True, timeout=timeout, env=self.env)
+
+    def guard_pids(self) -> list[int]:
+        out = []
+        for f in self.state.glob("guard-*.lock"):
+            try:
+                pid = int(f.read_text().split()[0])        # the guard writes its pid into its lock
+            except (OSError, ValueError, IndexError):
+                continue
+            if proc.alive(pid) and "plugins.guard" in proc.cmdline(pid):
+                out.append(pid)
+        return out
+
     def status(self) -> dict[str, Any]:
         """The agent's ``status.json`` (empty when absent)."""
         try:
@@ -128,18 +144,20 @@ class Gateway:
 
 class IscsiLab:
     """See the module docstring. ``agent_extra`` is appended to every agent's config (TOML), ``tgt_extra``
-    to its ``[target.tgt]`` table. The Consul timings satisfy the agent's fencing inequality
-    (``fence_after + timeout 0.8 + stop_time < lock_delay``); ``stop_time`` must cover unexporting the
-    paths of one gateway (about 36 ms per path with tgt + iproute here)."""
+    to its ``[target.tgt]`` table, ``consul_extra`` to its ``[consul]`` table. The Consul timings satisfy the
+    agent's fencing inequality (``fence_after + stop_time < lock_delay``, ``fence_after > election_stall
+    1.0 + confirm_interval 0.5 + timeout 0.8``); ``stop_time`` bounds the fence (every address down, then
+    a SIGKILL of tgtd)."""
 
     def __init__(self, workdir: str | os.PathLike[str], gateways: Iterable[str] = ("gwa", "gwb", "gwc"),
                  agent_extra: str = "", catalog: str = "rbd", lock_delay: float = 5.5,
-                 fence_after: float = 2.2, stop_time: float = 2.0, prefixlen: int = 24,
-                 tgt_extra: str = "") -> None:
+                 fence_after: float = 2.5, stop_time: float = 1.0, prefixlen: int = 24,
+                 tgt_extra: str = "", consul_extra: str = "") -> None:
         self.dir = Path(workdir)
         self.names = list(gateways)
         self.agent_extra = agent_extra
         self.tgt_extra = tgt_extra
+        self.consul_extra = consul_extra
         self.catalog = catalog
         self.lock_delay = lock_delay
         self.fence_after = fence_after
@@ -210,6 +228,7 @@ confirm_interval = 0.5
 timeout = 0.8
 election_stall = 1.0
 wait = 10
+{self.consul_extra}
 [ceph]
 conf = "{self.ceph.conf_path}"
 client_id = "admin"
@@ -265,7 +284,7 @@ level = "INFO"
         from agent.core import schema
         from agent.core.model import Chap, Disk, PathSpec
         did = uuid.uuid4().hex[:12]
-        image = f"pa-{did}"
+        image = f"pathagent-{did}"            # the CLI's naming: `pathagent disk start|stop ID` find it
         rbd.RBD().create(self._ioctx, image, size, old_format=False,
                          features=rbd.RBD_FEATURE_LAYERING | rbd.RBD_FEATURE_EXCLUSIVE_LOCK)
         d = Disk(id=did, name=f"lab-{did}", iqn=f"iqn.2016-05.io.pathagent:{did}", serial=str(uuid.uuid4()),
@@ -347,6 +366,8 @@ level = "INFO"
             except Exception as e:  # keep tearing down
                 print(f"iscsilab: stopping agent {g.name}: {e}", file=sys.stderr)
         for g in self.gw.values():
+            for pid in g.guard_pids():     # a guard outlives a killed agent by design
+                proc.stop(pid, "plugins.guard")
             pid = g.tgtd_pid()
             if pid is not None:
                 proc.kill(pid, "tgtd")

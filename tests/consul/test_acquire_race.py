@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import pytest
 
@@ -17,6 +17,7 @@ from lab.agents import Catalog, definition, path_owners, start_disks, stop_disk
 from plugins.fake import FakeBackend
 from plugins.fakecatalog import FileCatalog
 from plugins.nonet import NoNetwork
+from plugins.nowatchdog import NoWatchdog
 from agent.backend import PluginContext
 
 pytestmark = pytest.mark.consul
@@ -28,31 +29,31 @@ class InterleavingStore(ConsulStore):
 
     before_acquire: Callable[[], None] | None = None
 
-    def acquire(self, path: PathKey, modify_index: int, session: str, value: bytes) -> TxnResult:
+    def acquire_many(self, items: Sequence[tuple[PathKey, int]], session: str, value: bytes) -> TxnResult:
         if self.before_acquire is not None:
             hook, self.before_acquire = self.before_acquire, None
             hook()
-        return super().acquire(path, modify_index, session, value)
+        return super().acquire_many(items, session, value)
 
 
 def make_agent(http: str, tmp: Path) -> tuple[Agent, InterleavingStore, FakeBackend]:
     cat = Catalog(tmp / "catalog.json")
     cat.add("d1", definition("d1", 1))
-    cfg = config.parse({"consul": {"address": http}, "state": {"dir": str(tmp / "state")},
+    cfg = config.parse({"consul": {"address": http, "agent_check_ttl": 0, "session_ttl": 0},
+                        "state": {"dir": str(tmp / "state")},
                         "target": {"backend": "fake"}, "network": {"backend": "none"},
                         "catalog": {"backend": "fake", "fake": {"file": str(cat.path)}},
-                        "placement": {"settle": 0}})
+                        "watchdog": {"backend": "none"}, "placement": {"settle": 0}})
     store = InterleavingStore(cfg.consul)
     ctx = PluginContext(node="gwa", state_dir=cfg.state_dir, options={"file": str(cat.path)})
     target = FakeBackend(PluginContext(node="gwa", state_dir=cfg.state_dir))
-    agent = Agent(cfg, store, FileCatalog(ctx), target, NoNetwork(ctx), store.agent_node_name())
+    agent = Agent(cfg, store, FileCatalog(ctx), target, NoNetwork(ctx), NoWatchdog(ctx), store.agent_node_name())
     return agent, store, target
 
 
-def tree_now(agent: Agent, store: ConsulStore) -> None:
-    from agent.runtime.loop import parse_tree
-    _, entries = store.read_tree()
-    agent._tree = parse_tree(agent.prefix, entries)
+def observe(agent: Agent) -> None:
+    """The agent reads the keys now (what its watcher thread does)."""
+    agent.watcher.refresh()
 
 
 def test_store_acquire_checks_the_observed_index(consul_cluster_factory: Callable[..., Any]) -> None:
@@ -60,7 +61,7 @@ def test_store_acquire_checks_the_observed_index(consul_cluster_factory: Callabl
     http = cluster.http_address("gwa")
     store = ConsulStore(config.parse({"consul": {"address": http}, "target": {"backend": "fake"},
                                       "network": {"backend": "none"}, "catalog": {"backend": "fake"}}).consul)
-    sid = store.create_session(store.agent_node_name(), "iSCSITarget", (), 1)
+    sid = store.create_session(store.agent_node_name(), "iSCSITarget", ("serfHealth",), 1)
     start_disks(http, {"d1": 1})
     observed = store.get("pathagent/disks/d1/1")
     assert observed is not None
@@ -89,8 +90,9 @@ def test_agent_never_locks_a_key_replaced_after_observation(consul_cluster_facto
     http = cluster.http_address("gwa")
     agent, store, target = make_agent(http, tmp_path)
     start_disks(http, {"d1": 1})
-    tree_now(agent, store)                    # the agent observes the free key ...
-    agent._establish_session()
+    agent.keeper.establish(agent.maybe_serving)
+    observe(agent)                            # the agent observes the free key ...
+    assert agent.fencer.unfence()
 
     def swap() -> None:                       # ... which is then deleted (and maybe recreated)
         stop_disk(http, "d1")
@@ -104,9 +106,8 @@ def test_agent_never_locks_a_key_replaced_after_observation(consul_cluster_facto
     owners = path_owners(http)
     assert owners == ({"d1/1": None} if recreate else {}), "never locked, never resurrected"
     if recreate:                              # the next observation sees the new key and takes it properly
-        tree_now(agent, store)
-        agent.cycle()
-        tree_now(agent, store)
-        agent.cycle()
-        assert path_owners(http) == {"d1/1": agent.session}
+        for _ in range(3):
+            observe(agent)
+            agent.cycle()
+        assert path_owners(http) == {"d1/1": agent.keeper.session}
         assert target.exported() == frozenset({P})

@@ -118,7 +118,8 @@ def test_metrics_endpoint(consul_cluster_factory: Callable[..., Any], tmp_path: 
         m = scrape()
         assert m["pathagent_session_valid"] == 1 and m["pathagent_fenced"] == 0
         assert m["pathagent_paths_held"] == 2 and m["pathagent_paths_total"] == 2 and m["pathagent_paths_free"] == 0
-        assert 0 <= m["pathagent_lease_age_seconds"] < 2.5 and m["pathagent_cycles_total"] >= 1
+        assert 0 < m["pathagent_lease_left_seconds"] <= 2.5 and m["pathagent_cycles_total"] >= 1
+        assert m["pathagent_addresses_up"] == 2 and m["pathagent_fence_events_total"] == 0
         assert requests.get(f"http://127.0.0.1:{port}/nope", timeout=2).status_code == 404
     finally:
         a.stop()

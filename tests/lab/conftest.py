@@ -3,7 +3,7 @@ when a real component is missing on this host."""
 from __future__ import annotations
 
 import os
-from typing import Iterator
+from typing import Any, Iterator
 
 import pytest
 
@@ -34,19 +34,30 @@ def catalog_backend() -> str:
     return "rbd" if "rbd" in available("catalog") else "fake"
 
 
-@pytest.fixture(scope="module")
-def iscsi_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[IscsiLab]:
+def started_lab(tmp: Any, **kw: Any) -> Iterator[IscsiLab]:
+    """An ``IscsiLab`` (skipped with the reason when a component is missing), torn down afterwards."""
     reason = lab_missing()
     if reason:
         pytest.skip(reason)
     from agent.plugins import available
-    for kind, name in (("target", "tgt"), ("network", "iproute")):
+    for kind, name in (("target", "tgt"), ("network", "iproute"), ("watchdog", "guard")):
         if name not in available(kind):
-            pytest.fail(f"the {name} plugin is not registered in pathagent.{'targets' if kind == 'target' else kind} "
-                        "(setup.cfg entry points; rerun scripts/setup)")
-    lab = IscsiLab(tmp_path_factory.mktemp("e2e"), catalog=catalog_backend())
+            pytest.fail(f"the {name} plugin is not registered in pathagent.{kind} (setup.cfg entry points; rerun "
+                        "scripts/setup)")
+    lab = IscsiLab(tmp, catalog=catalog_backend(), **kw)
     lab.start()
     try:
         yield lab
     finally:
         lab.close()
+
+
+@pytest.fixture(scope="module")
+def iscsi_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[IscsiLab]:
+    yield from started_lab(tmp_path_factory.mktemp("e2e"))
+
+
+@pytest.fixture(scope="module")
+def safety_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[IscsiLab]:
+    """A lab whose agents pass a 5 s liveness check (a frozen agent loses its session after it)."""
+    yield from started_lab(tmp_path_factory.mktemp("safety"), consul_extra="agent_check_ttl = 5\n")
