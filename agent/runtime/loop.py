@@ -335,6 +335,7 @@ class Agent:
             self._halt.set()
             self.fencer.stop()
             self.definitions.poke()
+            self.state.unlock()
 
     def shutdown(self) -> None:
         """Take every address down and unexport everything, release every lock, destroy the session, and

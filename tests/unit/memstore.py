@@ -9,6 +9,8 @@ last pass is older than their TTL fail, and their sessions are invalidated).
 """
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import dataclass, field, replace
 from typing import Sequence
 
@@ -17,6 +19,19 @@ from agent.core.model import PathKey
 from agent.core.store import SessionInfo, TxnResult
 from agent.core.tree import KVEntry
 from agent.errors import CoordinationError
+
+
+class RealClock:
+    """The system's CLOCK_BOOTTIME, for tests that run the agent's threads."""
+
+    def now(self) -> float:
+        return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+    def wall(self) -> float:
+        return time.time()
+
+    def advance(self, dt: float) -> None:
+        time.sleep(dt)
 
 
 class FakeClock:
@@ -50,7 +65,7 @@ class _Check:
 
 @dataclass
 class MemoryStore:
-    clock: FakeClock
+    clock: FakeClock | RealClock
     prefix: str = "pathagent"
     node: str = "gwa"
     kv: dict[str, _Key] = field(default_factory=dict)
@@ -59,12 +74,16 @@ class MemoryStore:
     lock_delay_until: dict[str, float] = field(default_factory=dict)
     index: int = 10
     down: bool = False
+    block: bool = False          # blocking reads wait (real time) for a change, as Consul's do
     calls: list[str] = field(default_factory=list)
     _next: int = 0
+    _changed: threading.Condition = field(default_factory=threading.Condition)
 
     # --- helpers for tests -------------------------------------------------------------------------------
     def _tick(self) -> int:
-        self.index += 1
+        with self._changed:
+            self.index += 1
+            self._changed.notify_all()
         return self.index
 
     def _up(self, what: str) -> None:
@@ -118,6 +137,9 @@ class MemoryStore:
 
     def read_tree(self, index: int = 0, wait: float | None = None) -> tuple[int, list[KVEntry]]:
         self._up("kv read")
+        if self.block and index and wait:
+            with self._changed:
+                self._changed.wait_for(lambda: self.index != index or self.down, timeout=min(wait, 1.0))
         head = self.prefix + "/"
         out = [KVEntry(k, v.value or None, v.modify_index, v.create_index, v.lock_index, v.session)
                for k, v in sorted(self.kv.items()) if k.startswith(head)]
