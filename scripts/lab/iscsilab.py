@@ -366,11 +366,11 @@ level = "INFO"
             except Exception as e:  # keep tearing down
                 print(f"iscsilab: stopping agent {g.name}: {e}", file=sys.stderr)
         for g in self.gw.values():
-            for pid in g.guard_pids():     # a guard outlives a killed agent by design
-                proc.stop(pid, "plugins.guard")
-            pid = g.tgtd_pid()
-            if pid is not None:
-                proc.kill(pid, "tgtd")
+            for guard in g.guard_pids():   # a guard outlives a killed agent by design
+                proc.stop(guard, "plugins.guard")
+            tgtd = g.tgtd_pid()
+            if tgtd is not None:
+                proc.kill(tgtd, "tgtd")
         if self.consul is not None:
             self.consul.teardown()
             self.consul = None
