@@ -88,3 +88,12 @@ def test_check_config_cli_exit_codes(tmp_path: Path) -> None:
     r = subprocess.run([*exe, "--config", str(good), "check-config", "--json"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert '"ok": true' in r.stdout
+
+
+def test_sample_config_documents_every_plugin_key() -> None:
+    from agent import plugins
+    text = (REPO / "etc" / "pathagent.toml").read_text()
+    for kind in config.PLUGIN_TABLES:
+        for name in plugins.available(kind):
+            for k in getattr(plugins.plugin_class(kind, name), "config_keys", {}):
+                assert f"# {k} =" in text, f"{kind}.{name}.{k} undocumented in etc/pathagent.toml"
