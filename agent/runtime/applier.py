@@ -93,8 +93,9 @@ class Effects:
     down: set[PathKey] = field(default_factory=set)
     node_record: bool = False
     failed: int = 0
-    retry_at: float | None = None       # look again then (a lock-delay refusal)
+    retry_at: float | None = None       # look again then (a lock-delay refusal, Consul not answering)
     interrupted: str = ""               # why the rest of the plan was dropped
+    replan: bool = False                # plan again at once (the plan went stale while applying)
 
     def progressed(self) -> bool:
         return bool(self.acquired or self.released or self.exported or self.unexported or self.up
@@ -128,11 +129,11 @@ class Applier:
         for a in plan.actions:
             self.beat()
             if not stopping and self.clock.now() - start > self.budget:
-                fx.interrupted = f"applying for more than {self.budget:g}s"
+                fx.interrupted, fx.replan = f"applying for more than {self.budget:g}s", True
                 break
             if isinstance(a, (Acquire, Export, AddressUp, LockNodeRecord)) and not stopping:
                 if current() != session or session is None or not self.fencer.allowed():
-                    fx.interrupted = "the lease or the session changed"
+                    fx.interrupted, fx.replan = "the lease or the session changed", True
                     break
             try:
                 if isinstance(a, Acquire):
@@ -174,12 +175,13 @@ class Applier:
                             fx.up.add(a.path)
                             log.info("address of %s up (%s/%d)", a.path, a.spec.ip, a.spec.prefix)
                     except Fenced as e:
-                        fx.interrupted = str(e)
+                        fx.interrupted, fx.replan = str(e), True
                         break
             except CoordinationError as e:
                 log.warning("%s %s: %s", type(a).__name__, getattr(a, "path", ""), e)
                 fx.failed += 1
                 fx.interrupted = "Consul did not answer"
+                fx.retry_at = self.clock.now() + 1.0     # not at once: it would only hammer an absent Consul
                 break
         return fx
 

@@ -43,7 +43,7 @@ from agent.runtime.watcher import TreeWatcher
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT = 5.0              # the main loop runs a cycle at least this often
+HEARTBEAT = 2.0              # the main loop runs a cycle at least this often (its liveness: see healthy())
 TARGET_UNKNOWN_FENCE = 10.0  # the target cannot say what it serves for this long: stop its data path
 
 
@@ -106,7 +106,9 @@ class Agent:
         self._beat_at = self.clock.now()
 
     def healthy(self) -> bool:
-        """The main loop made progress recently (for the TTL check; a stalled loop stops passing it)."""
+        """The main loop made progress recently: it beats at least every ``HEARTBEAT`` seconds (each cycle,
+        each action), so a beat older than twice that (or than half the TTL check's TTL, whichever is
+        longer) means it is stuck; the TTL check then lapses (``agent_check_ttl`` >= 5 > 2 x HEARTBEAT)."""
         limit = max(2 * HEARTBEAT, self.cfg.consul.agent_check_ttl / 2)
         return self.clock.now() - self._beat_at < limit
 
@@ -219,7 +221,7 @@ class Agent:
         self._last_summary = self.report.state_line()
         self.state.record_status(self.report.status(os.getpid()))
         wake = [t for t in (plan.wake_at, fx.retry_at) if t is not None]
-        return self.report, min(wake) if wake else None, fx.progressed() or bool(fx.interrupted)
+        return self.report, min(wake) if wake else None, fx.progressed() or fx.replan
 
     def _track(self, view: ClusterView, defs: Mapping[str, Disk], session: str | None, now: float) -> None:
         """Local timing facts: when each free path was first seen free; held paths with no definition."""
