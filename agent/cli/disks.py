@@ -270,7 +270,8 @@ class Disks:
         if held:
             raise DiskStateError(f"disk {disk_id}: path keys {', '.join(held)} are still locked without a disk "
                                  "key (written by something else?); they must be released first")
-        ops = TxnOps().check_not_exists(dkey).delete_tree(dkey + "/").set(dkey, disk_value(p, image))
+        ops = (TxnOps().check_not_exists(dkey).delete_tree(keys.paths_prefix(self.prefix, disk_id))
+               .set(dkey, disk_value(p, image)))
         for path in disk.paths:
             ops.set(keys.path_key(self.prefix, PathKey(disk_id, path.index)), b"")
         res = self.store.txn(ops)
@@ -336,8 +337,8 @@ class Disks:
                                          f"{timeout:g}s: {who}. A frozen or cut-off owner loses its session "
                                          f"and then the lock-delay runs out; run `pathagent disk stop "
                                          f"{disk_id}` again to finish")
-            ops = (TxnOps().delete_tree(dkey + "/").delete_tree(f"{keys.moves_prefix(self.prefix)}{disk_id}/")
-                   .delete(dkey))
+            ops = (TxnOps().delete_tree(keys.paths_prefix(self.prefix, disk_id))
+                   .delete_tree(keys.disk_moves_prefix(self.prefix, disk_id)).delete(dkey))
             res = self.store.txn(ops)
             if not res.ok:
                 raise DiskError(f"disk {disk_id}: stop failed ({res.reason()})")

@@ -37,8 +37,14 @@ def node_key(prefix: str, node: str) -> str:
     return f"{prefix}/nodes/{node}"
 
 
-def moves_prefix(prefix: str) -> str:
-    return f"{prefix}/moves/"
+def paths_prefix(prefix: str, disk_id: str) -> str:
+    """Everything under a disk's key: its path keys."""
+    return f"{prefix}/disks/{disk_id}/"
+
+
+def disk_moves_prefix(prefix: str, disk_id: str) -> str:
+    """The move requests for a disk's paths."""
+    return f"{prefix}/moves/{disk_id}/"
 
 
 def move_key(prefix: str, path: PathKey) -> str:

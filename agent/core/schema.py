@@ -19,8 +19,9 @@ import json
 import re
 from typing import Any
 
-from agent.errors import DefinitionError
+from agent.core.keys import DISK_ID_RE
 from agent.core.model import Chap, Disk, PathSpec
+from agent.errors import DefinitionError
 
 META_KEY = "pathagent.disk"
 VERSION = 1
@@ -32,7 +33,6 @@ MAX_INITIATORS = 256
 IQN_RE = re.compile(r"^(iqn\.\d{4}-(0[1-9]|1[0-2])\.[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*"
                     r"(:[a-z0-9.:_-]+)?|eui\.[0-9a-f]{16}|naa\.([0-9a-f]{16}|[0-9a-f]{32}))$")
 SERIAL_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
-DISK_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 POOL_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 CHAP_USER_RE = re.compile(r"^[\x21-\x7e]{1,255}$")       # printable ASCII, no space (LIO and tgt)
