@@ -170,15 +170,8 @@ level = "INFO"
                               timeout=timeout, env=dict(os.environ, PYTHONPATH=str(REPO)))
 
     def guard_running(self) -> bool:
-        """Whether this agent's watchdog guard process is alive (by its pid file)."""
-        for f in self.state.glob("guard-*.lock"):
-            try:
-                pid = int(f.read_text().split()[0])        # the guard writes its pid into its lock
-            except (OSError, ValueError, IndexError):
-                continue
-            if proc.alive(pid) and "plugins.guard" in proc.cmdline(pid):
-                return True
-        return False
+        """Whether this agent's watchdog guard process is alive."""
+        return bool(proc.guard_pids(self.state))
 
     @property
     def pid(self) -> int:
@@ -239,11 +232,7 @@ level = "INFO"
             except subprocess.TimeoutExpired:
                 self.p.kill()
                 self.p.wait(5)
-        for f in self.state.glob("guard-*.lock"):
-            try:
-                pid = int(f.read_text().split()[0])        # the guard writes its pid into its lock
-            except (OSError, ValueError, IndexError):
-                continue
+        for pid in proc.guard_pids(self.state):
             proc.stop(pid, "plugins.guard")
 
 

@@ -98,15 +98,7 @@ class Gateway:
                                *args], capture_output=True, text=True, timeout=timeout, env=self.env)
 
     def guard_pids(self) -> list[int]:
-        out = []
-        for f in self.state.glob("guard-*.lock"):
-            try:
-                pid = int(f.read_text().split()[0])        # the guard writes its pid into its lock
-            except (OSError, ValueError, IndexError):
-                continue
-            if proc.alive(pid) and "plugins.guard" in proc.cmdline(pid):
-                out.append(pid)
-        return out
+        return proc.guard_pids(self.state)
 
     def status(self) -> dict[str, Any]:
         """The agent's ``status.json`` (empty when absent)."""

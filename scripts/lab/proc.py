@@ -84,3 +84,21 @@ def spawn(argv: Sequence[str], log_path: str, env: dict[str, str] | None = None,
                                 env=env, start_new_session=True)
     finally:
         log.close()
+
+
+def guard_pids(state_dir: "os.PathLike[str] | str") -> list[int]:
+    """The live watchdog guard processes of an agent's state directory (each writes its pid into the lock
+    file it holds, ``guard-<hash>.lock``); a guard outlives a killed agent by design, so labs stop these."""
+    out = []
+    for name in sorted(os.listdir(state_dir)) if os.path.isdir(state_dir) else []:
+        if not (name.startswith("guard-") and name.endswith(".lock")):
+            continue
+        try:
+            with open(os.path.join(state_dir, name), encoding="ascii") as f:
+                pid = int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+        if alive(pid) and "plugins.guard" in cmdline(pid):
+            out.append(pid)
+    return out
+
