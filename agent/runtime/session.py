@@ -64,6 +64,7 @@ class SessionKeeper:
         self._lock = threading.Lock()
         self._error: str | None = None
         self._renewed = float("-inf")
+        self._passed = float("-inf")
         self._boot = boot_id()
         self.watchdog_error: str | None = None
 
@@ -245,9 +246,10 @@ class SessionKeeper:
     def _liveness(self, sid: str) -> None:
         c = self.cfg.consul
         try:
-            if c.agent_check_ttl > 0:
-                self.store.pass_check(CHECK_ID)
             now = self.clock.now()
+            if c.agent_check_ttl > 0 and now - self._passed >= c.agent_check_ttl / 5:
+                self.store.pass_check(CHECK_ID)      # a fifth of the TTL: it lapses at most that late
+                self._passed = now
             if c.session_ttl > 0 and now - self._renewed >= c.session_ttl / 3:
                 if self.store.renew_session(sid):
                     self._renewed = now

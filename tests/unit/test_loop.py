@@ -156,7 +156,7 @@ def test_h2_liveness_check_is_registered_passed_while_healthy_and_not_when_fence
     assert sid is not None and f"gwa:{CHECK_ID}" in store.sessions[sid].checks
     assert store.sessions[sid].ttl == 30.0
     passed = store.checks[f"gwa:{CHECK_ID}"].passed_at
-    clock.advance(1.0)
+    clock.advance(3.1)                           # passed every fifth of its TTL (15 s)
     n.step()
     assert store.checks[f"gwa:{CHECK_ID}"].passed_at > passed
     # the main loop stalls: confirmations go on, the check is no longer passed, Consul ends the session
