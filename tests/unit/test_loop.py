@@ -417,3 +417,160 @@ def test_planned_placement_even_with_two_nodes(tmp_path: Path, store: MemoryStor
 def test_config_replace_keeps_dataclass_shape() -> None:
     c = config(Path("/tmp"))
     assert dataclasses.replace(c, state_dir="/x").consul.lock_delay == 8.0
+
+
+# --- found by the review of this loop ---------------------------------------------------------------------
+
+def test_a_node_whose_watchdog_cannot_be_pet_does_not_serve(tmp_path: Path, store: MemoryStore,
+                                                            clock: FakeClock) -> None:
+    """A required watchdog: without a working backstop, a frozen agent's data path would outlive the
+    liveness hand-over, so a node that cannot pet it serves nothing and stops reporting liveness."""
+    from agent.errors import TransientBackendError
+    store.start_disk("d1", 2)
+    n = make_node(tmp_path, store, clock, "gwa", disks={"d1": disk("d1")})
+
+    def broken(deadline: float) -> None:
+        raise TransientBackendError("guard exited at start")
+    n.watchdog.pet = broken                      # type: ignore[method-assign]
+    n.start()
+    for _ in range(4):
+        n.step()
+    assert n.serving() == set() and not n.target.served
+    assert n.agent.keeper.watchdog_error and "guard exited" in n.agent.keeper.watchdog_error
+    passed = store.checks[f"gwa:{CHECK_ID}"].passed_at
+    clock.advance(5)
+    n.step()
+    assert store.checks[f"gwa:{CHECK_ID}"].passed_at == passed, "no liveness without a watchdog"
+
+
+def test_a_stalled_address_up_neither_blocks_the_fence_nor_comes_up_late(tmp_path: Path, store: MemoryStore,
+                                                                          clock: FakeClock) -> None:
+    import threading
+    store.start_disk("d1", 1)
+    n = one(tmp_path, store, clock)
+    n.agent.keeper.confirm_once()
+    n.agent.watcher.poll_once()
+    n.agent.cycle()
+    n.agent.watcher.poll_once()
+    n.agent.cycle()                              # acquired, exported
+    deadline = n.agent.fencer.serve_until
+    blocked: list[bool] = []
+
+    def stall(p: PathKey) -> None:               # up() stalls (netlink, a fork) while the lease runs out
+        clock.t = deadline + 5.0
+        t = threading.Thread(target=n.agent.fencer.check)
+        t.start()
+        t.join(1.0)
+        blocked.append(t.is_alive())
+    n.network.during_up = stall
+    n.agent.cycle()
+    assert blocked == [False], "the fencer did not wait for the address being added"
+    assert n.agent.fencer.fenced and n.target.fences == 1
+    assert [t for t, op, _ in n.network.log if op == "up"] == [], "no address came up after the deadline"
+
+
+def test_a_session_replacement_is_not_fenced_by_a_confirmation_in_between(tmp_path: Path, store: MemoryStore,
+                                                                          clock: FakeClock) -> None:
+    store.start_disk("d1", 2)
+    n = one(tmp_path, store, clock)
+    serve_all(n)
+    n.agent.state.unlock()
+    m = make_node(tmp_path, store, clock, "gwa", cfg=config(tmp_path / "gwa", lock_delay=9.0),
+                  disks={"d1": disk("d1")})
+    m.target.served, m.network.up_paths = dict(n.target.served), set(n.network.up_paths)
+    real = store.destroy_session
+
+    def destroy(sid: str) -> None:               # the confirmer thread runs right after the old one goes
+        real(sid)
+        m.agent.keeper.confirm_once()
+    store.destroy_session = destroy              # type: ignore[method-assign]
+    m.start()
+    store.destroy_session = real                 # type: ignore[method-assign]
+    assert m.target.fences == 0 and m.serving() == {"d1/1", "d1/2"}
+
+
+def test_a_failed_read_right_after_adopting_tears_nothing_down(tmp_path: Path, store: MemoryStore,
+                                                              clock: FakeClock) -> None:
+    from agent.errors import CoordinationError
+    store.start_disk("d1", 2)
+    n = one(tmp_path, store, clock)
+    serve_all(n)
+    n.agent.state.unlock()
+    m = make_node(tmp_path, store, clock, "gwa", disks={"d1": disk("d1")})
+    m.target.served, m.network.up_paths = dict(n.target.served), set(n.network.up_paths)
+    m.start()                                    # adopted
+
+    def blip() -> None:
+        raise CoordinationError("consul kv read: timed out after 1s")
+    real, m.agent.watcher.refresh = m.agent.watcher.refresh, blip   # type: ignore[method-assign,assignment]
+    m.agent.cycle()
+    assert m.serving() == {"d1/1", "d1/2"}, "one failed read does not tear down a planned restart"
+    m.agent.watcher.refresh = real               # type: ignore[method-assign]
+    serve_all(m)
+    assert m.serving() == {"d1/1", "d1/2"} and m.target.fences == 0
+
+
+def test_a_target_that_never_answers_gives_its_paths_up(tmp_path: Path, store: MemoryStore, clock: FakeClock) -> None:
+    store.start_disk("d1", 2)
+    n = one(tmp_path, store, clock)
+    serve_all(n)
+    n.target.unknown, n.target.cured_by_fence = True, False
+
+    def no(path: PathKey) -> None:
+        raise RuntimeError("the target daemon does not start")
+    n.target.during_export = no
+    for _ in range(200):                         # 100 s
+        clock.advance(0.5)
+        n.step()
+        if store.holder(P1) is None and store.holder(P2) is None:
+            break
+    assert store.holder(P1) is None and store.holder(P2) is None, "surrendered after a completed fence"
+    assert n.serving() == set()
+
+
+def test_a_failed_fence_is_retried_part_by_part_with_backoff(tmp_path: Path, store: MemoryStore,
+                                                             clock: FakeClock) -> None:
+    store.start_disk("d1", 1)
+    n = one(tmp_path, store, clock)
+    serve_all(n)
+    calls: list[float] = []
+
+    def bad() -> None:
+        calls.append(clock.now())
+        raise RuntimeError("iproute record unreadable")
+    n.network.fence = bad                        # type: ignore[method-assign]
+    n.agent.fencer.fence("test")
+    for _ in range(40):
+        clock.advance(0.5)
+        n.agent.fencer.check()
+    assert n.target.fences == 1, "the data path is stopped once, not again at every retry"
+    gaps = [b - a for a, b in zip(calls, calls[1:])]
+    assert len(calls) >= 4 and gaps[:3] == [1.0, 2.0, 4.0], gaps
+    assert n.agent.fencer.events == 1
+
+
+def test_the_loop_pings_systemd_while_consul_keeps_refusing_a_session(tmp_path: Path, store: MemoryStore,
+                                                                      clock: FakeClock) -> None:
+    """The loop is healthy when it is Consul that does not answer: no restart by systemd's watchdog."""
+    from agent.runtime.notify import Notifier
+    store.start_disk("d1", 1)
+    n = make_node(tmp_path, store, clock, "gwa", disks={"d1": disk("d1")})
+    sent: list[str] = []
+    notifier = Notifier({"NOTIFY_SOCKET": "/nonexistent", "WATCHDOG_USEC": "20000000"})
+    notifier.send = sent.append                  # type: ignore[method-assign]
+    n.agent.notifier = notifier
+    n.agent.store.partitioned = True             # type: ignore[attr-defined]
+    waits = 0
+
+    def wait(t: float) -> bool:
+        nonlocal waits
+        waits += 1
+        clock.advance(t)
+        if waits > 12:
+            n.agent.stop()
+        return False
+    n.agent.wakeup.wait = wait                   # type: ignore[method-assign]
+    n.agent.start_threads = lambda: None         # type: ignore[method-assign]
+    n.agent.shutdown = lambda: None              # type: ignore[method-assign]
+    n.agent.run()
+    assert sent.count("WATCHDOG=1") >= 10 and "READY=1" not in sent
