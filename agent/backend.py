@@ -28,6 +28,10 @@ def _nothing() -> None:
     return None
 
 
+def _yes() -> bool:
+    return True
+
+
 @dataclass(frozen=True)
 class PluginContext:
     """What a plugin gets at construction.
@@ -42,6 +46,9 @@ class PluginContext:
     - ``ceph_probe(pool, image)``: checks through the host's one Ceph client that the cluster answers and
       the image exists, within ``[ceph] timeout``; raises ``TransientBackendError`` (Ceph unreachable) or
       ``PermanentBackendError`` (no such pool or image). ``None`` where the host has no Ceph.
+    - ``may_serve()``: whether this node may start serving right now (its lease is valid and it is not
+      fenced); a plugin asks it right before each irrevocable step that starts serving to initiators
+      (adding a floating IP, announcing it) and refuses the step when it says no. Cheap, never blocks.
     """
 
     node: str
@@ -52,6 +59,7 @@ class PluginContext:
     config_file: str = ""
     wake: Callable[[], None] = _nothing
     ceph_probe: Callable[[str, str], None] | None = None
+    may_serve: Callable[[], bool] = _yes
 
 
 class TargetBackend(abc.ABC):

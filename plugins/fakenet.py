@@ -25,6 +25,7 @@ class FakeNetwork(NetworkBackend):
     def __init__(self, context: PluginContext) -> None:
         o = Options("network.fake", context.options)
         self.path = o.text("file", "") or os.path.join(context.state_dir, "fake-addresses.json")
+        self.may_serve = context.may_serve
         o.done()
 
     def _load(self) -> dict[str, Any]:
@@ -42,6 +43,8 @@ class FakeNetwork(NetworkBackend):
     def up(self, path: PathKey, spec: PathSpec) -> None:
         a = self._load()
         if a.get(str(path)) != f"{spec.ip}/{spec.prefix}":
+            if not self.may_serve():
+                raise TransientBackendError(f"not bringing {path} up: this node may not serve now")
             a[str(path)] = f"{spec.ip}/{spec.prefix}"
             self._save(a)
             log.info("fake: %s/%d up for %s", spec.ip, spec.prefix, path)

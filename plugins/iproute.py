@@ -84,6 +84,7 @@ class IprouteNetwork(NetworkBackend):
         pyroute2 now (when it is installed), so that a later ``fence`` does not pay for the import."""
         o = Options("network.iproute", context.options)
         self.path = o.text("file", "") or os.path.join(context.state_dir, "iproute.json")
+        self.may_serve = context.may_serve
         self.label = o.text("label", "pa", 8)
         if not self.label.replace("-", "").replace("_", "").isalnum():
             o.problems.append(("network.iproute.label", "1-8 letters, digits, '-' or '_'"))
@@ -162,6 +163,10 @@ class IprouteNetwork(NetworkBackend):
                 self._save(record)
                 if self.promote:
                     self._promote(ifname)
+                if not self.may_serve():         # the host's lease, right before the address goes up
+                    del record[key]
+                    self._save(record)
+                    raise TransientBackendError(f"path {path}: not bringing {ip} up: this node may not serve now")
                 try:
                     kw: dict[str, Any] = {"index": index, "address": ip, "prefixlen": spec.prefix}
                     if label is not None:
@@ -452,7 +457,7 @@ class IprouteNetwork(NetworkBackend):
             except BackendError as e:
                 log.error("iproute: %s is up but not announced: cannot record the announcement: %s", ip, e)
                 go = False
-        go = go and not self._fenced_since(since)
+        go = go and not self._fenced_since(since) and self.may_serve()
         assert proc.stdin is not None
         try:
             if go:

@@ -48,17 +48,24 @@ def build(cfg: Config, notifier: Notifier) -> tuple[Agent, list[Callable[[], Non
     store = ConsulStore(cfg.consul)
     client = CephClient(cfg.ceph.conf, cfg.ceph.client_id, cfg.ceph.timeout)
     wake_box: list[Callable[[], None]] = []
+    allowed_box: list[Callable[[], bool]] = []
 
     def wake() -> None:
         for w in wake_box:
             w()
+
+    def may_serve() -> bool:            # the fencer's word, once it exists; nothing may serve before
+        return bool(allowed_box) and allowed_box[0]()
     node = cfg.node_name
-    target = plugins.load_target(cfg.target.backend, plugins.context(cfg, "target", node, wake, ceph_probe(client)))
-    network = plugins.load_network(cfg.network.backend, plugins.context(cfg, "network", node, wake))
+    target = plugins.load_target(cfg.target.backend, plugins.context(cfg, "target", node, wake, ceph_probe(client),
+                                                                     may_serve))
+    network = plugins.load_network(cfg.network.backend, plugins.context(cfg, "network", node, wake,
+                                                                        may_serve=may_serve))
     catalog = plugins.load_catalog(cfg.catalog.backend, plugins.context(cfg, "catalog", node, wake))
     watchdog = plugins.load_watchdog(cfg.watchdog.backend, plugins.context(cfg, "watchdog", node, wake))
     agent = Agent(cfg, store, catalog, target, network, watchdog, node="", notifier=notifier)
     wake_box.append(agent.wakeup.wake)
+    allowed_box.append(agent.fencer.allowed)
     return agent, [watchdog.close, target.close, network.close, catalog.close, client.close, store.close]
 
 
@@ -77,6 +84,9 @@ def run(cfg: Config) -> int:
     signal.signal(signal.SIGUSR2, on_detach)
     log.info("pathagent starting: target %s, network %s, catalog %s, watchdog %s, prefix %s",
              cfg.target.backend, cfg.network.backend, cfg.catalog.backend, cfg.watchdog.backend, cfg.consul.prefix)
+    if cfg.watchdog.backend == "none":
+        log.warning("[watchdog] backend is none: if this agent freezes or dies while its node is cut off, nothing "
+                    "stops its data path (for tests and demos only; see docs/watchdog.md)")
     metrics = None
     if cfg.metrics_listen:
         try:

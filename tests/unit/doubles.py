@@ -66,9 +66,12 @@ class MemNetwork(NetworkBackend):
         self.log: list[tuple[float, str, str]] = [] if log is None else log
         self.down_fails: set[PathKey] = set()
         self.during_up: Callable[[PathKey], None] = lambda p: None
+        self.may_serve: Callable[[], bool] = lambda: True    # PluginContext.may_serve, as the real ones ask
 
     def up(self, path: PathKey, spec: PathSpec) -> None:
         self.during_up(path)
+        if not self.may_serve():
+            raise TransientBackendError(f"not bringing {path} up: this node may not serve now")
         self.up_paths.add(path)
         self.log.append((self.clock.now(), "up", str(path)))
 
@@ -145,6 +148,7 @@ class Node:
         cycles until nothing more takes effect."""
         if confirm:
             self.agent.keeper.confirm_once()
+            self.agent.keeper.report_liveness()
         try:
             self.agent.watcher.poll_once()
         except Exception:  # noqa: BLE001 - a partitioned store; the cycle copes
@@ -171,6 +175,7 @@ def make_node(tmp: Path, store: MemoryStore, clock: FakeClock, name: str, cfg: C
     cat.disks.update(disks or {})
     view = MemoryStoreView(store, name)
     agent = Agent(cfg, view, cat, target, network, wd, node=name, clock=clock)
+    network.may_serve = agent.fencer.allowed
     return Node(agent, target, network, wd, cat)
 
 
