@@ -14,8 +14,9 @@ Invariants (tests/unit/test_planner.py):
 2. No address without a held, exported path: ``AddressUp`` only for a path the target already exports;
    an address whose path is not held and exported is taken down.
 3. Order: addresses down, then unexports, then releases, then acquires, then exports, then addresses up.
-   So when a node stops serving, its IPs go first; a path is released only after both are down (the
-   applier skips a release whose address-down or unexport failed in the same run); a path acquired now is
+   So when a node stops serving, its IPs go first; a path is released only after both are down (every
+   release is preceded by an address-down of its path, even when the network backend does not list it, and
+   the applier skips a release whose address-down or unexport failed in the same run); a path acquired now is
    exported by a later plan, and brought up by the one after that.
 4. Convergence: applying a plan and planning again gives nothing to do, and a plan interrupted after
    any prefix of its actions still converges when planned again.
@@ -99,7 +100,9 @@ def plan(s: Snapshot) -> Plan:
     if s.stopping:
         actions: list[Action] = list(down)
         actions += [Unexport(p) for p in sorted(s.exported)]
-        actions += [Release(p) for p in sorted(held)] if s.target_known else []
+        if s.target_known:
+            actions += [AddressDown(p, s.spec(p)) for p in sorted(held - s.addresses) if s.spec(p) is not None]
+            actions += [Release(p) for p in sorted(held)]
         return Plan(tuple(actions))
 
     view = s.view
@@ -119,6 +122,10 @@ def plan(s: Snapshot) -> Plan:
     actions = [a for a in down if a.path not in serve or a.path not in exported]
     actions += [Unexport(p) for p in sorted(exported - serve)]
     if s.target_known:
+        # an address our backend lost track of may still be up: down() it anyway before the release (it is
+        # idempotent and verifies that the IP is gone from the node)
+        actions += [AddressDown(p, s.spec(p)) for p in sorted((held & give_up) - s.addresses)
+                    if s.spec(p) is not None]
         actions += [Release(p) for p in sorted(held & give_up)]
     if view.nodes.get(s.node) != s.session:
         actions.append(LockNodeRecord())

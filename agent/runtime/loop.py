@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT = 2.0              # the main loop runs a cycle at least this often (its liveness: see healthy())
 TARGET_UNKNOWN_FENCE = 10.0  # the target cannot say what it serves for this long: stop its data path
+MAX_IMMEDIATE = 20           # cycles in a row planned at once before the loop sleeps anyway (no spinning)
 
 
 class Agent:
@@ -84,6 +85,7 @@ class Agent:
         self._exported: frozenset[PathKey] = frozenset()   # the target's last answer
         self._addresses: frozenset[PathKey] = frozenset()
         self._target_unknown_since: float | None = None
+        self._fenced_blind = False                  # fenced while the target could not tell: nothing served
         self._last_summary = ""
         self._ready = False
         self.cycles = 0
@@ -164,9 +166,12 @@ class Agent:
         if session is not None and self.fencer.fenced and now < self.fencer.serve_until and not stopping:
             try:
                 self.watcher.refresh()              # our view may predate a partition
-                self.fencer.unfence()
             except CoordinationError as e:
-                log.warning("lease valid again, but the keys cannot be read: %s", e)
+                # The lease is valid: whatever is served here is either covered by it (an adopted session
+                # after a restart) or already fenced. Planning now would tear down what may stay: retry.
+                log.warning("lease valid, but the keys cannot be read before serving: %s; retrying", e)
+                return self.report, now + 0.5, False
+            self.fencer.unfence()
         fenced = self.fencer.fenced
         view = self.watcher.latest()
         if view is None:
@@ -186,6 +191,13 @@ class Agent:
             fenced = self.fencer.fenced
             self._read_addresses()
             known = self._read_target(now)
+            self._fenced_blind = not known and self.fencer.done
+        if known:
+            self._fenced_blind = False
+        elif self._fenced_blind:
+            # the target still cannot tell, but a completed fence stopped its data path and nothing was
+            # exported since: nothing is served, so its paths may be given up (they back off and surrender)
+            known, self._exported = True, frozenset()
         self._own = {p: st for p, st in self._own.items()
                      if p in view.paths and view.paths[p].modify_index < st.modify_index}
         self._own_node = self._own_node and view.nodes.get(self.node) != session and session is not None
@@ -247,6 +259,8 @@ class Agent:
             self._own[p] = PathState(p, mi, None, None)
         if fx.node_record:
             self._own_node = True
+        if fx.exported:
+            self._fenced_blind = False
         for p, d in fx.exported.items():
             self._applied[p] = d
         self._exported = (self._exported | frozenset(fx.exported)) - frozenset(fx.unexported)
@@ -269,6 +283,7 @@ class Agent:
     def start_threads(self) -> None:
         threads = [self._guarded("fencer", self.fencer.run),
                    self._guarded("confirm", lambda: self.keeper.run(self._halt)),
+                   self._guarded("liveness", lambda: self.keeper.run_liveness(self._halt)),
                    self._guarded("watch", lambda: self.watcher.run(self._halt)),
                    self._guarded("catalog", lambda: self.definitions.run(self._halt))]
         self._threads_running = True
@@ -290,6 +305,7 @@ class Agent:
         self.fencer.extend(inherited)
         self.start_threads()
         retry = 0.5
+        immediate = 0
         try:
             while True:
                 if self._stop_mode == "detach":
@@ -319,6 +335,7 @@ class Agent:
                         log.warning("cycle failed: %s; retrying in %.1fs", e, retry)
                     else:
                         log.exception("cycle failed (a bug); retrying in %.1fs", retry)
+                    self.notifier.watchdog()        # the loop runs (it is Consul that does not answer)
                     self.wakeup.wait(retry)
                     retry = min(retry * 2, 5.0)
                     continue
@@ -327,8 +344,9 @@ class Agent:
                     self.notifier.ready(f"serving as {self.node}")
                 if self.healthy():
                     self.notifier.watchdog()
-                if again:
-                    continue
+                immediate = immediate + 1 if again else 0
+                if again and immediate <= MAX_IMMEDIATE:
+                    continue                        # plan again at once (an export done: bring it up)
                 now = self.clock.now()
                 limit = HEARTBEAT if self.notifier.interval <= 0 else min(HEARTBEAT, self.notifier.interval / 2)
                 until = min(now + limit, wake_at if wake_at is not None else now + limit)

@@ -107,10 +107,13 @@ class SessionKeeper:
         ours = [s for s in self.store.node_sessions(self.node) if s.name == c.session_name]
         recorded = self.state.session()
         old = next((s for s in ours if s.id == recorded), None)
-        for s in ours:
-            if s is not old:
-                if maybe_serving():
-                    self.fencer.fence(f"session {s.id[:8]} of this node is not ours to adopt")
+        stale = [s for s in ours if s is not old]
+        if stale:
+            _, entries = self.store.read_tree()
+            view = parse_tree(self.store.prefix, entries)
+            for s in stale:
+                if view.held_by(s.id) and maybe_serving():
+                    self.fencer.fence(f"session {s.id[:8]} of this node holds paths and is not ours to adopt")
                 log.info("destroying stale session %s of node %s", s.id[:8], self.node)
                 self.store.destroy_session(s.id)
         if old is not None:
@@ -189,24 +192,33 @@ class SessionKeeper:
             self.store.release_node_record(self.node, old.id)
         except CoordinationError as e:
             log.info("node record of %s not released: %s", old.id[:8], e)
-        self.store.destroy_session(old.id)
-        log.warning("replaced session %s by %s: %d of %d locks moved", old.id[:8], new[:8], moved, len(held))
+        # the new session first: a confirmation of the old one in between would find it gone and fence
         self._hold(new, self.cfg.consul.lock_delay, proof, created=False)
+        try:
+            self.store.destroy_session(old.id)
+        except CoordinationError as e:
+            log.warning("session %s not destroyed (%s): the next start destroys it", old.id[:8], e)
+        log.warning("replaced session %s by %s: %d of %d locks moved", old.id[:8], new[:8], moved, len(held))
 
     # --- confirming --------------------------------------------------------------------------------------
     def _extend(self, sent: float) -> None:
+        """A confirmation sent at ``sent``: serving may go on until ``sent + fence_after``, but only as far
+        as the watchdog accepted it (a "required" watchdog, as Patroni's: a node whose watchdog cannot be
+        pet does not serve, since nothing would stop its data path if the agent then froze)."""
         until = sent + self.lease.fence_after
-        self.fencer.extend(until)
-        self.state.record_serve_until(until, self._boot)
         try:
             self.watchdog.pet(until)
-            if self.watchdog_error:
-                log.info("watchdog reachable again")
-            self.watchdog_error = None
-        except AgentError as e:
+        except Exception as e:  # noqa: BLE001 - a BackendError, or a plugin bug: either way, not pet
             if self.watchdog_error != str(e):
-                log.error("watchdog not pet: %s", e)
+                log.error("watchdog not pet: %s; not serving on this confirmation (the data path stops at "
+                          "the last deadline the watchdog knows)", e)
             self.watchdog_error = str(e)
+            return
+        if self.watchdog_error:
+            log.info("watchdog pet again")
+        self.watchdog_error = None
+        self.fencer.extend(until)
+        self.state.record_serve_until(until, self._boot)
 
     def confirm_once(self) -> None:
         """One consistent read of our session (see the module docstring)."""
@@ -240,11 +252,15 @@ class SessionKeeper:
         self._extend(sent)
         if self.fencer.fenced:
             self.wake()
-        elif self.healthy():
-            self._liveness(sid)
 
-    def _liveness(self, sid: str) -> None:
+    def report_liveness(self) -> None:
+        """Pass our TTL check and renew the session's TTL (each at a fifth / a third of its TTL), only while
+        the main loop is healthy, we are not fenced and the watchdog takes our pets. On its own thread, so
+        that a slow call here never delays a confirmation."""
         c = self.cfg.consul
+        sid = self.session
+        if sid is None or self.fencer.fenced or self.watchdog_error or not self.healthy():
+            return
         try:
             now = self.clock.now()
             if c.agent_check_ttl > 0 and now - self._passed >= c.agent_check_ttl / 5:
@@ -261,6 +277,13 @@ class SessionKeeper:
         while not halt.is_set():
             self.confirm_once()
             halt.wait(self.cfg.consul.confirm_interval)
+
+    def run_liveness(self, halt: threading.Event) -> None:
+        """The liveness thread."""
+        c = self.cfg.consul
+        step = min([t / 5 for t in (c.agent_check_ttl, c.session_ttl) if t > 0] or [5.0])
+        while not halt.wait(min(step, 1.0)):
+            self.report_liveness()
 
     # --- ending ------------------------------------------------------------------------------------------
     def destroy(self) -> None:
