@@ -105,13 +105,30 @@ class ConsulStore:
         self._c = consul.Consul(host=cfg.host, port=cfg.port, scheme=cfg.scheme, verify=verify, cert=cert,
                                 connections_timeout=cfg.timeout)
         # py-consul lets CONSUL_HTTP_TOKEN override an explicit token; the config wins here.
-        self._c.token = token or None
         self._http: requests.Session = self._c.http.session
-        if token:
-            self._http.headers["X-Consul-Token"] = token
+        self._set_token(token)
         self._base = f"{cfg.scheme}://{cfg.address}"
         self._verify = verify
         self._cert = cert
+
+    def _set_token(self, token: str) -> None:
+        self._c.token = token or None
+        if token:
+            self._http.headers["X-Consul-Token"] = token
+        else:
+            self._http.headers.pop("X-Consul-Token", None)
+
+    def _reread_token(self) -> None:
+        """After a refusal: a rotated token in ``token_file`` is used from the next call on (the agent
+        would otherwise stay fenced until restarted). The token is never logged."""
+        if not self.cfg.token_file:
+            return
+        try:
+            token = self.cfg.resolved_token()
+        except OSError:
+            return
+        if token and token != self._c.token:
+            self._set_token(token)
 
     # --- errors ----------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -127,6 +144,7 @@ class ConsulStore:
         except requests.ConnectionError:
             raise CoordinationError(f"consul {what}: cannot connect to {self.cfg.address}") from None
         except consul.ACLPermissionDenied:
+            self._reread_token()
             raise CoordinationError(f"consul {what}: permission denied (check the ACL token's policy)") from None
         except (consul.ConsulException, requests.RequestException, KeyError, TypeError, ValueError) as e:
             msg = str(e).replace("\n", " ")[:300]
@@ -228,6 +246,7 @@ class ConsulStore:
             r = self._http.request(method, self._base + path, data=None if body is None else json.dumps(body),
                                    params=params, timeout=self.cfg.timeout, verify=self._verify, cert=self._cert)
         if r.status_code == 403:
+            self._reread_token()
             raise CoordinationError(f"consul {what}: permission denied (check the ACL token's policy)")
         if r.status_code == 404:
             raise _NotFound(f"consul {what}: not found")
@@ -258,6 +277,7 @@ class ConsulStore:
             if r.status_code == 200:
                 return TxnResult(True, results)
             if any("Permission denied" in w for _, w in errors):
+                self._reread_token()
                 raise CoordinationError("consul txn: permission denied (check the ACL token's policy)")
             return TxnResult(False, (), errors)
         raise CoordinationError(f"consul txn: HTTP {r.status_code}: {r.text.strip()[:300]}")

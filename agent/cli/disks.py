@@ -306,10 +306,13 @@ class Disks:
             value = disk_value(rec.pool, rec.image, rec.rev + 1, stopping=True)
             if self.store.txn(TxnOps().cas(dkey, value, rec.modify_index)).ok:
                 progress(f"disk {disk_id}: asked its owners to let go")
+                rec = dataclasses.replace(rec, stopping=True)
                 break
             rec = self.record(disk_id)
             if rec is None:
                 return False
+        if not rec.stopping:
+            raise DiskError(f"disk {disk_id}: its Consul key keeps changing; not stopped (run the command again)")
         end = time.monotonic() + timeout
         index = 0
         with cli_session(self.store, f"stop disk {disk_id}") as sid:
