@@ -63,9 +63,13 @@ class Lab:
 def lab_factory(consul_cluster_factory: Callable[..., Any], tmp_path: Path) -> Iterator[Callable[..., Lab]]:
     labs: list[Lab] = []
 
-    def make(nodes: list[str] = NODES, **agent_kw: Any) -> Lab:
+    def make(nodes: list[str] = NODES, check_ttl: float | None = None, **agent_kw: Any) -> Lab:
+        """``check_ttl``: a short liveness TTL, so that a frozen or dead agent loses its session fast."""
         cluster = consul_cluster_factory(clients=nodes)
         lab = Lab(cluster, tmp_path, nodes, **agent_kw)
+        if check_ttl is not None:
+            for a in lab.agents.values():
+                a.extra_consul(f"agent_check_ttl = {check_ttl:g}\n")
         labs.append(lab)
         return lab
     yield make
@@ -176,9 +180,7 @@ def test_frozen_agent_is_fenced_by_the_guard_before_anyone_takes_over(lab_factor
     """C4 + H2: an agent frozen (SIGSTOP) longer than the bound: its guard fences the node at the lease
     deadline; its liveness check then lapses, Consul invalidates its session, and the others take its paths
     after the lock-delay. At no moment is an address up on two nodes. When it resumes it starts over."""
-    lab = lab_factory(lock_delay=5.0, fence_after=2.5, extra="")
-    for a in lab.agents.values():
-        a.extra_consul("agent_check_ttl = 5\n")
+    lab = lab_factory(lock_delay=5.0, fence_after=2.5, check_ttl=5)
     lab.add_disks({f"d{i:02d}": 2 for i in range(9)})
     for a in lab.agents.values():
         a.start()
@@ -269,9 +271,7 @@ def test_disk_stop_with_a_frozen_owner_then_start_never_serves_twice(lab_factory
     """C3: the owner of a disk is frozen; `disk stop` cannot finish until that owner has let go or lost its
     session and the lock-delay ran out; `disk start` is refused meanwhile; at no moment is a path of the
     disk up on two nodes."""
-    lab = lab_factory(NODES[:2], lock_delay=5.0, fence_after=2.5)
-    for a in lab.agents.values():
-        a.extra_consul("agent_check_ttl = 5\n")
+    lab = lab_factory(NODES[:2], lock_delay=5.0, fence_after=2.5, check_ttl=5)
     lab.add_disks({"d00": 2, "d01": 2, "d02": 2})
     for a in lab.agents.values():
         a.start()
@@ -397,9 +397,7 @@ def test_poisoned_key_wedges_no_watcher(lab_factory: Callable[..., Lab]) -> None
 def test_agent_killed_its_guard_fences_and_its_paths_move(lab_factory: Callable[..., Lab]) -> None:
     """H1/H2: the agent process dies (kill -9) and does not come back: the guard stops the data path at the
     deadline, the liveness check lapses, and the other node takes over."""
-    lab = lab_factory(NODES[:2], lock_delay=5.0, fence_after=2.5)
-    for a in lab.agents.values():
-        a.extra_consul("agent_check_ttl = 5\n")
+    lab = lab_factory(NODES[:2], lock_delay=5.0, fence_after=2.5, check_ttl=5)
     lab.add_disks({f"d{i:02d}": 2 for i in range(4)})
     for a in lab.agents.values():
         a.start()
@@ -453,8 +451,12 @@ def test_systemd_notify_ready_and_watchdog_stop_when_the_loop_stalls(lab_factory
     after = [t for t, m in got if m == b"WATCHDOG=1" and t > t_go]
     assert during == [], "no ping while the main loop is stalled"
     assert after, "pings resume once the loop runs again"
-    env = (a.state / "fake-targets.json").exists()
-    assert env
+    # the agent's children must not be able to notify for it (tgtd does when it inherits NOTIFY_SOCKET)
+    from lab import proc
+    guards = proc.guard_pids(a.state)
+    assert guards, "the guard runs"
+    environ = Path(f"/proc/{guards[0]}/environ").read_bytes().split(b"\0")
+    assert not [v for v in environ if v.startswith((b"NOTIFY_SOCKET=", b"WATCHDOG_USEC="))]
 
 
 def test_bad_items_are_named_and_skipped(lab_factory: Callable[..., Lab]) -> None:
