@@ -152,17 +152,24 @@ class GuardWatchdog(Watchdog):
     def _log(self) -> str:
         return os.path.join(self.state_dir, protocol.LOG)
 
-    def _ask_own(self, msg: dict[str, Any], start: bool) -> dict[str, Any] | None:
-        """Send ``msg`` to our guard, starting it first when ``start`` and none runs; ``None`` when no guard
-        runs and ``start`` is false. Waits ``start_wait`` for a guard it just started, else ``timeout``."""
-        h = self.config_hash
-        self._reap()
+    def _try(self, h: str, msg: dict[str, Any]) -> dict[str, Any] | None:
+        """``msg`` to guard ``h``: its answer, ``None`` when no guard listens there, ``TransientBackendError``
+        when one listens but does not answer in time (frozen)."""
         try:
             return self._ask(h, msg)
         except TimeoutError:
             raise self._frozen(h) from None
         except (FileNotFoundError, ConnectionError):
-            pass
+            return None
+
+    def _ask_own(self, msg: dict[str, Any], start: bool) -> dict[str, Any] | None:
+        """Send ``msg`` to our guard, starting it first when ``start`` and none runs; ``None`` when no guard
+        runs and ``start`` is false. Waits ``start_wait`` for a guard it just started, else ``timeout``."""
+        h = self.config_hash
+        self._reap()
+        answer = self._try(h, msg)
+        if answer is not None:
+            return answer
         holder = protocol.lock_holder(self.state_dir, h)
         if holder is None:                     # no guard of ours, not even one starting
             if not start:
@@ -172,12 +179,9 @@ class GuardWatchdog(Watchdog):
         else:                                  # one is starting (or its socket file was removed)
             until = _now() + self.timeout
         while True:
-            try:
-                return self._ask(h, msg)
-            except TimeoutError:
-                raise self._frozen(h) from None
-            except (FileNotFoundError, ConnectionError):
-                pass
+            answer = self._try(h, msg)
+            if answer is not None:
+                return answer
             proc = self._proc
             if proc is not None and proc.poll() is not None:
                 self._proc = None
