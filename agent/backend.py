@@ -8,6 +8,7 @@ CLI or an adapter. A plugin kind is one ABC plus one stevedore namespace (see ``
 - ``pathagent.network``  -> ``NetworkBackend``  (``iproute``, ``none``)
 - ``pathagent.catalogs`` -> ``Catalog``         (``rbd``, ``fake``)
 - ``pathagent.watchdog`` -> ``Watchdog``        (``guard``, ``device``, ``none``)
+- ``pathagent.fencing``  -> ``Fencing``         (``ceph-blocklist``, ``none``)
 
 Every plugin is constructed as ``Plugin(context)`` with a ``PluginContext`` and must not touch the world
 there (no daemon started, no device opened): the guard process and ``check-config`` construct plugins
@@ -182,3 +183,56 @@ class Watchdog(abc.ABC):
 
     def close(self) -> None:
         """Release process resources, staying armed."""
+
+
+@dataclass(frozen=True)
+class FailedNode:
+    """A node whose session ended without an orderly release, as the cluster leader sees it.
+
+    - ``node``: its name; ``session``: the session that ended (the one its node record names);
+    - ``identity``: what that node last published of itself (``Fencing.identity()`` run there, stored in
+      its node record); may be empty (it never published, or its record was unreadable);
+    - ``images``: ``(pool, image)`` of every started disk with a path that node held when its session ended.
+    """
+
+    node: str
+    session: str
+    identity: Mapping[str, Any] = field(default_factory=dict)
+    images: tuple[tuple[str, str], ...] = ()
+
+
+class Fencing(abc.ABC):
+    """What is done, once per failed node, before its paths are taken over (``pathagent.fencing``).
+
+    The cluster leader calls ``fence`` for a node whose session ended while it held paths (a crash, a
+    partition, a lost session: anything but an orderly release); no other node exports a path that node
+    held until the leader has recorded that the fence succeeded (when ``required``). Every node calls
+    ``identity`` now and then and publishes the result in its node record, so that the leader can find
+    that node's clients after it died.
+
+    ``fence`` is idempotent (fencing a node twice, or a node that has nothing left, is fine) and must fence
+    nothing that belongs to another node (a healthy gateway is never fenced). It may block up to its own
+    timeouts; it runs on a worker thread of the leader, never on the fencing path of ``docs/fencing.md``.
+    Failures raise ``TransientBackendError`` (retried; the paths wait) or ``PermanentBackendError`` (named
+    in the log and ``status``; retried more slowly; the paths still wait: nothing is exported unfenced).
+    """
+
+    config_keys: Mapping[str, str] = {}
+
+    #: False when fencing does nothing (``none``): the paths of a failed node are then taken over without
+    #: waiting for the leader.
+    required: bool = True
+
+    @abc.abstractmethod
+    def identity(self) -> Mapping[str, Any]:
+        """What others need to fence this node later: a small JSON-able mapping (well under 4 KiB; e.g.
+        its Ceph client name and source addresses). Called on this node outside the fencing path; may
+        block up to the plugin's timeouts; raises ``TransientBackendError`` when it cannot tell now."""
+
+    @abc.abstractmethod
+    def fence(self, failed: FailedNode) -> str:
+        """Make sure nothing ``failed`` still has open can change data any more; return a one-line summary
+        of what was done (logged and recorded; no secrets)."""
+
+    def close(self) -> None:
+        """Release connections."""

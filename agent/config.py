@@ -65,6 +65,14 @@ class CephConfig:
     pool: str = "rbd"
     refresh: float = 30.0
     timeout: float = 10.0
+    #: the Ceph client id (without "client.") of this node's data path (what the target backend opens
+    #: images with); "{node}" is replaced by the node name, so that every gateway has its own and a
+    #: failed one can be fenced without touching the others
+    data_client_id: str = "pathagent-{node}"
+
+    def data_id(self, node: str) -> str:
+        """``data_client_id`` for ``node``."""
+        return self.data_client_id.replace("{node}", node)
 
 
 @dataclass(frozen=True)
@@ -88,6 +96,8 @@ class Config:
     network: PluginTable = PluginTable("iproute")
     catalog: PluginTable = PluginTable("rbd")
     watchdog: PluginTable = PluginTable("guard")
+    fencing: PluginTable = PluginTable("none")
+    node_weight: float = 1.0
     placement_grace: float = 3.0
     placement_settle: float = 2.0
     metrics_listen: str = ""
@@ -168,7 +178,7 @@ def _str_list(v: Any) -> str | None:
 
 
 SCHEMA: dict[str, dict[str, Callable[[Any], str | None]]] = {
-    "node": {"name": _str()},
+    "node": {"name": _str(), "weight": _num(0.01, 1000)},
     "consul": {
         "address": _address, "scheme": _choice("http", "https"), "token": _str(), "token_file": _str(),
         "ca_file": _str(), "cert_file": _str(), "key_file": _str(), "prefix": _str(False),
@@ -178,17 +188,18 @@ SCHEMA: dict[str, dict[str, Callable[[Any], str | None]]] = {
         "session_ttl": _ttl(10, 3600),
     },
     "ceph": {"conf": _str(False), "client_id": _str(False), "pool": _str(False), "refresh": _num(1, 3600),
-             "timeout": _num(1, 300)},
+             "timeout": _num(1, 300), "data_client_id": _str(False)},
     "state": {"dir": _str(False)},
     "target": {"backend": _str(False), "port": _int(1, 65535), "stop_time": _num(0.01, 60)},
     "network": {"backend": _str(False)},
     "catalog": {"backend": _str(False)},
     "watchdog": {"backend": _str(False)},
+    "fencing": {"backend": _str(False)},
     "placement": {"grace": _num(0, 600), "settle": _num(0, 60)},
     "metrics": {"listen": _address_or_empty},
     "log": {"level": _choice("DEBUG", "INFO", "WARNING", "ERROR"), "format": _choice("text", "json")},
 }
-PLUGIN_TABLES = ("target", "network", "catalog", "watchdog")
+PLUGIN_TABLES = ("target", "network", "catalog", "watchdog", "fencing")
 
 
 def _plugin_keys(kind: str, name: str) -> Mapping[str, str] | None:
@@ -256,6 +267,8 @@ def parse(data: Mapping[str, Any], source: str = "") -> Config:
         network=PluginTable(values["network"].get("backend", "iproute"), sub["network"]),
         catalog=PluginTable(values["catalog"].get("backend", "rbd"), sub["catalog"]),
         watchdog=PluginTable(values["watchdog"].get("backend", "guard"), sub["watchdog"]),
+        fencing=PluginTable(values["fencing"].get("backend", "none"), sub["fencing"]),
+        node_weight=values["node"].get("weight", 1.0),
         placement_grace=values["placement"].get("grace", 3.0),
         placement_settle=values["placement"].get("settle", 2.0),
         metrics_listen=values["metrics"].get("listen", ""),

@@ -6,7 +6,7 @@ from typing import Any, Callable
 from stevedore import driver, extension
 from stevedore.exception import NoMatches
 
-from agent.backend import Catalog, NetworkBackend, PluginContext, TargetBackend, Watchdog
+from agent.backend import Catalog, Fencing, NetworkBackend, PluginContext, TargetBackend, Watchdog
 from agent.config import Config
 from agent.errors import ConfigError
 
@@ -15,6 +15,7 @@ NAMESPACES: dict[str, tuple[str, type]] = {
     "network": ("pathagent.network", NetworkBackend),
     "catalog": ("pathagent.catalogs", Catalog),
     "watchdog": ("pathagent.watchdog", Watchdog),
+    "fencing": ("pathagent.fencing", Fencing),
 }
 
 
@@ -74,6 +75,13 @@ def load_watchdog(name: str, ctx: PluginContext) -> Watchdog:
     """Instantiate watchdog ``name`` (namespace ``pathagent.watchdog``)."""
     obj = _load("watchdog", name, ctx)
     assert isinstance(obj, Watchdog)
+    return obj
+
+
+def load_fencing(name: str, ctx: PluginContext) -> Fencing:
+    """Instantiate fencing ``name`` (namespace ``pathagent.fencing``)."""
+    obj = _load("fencing", name, ctx)
+    assert isinstance(obj, Fencing)
     return obj
 
 
