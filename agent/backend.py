@@ -47,6 +47,8 @@ class PluginContext:
     - ``ceph_probe(pool, image)``: checks through the host's one Ceph client that the cluster answers and
       the image exists, within ``[ceph] timeout``; raises ``TransientBackendError`` (Ceph unreachable) or
       ``PermanentBackendError`` (no such pool or image). ``None`` where the host has no Ceph.
+    - ``current_node()``: the node name once known (plugins are built before Consul answered, so
+      ``node`` may be empty; use this where the name matters, e.g. the per-node Ceph client id);
     - ``may_serve()``: whether this node may start serving right now (its lease is valid and it is not
       fenced); a plugin asks it right before each irrevocable step that starts serving to initiators
       (adding a floating IP, announcing it) and refuses the step when it says no. Cheap, never blocks.
@@ -61,6 +63,14 @@ class PluginContext:
     wake: Callable[[], None] = _nothing
     ceph_probe: Callable[[str, str], None] | None = None
     may_serve: Callable[[], bool] = _yes
+    node_name: Callable[[], str] | None = None
+
+    def current_node(self) -> str:
+        """This node's name as known now: ``node``, or (when the config does not name the node) the local
+        Consul agent's node name once the agent learned it (empty before). Cheap, never blocks."""
+        if self.node:
+            return self.node
+        return self.node_name() if self.node_name is not None else ""
 
 
 class TargetBackend(abc.ABC):

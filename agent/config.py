@@ -100,6 +100,9 @@ class Config:
     node_weight: float = 1.0
     placement_grace: float = 3.0
     placement_settle: float = 2.0
+    rebalance_after: float = 10.0
+    max_moves: int = 4
+    move_timeout: float = 30.0
     metrics_listen: str = ""
     log_level: str = "INFO"
     log_format: str = "text"
@@ -195,7 +198,8 @@ SCHEMA: dict[str, dict[str, Callable[[Any], str | None]]] = {
     "catalog": {"backend": _str(False)},
     "watchdog": {"backend": _str(False)},
     "fencing": {"backend": _str(False)},
-    "placement": {"grace": _num(0, 600), "settle": _num(0, 60)},
+    "placement": {"grace": _num(0, 600), "settle": _num(0, 60), "rebalance_after": _num(0, 3600),
+                  "moves": _int(0, 1000), "move_timeout": _num(1, 3600)},
     "metrics": {"listen": _address_or_empty},
     "log": {"level": _choice("DEBUG", "INFO", "WARNING", "ERROR"), "format": _choice("text", "json")},
 }
@@ -271,6 +275,9 @@ def parse(data: Mapping[str, Any], source: str = "") -> Config:
         node_weight=values["node"].get("weight", 1.0),
         placement_grace=values["placement"].get("grace", 3.0),
         placement_settle=values["placement"].get("settle", 2.0),
+        rebalance_after=values["placement"].get("rebalance_after", Config.rebalance_after),
+        max_moves=values["placement"].get("moves", Config.max_moves),
+        move_timeout=values["placement"].get("move_timeout", Config.move_timeout),
         metrics_listen=values["metrics"].get("listen", ""),
         log_level=values["log"].get("level", "INFO"),
         log_format=values["log"].get("format", "text"),

@@ -21,12 +21,15 @@ NAMESPACES: dict[str, tuple[str, type]] = {
 
 def context(cfg: Config, kind: str, node: str = "", wake: Callable[[], None] | None = None,
             ceph_probe: Callable[[str, str], None] | None = None,
-            may_serve: Callable[[], bool] | None = None) -> PluginContext:
+            may_serve: Callable[[], bool] | None = None,
+            node_name: Callable[[], str] | None = None) -> PluginContext:
     """The ``PluginContext`` for the configured plugin of ``kind``."""
     table = getattr(cfg, kind)
     extra: dict[str, Any] = {"wake": wake} if wake is not None else {}
     if may_serve is not None:
         extra["may_serve"] = may_serve
+    if node_name is not None:
+        extra["node_name"] = node_name
     return PluginContext(node=node, state_dir=cfg.state_dir, options=table.own(), ceph=cfg.ceph, port=cfg.port,
                          config_file=cfg.source, ceph_probe=ceph_probe, **extra)
 

@@ -320,6 +320,22 @@ class ConsulStore:
         k = keys.node_key(self.prefix, node)
         return self.txn(TxnOps().check_session(k, session).unlock(k, b"", session))
 
+    # --- the leader -----------------------------------------------------------------------------------
+    def acquire_leader(self, session: str, value: bytes) -> TxnResult:
+        return self.txn(TxnOps().lock(keys.leader_key(self.prefix), value, session))
+
+    def record_fence(self, node: str, leader: str, value: bytes) -> TxnResult:
+        return self.txn(TxnOps().check_session(keys.leader_key(self.prefix), leader)
+                        .set(keys.fenced_key(self.prefix, node), value))
+
+    def request_move(self, path: PathKey, leader: str, value: bytes) -> TxnResult:
+        return self.txn(TxnOps().check_session(keys.leader_key(self.prefix), leader)
+                        .lock(keys.move_key(self.prefix, path), value, leader))
+
+    def end_move(self, path: PathKey, session: str) -> TxnResult:
+        k = keys.move_key(self.prefix, path)
+        return self.txn(TxnOps().check_session(k, session).delete(k))
+
     def txn_delete(self, key: str) -> None:
         """Delete one key (idempotent)."""
         self.txn(TxnOps().delete(key))

@@ -6,8 +6,15 @@
 ``{prefix}/nodes/{node}``               node record, locked by the node's session while its agent runs
                                         (value ``{"node", "session", "since", "backend"}``); the set of
                                         locked node records is the set of live agents used for placement
-``{prefix}/moves/{disk_id}/{index}``    a pending ``path move`` request (value ``{"node": target}``),
-                                        locked by the requesting CLI's session while it waits
+``{prefix}/moves/{disk_id}/{index}``    a pending move request (value ``{"node": target}``), locked by
+                                        the session of whoever asked (the CLI's, or the leader's for
+                                        rebalancing and drain) while it is wanted
+``{prefix}/leader``                     the cluster leader's lock, held by one agent's session
+                                        (value ``{"node", "session", "since"}``)
+``{prefix}/drain/{node}``               exists while ``node`` is drained (value ``{"since"}``, informational)
+``{prefix}/fenced/{node}``              the last fence of ``node`` by the leader (value ``{"node",
+                                        "session", "since", "summary"}``); its ModifyIndex orders it after
+                                        the invalidation it answers
 
 Pure: parsing and formatting only.
 """
@@ -51,9 +58,22 @@ def move_key(prefix: str, path: PathKey) -> str:
     return f"{prefix}/moves/{path.disk}/{path.index}"
 
 
+def leader_key(prefix: str) -> str:
+    return f"{prefix}/leader"
+
+
+def drain_key(prefix: str, node: str) -> str:
+    return f"{prefix}/drain/{node}"
+
+
+def fenced_key(prefix: str, node: str) -> str:
+    return f"{prefix}/fenced/{node}"
+
+
 def parse(prefix: str, key: str) -> tuple[str, str | PathKey] | None:
     """Classify a key under ``prefix``: ``("disk", id)``, ``("path", PathKey)``, ``("node", name)``,
-    ``("move", PathKey)``; ``None`` for anything else (it is ignored, never an error)."""
+    ``("move", PathKey)``, ``("leader", "")``, ``("drain", name)``, ``("fenced", name)``; ``None`` for
+    anything else (it is ignored, never an error)."""
     head = prefix + "/"
     if not key.startswith(head):
         return None
@@ -65,6 +85,8 @@ def parse(prefix: str, key: str) -> tuple[str, str | PathKey] | None:
             kind = "path" if parts[0] == "disks" else "move"
             return (kind, PathKey(parts[1], int(parts[2])))
         return None
-    if len(parts) == 2 and parts[0] == "nodes" and parts[1]:
-        return ("node", parts[1])
+    if len(parts) == 2 and parts[0] in ("nodes", "drain", "fenced") and parts[1]:
+        return ({"nodes": "node", "drain": "drain", "fenced": "fenced"}[parts[0]], parts[1])
+    if parts == ["leader"]:
+        return ("leader", "")
     return None

@@ -6,7 +6,7 @@ everything the planner may look at; the ``Action`` variants are everything it ma
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Union
+from typing import Any, Mapping, Union
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -77,6 +77,9 @@ class PathState:
     modify_index: int
     session: str | None = None
     node: str | None = None
+    #: a free key whose value still names the node that held it: its session ended without releasing it
+    #: (a crash, a partition); the key's ModifyIndex is then the index of that invalidation
+    orphan_of: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +93,26 @@ class DiskRecord:
     modify_index: int = 0
     rev: int = 0
     stopping: bool = False
+
+
+@dataclass(frozen=True)
+class NodeRecord:
+    """A node record ``{prefix}/nodes/{node}`` as seen in Consul.
+
+    ``holder``: the session locking it now (``None``: no agent runs there); ``session``: the session its
+    value names (the last one that locked it; empty after an orderly stop); ``identity``: what the node
+    published for fencing it; ``weight``: its share of the paths."""
+
+    node: str
+    modify_index: int
+    holder: str | None = None
+    session: str = ""
+    identity: Mapping[str, Any] = field(default_factory=dict)
+    weight: float = 1.0
+
+    def orphaned(self) -> bool:
+        """Its session ended without an orderly stop (nothing holds it, the value still names a session)."""
+        return self.holder is None and bool(self.session)
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,7 +168,42 @@ class LockNodeRecord:
     """Lock our node record ``{prefix}/nodes/{node}`` with our session: we count as a live agent."""
 
 
-Action = Union[Acquire, Release, Export, Unexport, AddressUp, AddressDown, LockNodeRecord]
+@dataclass(frozen=True, slots=True)
+class AcquireLeader:
+    """Lock ``{prefix}/leader`` with our session (observed free at ``modify_index``)."""
+
+    modify_index: int
+
+
+@dataclass(frozen=True)
+class FenceNode:
+    """Leader duty: fence ``node`` (its session ``session`` ended without an orderly stop) through the
+    fencing plugin, then record it in ``{prefix}/fenced/{node}``; ``images``: ``(pool, image)`` of the disks
+    it held paths of."""
+
+    node: str
+    session: str
+    identity: Mapping[str, Any] = field(default_factory=dict)
+    images: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class RequestMove:
+    """Leader duty: ask for ``path`` to move to ``node`` (a move key locked by our session)."""
+
+    path: PathKey
+    node: str
+
+
+@dataclass(frozen=True, slots=True)
+class EndMove:
+    """Leader duty: remove the move request of ``path`` (done, or no longer wanted)."""
+
+    path: PathKey
+
+
+Action = Union[Acquire, Release, Export, Unexport, AddressUp, AddressDown, LockNodeRecord, AcquireLeader,
+               FenceNode, RequestMove, EndMove]
 
 
 @dataclass(frozen=True, slots=True)

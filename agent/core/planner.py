@@ -22,6 +22,13 @@ Invariants (tests/unit/test_planner.py):
    any prefix of its actions still converges when planned again.
 5. A path is never acquired for a disk this node cannot serve (no definition), that is stopping, or that
    backs off; and while the target's state is unknown nothing is exported, brought up or released.
+6. Fencing (when the fencing plugin requires it): a path whose holder's session ended without releasing it
+   (``orphan_of``) is acquired only after the leader recorded a fence of that node newer than the key's
+   invalidation; a node whose own previous session ended that way takes nothing (and does not lock its
+   node record, which would erase that fact) until it has been fenced.
+7. Drained nodes take no free path; the leader moves their paths away, and balances the rest, by
+   planned moves (``placement.rebalance``), a few at a time, only towards nodes live for a while, and only
+   while no failover is in progress.
 """
 from __future__ import annotations
 
@@ -29,9 +36,12 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 from agent.core import placement
-from agent.core.model import (Acquire, Action, AddressDown, AddressUp, Disk, Export, LockNodeRecord, PathKey,
-                              PathSpec, Plan, Release, Unexport)
+from agent.core.model import (Acquire, AcquireLeader, Action, AddressDown, AddressUp, Disk, EndMove, Export,
+                              FenceNode, LockNodeRecord, PathKey, PathSpec, Plan, Release, RequestMove, Unexport)
 from agent.core.tree import ClusterView
+
+
+LOCKABLE_EARLY = 0.05    # try an orphan this much before its lock-delay ends by our clock (we saw it late)
 
 
 @dataclass(frozen=True)
@@ -70,6 +80,29 @@ class Snapshot:
     free_since: Mapping[PathKey, float] = field(default_factory=dict)
     grace: float = 3.0
     settle_until: float = 0.0
+    #: the fencing plugin requires a recorded fence before a failed node's paths are taken over
+    fencing_required: bool = False
+    #: what this node publishes in its node record: its weight and its fencing identity
+    weight: float = 1.0
+    identity: Mapping[str, object] = field(default_factory=dict)
+    #: Consul's lock-delay: an orphaned path becomes lockable this long after it was first seen free
+    lock_delay: float = 0.0
+    #: when each node record was first seen orphaned; the leader fences a node once its record has been
+    #: orphaned for ``fence_hold`` (so that the node stopped serving by itself first: docs/fencing.md)
+    orphan_since: Mapping[str, float] = field(default_factory=dict)
+    fence_hold: float = 0.0
+    fence_busy: frozenset[str] = frozenset()    # fences in flight or backing off (the leader's worker)
+    #: when each node was first seen live (continuously); rebalancing targets nodes live this long
+    live_since: Mapping[str, float] = field(default_factory=dict)
+    rebalance_after: float = 10.0
+    #: when each move request of ours was first seen; one older than ``move_timeout`` is dropped
+    move_since: Mapping[PathKey, float] = field(default_factory=dict)
+    move_timeout: float = 30.0
+    max_moves: int = 4
+    #: when each free path was first seen free and not waiting for a fence
+    claimable_since: Mapping[PathKey, float] = field(default_factory=dict)
+    #: ModifyIndexes of orphaned keys proven lockable (one of the keys of that invalidation was locked)
+    lockable: frozenset[int] = frozenset()
 
     def held(self) -> frozenset[PathKey]:
         """Path keys locked by our session (none without a session)."""
@@ -80,14 +113,44 @@ class Snapshot:
         return disk.path(path.index) if disk is not None else None
 
 
+def must_wait_fence(s: Snapshot) -> bool:
+    """Our own previous session ended without an orderly stop and the leader has not fenced us since."""
+    rec = s.view.records.get(s.node)
+    return (s.fencing_required and rec is not None and rec.orphaned() and rec.session != s.session
+            and s.view.fenced.get(s.node, 0) <= rec.modify_index)
+
+
+def fence_pending(s: Snapshot, path: PathKey) -> bool:
+    """``path`` is free because its holder failed, and that node has not been fenced since."""
+    st = s.view.paths.get(path)
+    if not s.fencing_required or st is None or st.session is not None or st.orphan_of is None:
+        return False
+    return s.view.fenced.get(st.orphan_of, 0) <= st.modify_index
+
+
 def blocked(s: Snapshot) -> frozenset[PathKey]:
     """Paths backing off now."""
     return frozenset(p for p, until in s.backoff.items() if until > s.now)
 
 
+def lockable_at(s: Snapshot, path: PathKey) -> float:
+    """When Consul will let anyone lock ``path``: an orphaned key (its holder's session was invalidated)
+    only ``lock_delay`` after the invalidation, which is before we first saw it free."""
+    st = s.view.paths.get(path)
+    if st is None or st.orphan_of is None or st.modify_index in s.lockable:
+        return s.now
+    return s.free_since.get(path, s.now) + s.lock_delay - LOCKABLE_EARLY
+
+
 def overdue_at(s: Snapshot, path: PathKey) -> float:
-    """When a free path becomes anyone's (the placement grace, counted from the end of settling)."""
-    return max(s.free_since.get(path, s.now), s.settle_until) + s.grace
+    """When a free path becomes anyone's: the placement grace, counted from when it became lockable (an
+    orphaned key only after the lock-delay, and only once its failed holder was fenced: ``claimable_since``)
+    and from the end of settling."""
+    st = s.view.paths.get(path)
+    delay = s.lock_delay if st is not None and st.orphan_of is not None else 0.0
+    seen = s.free_since.get(path, s.now)
+    base = max(seen + delay, s.claimable_since.get(path, seen))
+    return max(base, s.settle_until) + s.grace
 
 
 def plan(s: Snapshot) -> Plan:
@@ -127,7 +190,10 @@ def plan(s: Snapshot) -> Plan:
         actions += [AddressDown(p, s.spec(p)) for p in sorted((held & give_up) - s.addresses)
                     if s.spec(p) is not None]
         actions += [Release(p) for p in sorted(held & give_up)]
-    if view.nodes.get(s.node) != s.session:
+    waiting = must_wait_fence(s)
+    rec = view.records.get(s.node)
+    if not waiting and (view.nodes.get(s.node) != s.session or rec is None
+                        or rec.weight != s.weight or dict(rec.identity) != dict(s.identity)):
         actions.append(LockNodeRecord())
 
     # Placement of free paths from facts every node shares (so all nodes compute the same assignment);
@@ -141,15 +207,29 @@ def plan(s: Snapshot) -> Plan:
             owners[p] = owner
     free = sorted(p for p, st in view.paths.items()
                   if st.session is None and p.disk in view.disks and p.disk not in stopping_disks)
-    assigned = placement.assign(free, live, counts, total=len(view.paths), owners=owners)
+    weights = {n: r.weight for n, r in view.records.items()}
+    weights[s.node] = s.weight
+    eligible = live - view.drained
+    assigned = placement.assign(free, eligible, counts, total=len(view.paths), owners=owners, weights=weights)
     settling = s.now < s.settle_until
     wake: list[float] = [until for until in s.backoff.values() if until > s.now]
     if settling:
         wake.append(s.settle_until)
+    actions += _leader(s, live, owners, weights, wake)
+    probed: set[int] = set()
     for p in free:
-        if s.spec(p) is None or p in no_go:
+        if s.spec(p) is None or p in no_go or waiting or s.node in view.drained or fence_pending(s, p):
             continue
         mine = moves.get(p, assigned.get(p)) == s.node
+        lockable = lockable_at(s, p)
+        if lockable > s.now:
+            # maybe still in its lock-delay (we may have seen the invalidation late): try one key of that
+            # invalidation (a probe) rather than all of them, and the rest once one was locked
+            wake.append(lockable)
+            group = view.paths[p].modify_index
+            if not mine or group in probed:
+                continue
+            probed.add(group)
         due = overdue_at(s, p)
         if not mine and due > s.now:
             wake.append(due)
@@ -165,3 +245,59 @@ def plan(s: Snapshot) -> Plan:
             assert spec is not None
             actions.append(AddressUp(p, spec))
     return Plan(tuple(actions), min(wake) if wake else None)
+
+
+def _leader(s: Snapshot, live: set[str], owners: Mapping[PathKey, str], weights: Mapping[str, float],
+            wake: list[float]) -> list[Action]:
+    """The cluster leader's actions: take the leader key when it is free; as the leader, fence failed
+    nodes and plan balancing moves; as a former leader, drop the move requests still ours."""
+    view = s.view
+    out: list[Action] = []
+    ours = sorted(p for p, sid in view.move_holders.items() if sid == s.session)
+    if view.leader is None:
+        out.append(AcquireLeader(view.leader_index))
+    if view.leader != s.session:
+        return out + [EndMove(p) for p in ours]
+
+    # fence every failed node once it has been orphaned for fence_hold (it stopped serving by itself)
+    failovers = False
+    for node, rec in sorted(view.records.items()):
+        if not (s.fencing_required and rec.orphaned() and view.fenced.get(node, 0) <= rec.modify_index):
+            continue
+        failovers = True
+        due = s.orphan_since.get(node, s.now) + s.fence_hold
+        if node in s.fence_busy:
+            continue
+        if due > s.now:
+            wake.append(due)
+            continue
+        images = sorted({(view.disks[p.disk].pool, view.disks[p.disk].image) for p, st in view.paths.items()
+                         if st.orphan_of == node and p.disk in view.disks and view.disks[p.disk].pool})
+        out.append(FenceNode(node, rec.session, rec.identity, tuple(images)))
+    failovers = failovers or any(st.session is None and st.orphan_of is not None and p.disk in view.disks
+                                 for p, st in view.paths.items())
+
+    # moves: end those done or no longer possible, then plan new ones within the limit
+    drained = view.drained
+    moving = set(view.moves)
+    for p in ours:
+        target = view.moves.get(p)
+        st = view.paths.get(p)
+        started = s.move_since.get(p, s.now)
+        if st is None or target not in live or target in drained or owners.get(p) == target \
+                or s.now - started >= s.move_timeout:
+            out.append(EndMove(p))
+            moving.discard(p)
+        else:
+            wake.append(started + s.move_timeout)
+    room = s.max_moves - len(moving)
+    if failovers or room <= 0:
+        return out
+    settled = {n for n in live if s.now - s.live_since.get(n, s.now) >= s.rebalance_after}
+    for n in live - settled:
+        wake.append(s.live_since.get(n, s.now) + s.rebalance_after)
+    held = {p: n for p, n in owners.items() if p.disk in view.disks and not view.disks[p.disk].stopping}
+    in_flight = {p: n for p, n in view.moves.items() if p in moving}
+    for p, target in placement.rebalance(held, settled - drained, drained & live, weights, in_flight, room):
+        out.append(RequestMove(p, target))
+    return out

@@ -94,6 +94,18 @@ class CoordinationStore(Protocol):
     def release_node_record(self, node: str, session: str) -> TxnResult:
         """Unlock our node record."""
 
+    def acquire_leader(self, session: str, value: bytes) -> TxnResult:
+        """Lock ``{prefix}/leader`` with ``session`` (refused while another holds it or in its lock-delay)."""
+
+    def record_fence(self, node: str, leader: str, value: bytes) -> TxnResult:
+        """Write ``{prefix}/fenced/{node}``, only while ``leader`` holds the leader key."""
+
+    def request_move(self, path: PathKey, leader: str, value: bytes) -> TxnResult:
+        """Lock the move request of ``path`` with ``leader``, only while it holds the leader key."""
+
+    def end_move(self, path: PathKey, session: str) -> TxnResult:
+        """Delete the move request of ``path`` if ``session`` holds it."""
+
 
 def next_index(sent: int, got: int) -> int:
     """Consul's rule for the next blocking index: reset to 0 when it went backwards or is not positive."""

@@ -4,8 +4,16 @@ The key *names* live in ``agent.core.keys``; this module owns the *values* (docs
 
 - disk record ``{prefix}/disks/{id}``: ``{"pool", "image", "rev"?, "stopping"?}`` -> ``DiskRecord``;
 - path lock ``{prefix}/disks/{id}/{index}``: empty while free, ``{"node", "session", "since"}`` while held;
-- node record ``{prefix}/nodes/{node}``: ``{"node", "session", "since", "backend"}``, locked by the node's
-  session while its agent runs; only locked records count (the live agents);
+- node record ``{prefix}/nodes/{node}``: ``{"node", "session", "since", "backend", "weight"?, "identity"?}``,
+  locked by the node's session while its agent runs; only locked records count as live agents; an
+  unlocked record whose value names a session is a node that failed (``NodeRecord.orphaned``), one with an
+  empty value stopped in order;
+- path lock value of a *free* key: empty after an orderly release; still ``{"node", "session", ...}`` when
+  the holder's session ended without releasing it (``PathState.orphan_of``);
+- leader ``{prefix}/leader``: ``{"node", "session", "since"}``, locked by the leader's session;
+- drain ``{prefix}/drain/{node}``: any value; the key's existence drains the node;
+- fenced ``{prefix}/fenced/{node}``: ``{"node", "session", "since", "summary"}``; the key's ModifyIndex
+  is what counts;
 - move request ``{prefix}/moves/{id}/{index}``: ``{"node": target}``, locked by the requesting CLI's
   session (``Behavior=delete``, so it disappears when that CLI dies); only a locked request counts, so no
   node compares clocks to decide whether a request is still wanted.
@@ -18,11 +26,11 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Mapping
 
 from agent.core import keys
-from agent.core.model import DiskRecord, PathKey, PathState
+from agent.core.model import DiskRecord, NodeRecord, PathKey, PathState
 
 #: no value of ours is anywhere near this; anything bigger is not ours
 MAX_VALUE = 16 * 1024
@@ -50,6 +58,18 @@ class ClusterView:
     moves: Mapping[PathKey, str] = field(default_factory=dict)  # live move requests: path -> target node
     skipped: tuple[tuple[str, str], ...] = ()                   # (key, why its value was ignored)
     index: int = 0
+    records: Mapping[str, NodeRecord] = field(default_factory=dict)   # every node record, locked or not
+    leader: str | None = None                   # the session holding {prefix}/leader
+    leader_index: int = 0                       # its ModifyIndex (0: the key does not exist)
+    drained: frozenset[str] = frozenset()
+    fenced: Mapping[str, int] = field(default_factory=dict)     # node -> ModifyIndex of its fence record
+    move_holders: Mapping[PathKey, str] = field(default_factory=dict)  # live move request -> its session
+
+    def leader_node(self) -> str | None:
+        """The node whose session holds the leader key (``None``: no leader, or not a live agent)."""
+        if self.leader is None:
+            return None
+        return next((n for n, sid in self.nodes.items() if sid == self.leader), None)
 
     def held_by(self, session: str | None) -> frozenset[PathKey]:
         """Path keys locked by ``session`` (none for ``None``)."""
@@ -119,12 +139,41 @@ def decode_move(value: bytes | None) -> str:
     return _text(_object(value), "node")
 
 
+def decode_orphan(value: bytes | None) -> str | None:
+    """The node a free path key's value still names (its holder's session ended without a release)."""
+    doc = _object(value)
+    if not doc.get("session"):
+        return None
+    return _text(doc, "node")
+
+
+def decode_record(node: str, e: KVEntry) -> NodeRecord:
+    doc = _object(e.value)
+    session = doc.get("session", "")
+    if not isinstance(session, str):
+        raise _Bad("'session' must be a string")
+    weight = doc.get("weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight <= 1000 \
+            or not math.isfinite(weight):
+        raise _Bad("'weight' must be a number in (0, 1000]")
+    identity = doc.get("identity", {})
+    if not isinstance(identity, dict):
+        raise _Bad("'identity' must be an object")
+    return NodeRecord(node, e.modify_index, e.session, session, identity, float(weight))
+
+
 def parse_tree(prefix: str, entries: Iterable[KVEntry], index: int = 0) -> ClusterView:
     """The view of ``entries`` (a recursive read of ``{prefix}/``). Pure; never raises."""
     disks: dict[str, DiskRecord] = {}
     paths: dict[PathKey, PathState] = {}
     nodes: dict[str, str] = {}
     moves: dict[PathKey, str] = {}
+    move_holders: dict[PathKey, str] = {}
+    records: dict[str, NodeRecord] = {}
+    drained: set[str] = set()
+    fenced: dict[str, int] = {}
+    leader: str | None = None
+    leader_index = 0
     skipped: list[tuple[str, str]] = []
     for e in entries:
         try:
@@ -149,17 +198,29 @@ def parse_tree(prefix: str, entries: Iterable[KVEntry], index: int = 0) -> Clust
                 if e.session:
                     node = decode_lock_node(e.value)
                     paths[ident] = PathState(ident, e.modify_index, e.session, node)
+                elif e.value:
+                    paths[ident] = PathState(ident, e.modify_index, None, None, decode_orphan(e.value))
             elif what == "node" and isinstance(ident, str):
                 if e.session:
                     nodes[ident] = e.session
+                records[ident] = NodeRecord(ident, e.modify_index, e.session)
+                records[ident] = decode_record(ident, e)
             elif what == "move" and isinstance(ident, PathKey):
                 if e.session:
                     moves[ident] = decode_move(e.value)
+                    move_holders[ident] = e.session
+            elif what == "leader":
+                leader, leader_index = e.session, e.modify_index
+            elif what == "drain" and isinstance(ident, str):
+                drained.add(ident)
+            elif what == "fenced" and isinstance(ident, str):
+                fenced[ident] = e.modify_index
         except _Bad as err:
             skipped.append((e.key, str(err)))
         except Exception as err:  # noqa: BLE001 - no value may wedge the watcher
             skipped.append((e.key, f"{type(err).__name__}"))
-    return ClusterView(disks, paths, nodes, moves, tuple(skipped), index)
+    return ClusterView(disks, paths, nodes, moves, tuple(skipped), index, records, leader, leader_index,
+                       frozenset(drained), fenced, move_holders)
 
 
 # --- encoders (the writers' side) ------------------------------------------------------------------------
@@ -177,8 +238,26 @@ def lock_value(node: str, session: str, now: float) -> bytes:
     return _dump({"node": node, "session": session, "since": _since(now)})
 
 
-def node_value(node: str, session: str, now: float, backend: str) -> bytes:
-    return _dump({"node": node, "session": session, "since": _since(now), "backend": backend})
+def node_value(node: str, session: str, now: float, backend: str, weight: float = 1.0,
+               identity: Mapping[str, Any] | None = None) -> bytes:
+    d: dict[str, Any] = {"node": node, "session": session, "since": _since(now), "backend": backend}
+    if weight != 1.0:
+        d["weight"] = weight
+    if identity:
+        d["identity"] = dict(identity)
+    return _dump(d)
+
+
+def leader_value(node: str, session: str, now: float) -> bytes:
+    return _dump({"node": node, "session": session, "since": _since(now)})
+
+
+def fenced_value(node: str, session: str, now: float, summary: str) -> bytes:
+    return _dump({"node": node, "session": session, "since": _since(now), "summary": summary[:500]})
+
+
+def drain_value(now: float) -> bytes:
+    return _dump({"since": _since(now)})
 
 
 def disk_value(pool: str, image: str, rev: int = 0, stopping: bool = False) -> bytes:
@@ -195,10 +274,12 @@ def move_value(node: str) -> bytes:
 
 
 def overlay(view: ClusterView, own: Mapping[PathKey, PathState], node: str = "",
-            node_session: str | None = None) -> ClusterView:
+            node_session: str | None = None, leader: str | None = None,
+            moves: Mapping[PathKey, tuple[str, str] | None] | None = None) -> ClusterView:
     """``view`` with our own writes that it does not show yet (a lock or release we made, recognised by
-    its ModifyIndex being newer than the view's), so the next plan does not repeat them before the watch
-    catches up. Paths the view no longer has are not brought back. Pure."""
+    its ModifyIndex being newer than the view's; the leader key we took; move requests we made or ended),
+    so the next plan does not repeat them before the watch catches up. Paths the view no longer has are
+    not brought back. Pure."""
     paths = dict(view.paths)
     for p, st in own.items():
         cur = paths.get(p)
@@ -207,4 +288,16 @@ def overlay(view: ClusterView, own: Mapping[PathKey, PathState], node: str = "",
     nodes = dict(view.nodes)
     if node and node_session is not None and node not in nodes:
         nodes[node] = node_session
-    return ClusterView(view.disks, paths, nodes, view.moves, view.skipped, view.index)
+    out = replace(view, paths=paths, nodes=nodes)
+    if leader is not None and view.leader is None:
+        out = replace(out, leader=leader)
+    if moves:
+        mv, holders = dict(view.moves), dict(view.move_holders)
+        for p, m in moves.items():
+            if m is None:
+                mv.pop(p, None)
+                holders.pop(p, None)
+            else:
+                mv[p], holders[p] = m
+        out = replace(out, moves=mv, move_holders=holders)
+    return out

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 from agent.backend import NetworkBackend, TargetBackend
-from agent.core.model import (Acquire, Action, AddressDown, AddressUp, Disk, Export, LockNodeRecord, PathKey,
-                              Plan, Release, Unexport)
+from agent.core.model import (Acquire, AcquireLeader, Action, AddressDown, AddressUp, Disk, EndMove, Export,
+                              FenceNode, LockNodeRecord, PathKey, Plan, Release, RequestMove, Unexport)
 from agent.core.store import CoordinationStore
-from agent.core.tree import lock_value, node_value
+from agent.core.tree import leader_value, lock_value, move_value, node_value
 from agent.errors import CoordinationError, TransientBackendError
 from agent.runtime.clock import Clock
 from agent.runtime.fencer import Fenced, Fencer
@@ -35,6 +35,7 @@ SURRENDER_AFTER = 3          # consecutive failures of one path before this node
 SURRENDER_BLOCK = 30.0       # then it does not take that path back for this long
 UNSERVICEABLE_AFTER = 30.0   # a held path this node has no definition for is given up after this long
 MAX_BACKOFF = 30.0
+LOCK_DELAY_RETRY = 0.2       # a lock refused for its lock-delay is tried again this soon (failover time)
 
 
 @dataclass
@@ -86,12 +87,16 @@ class Effects:
     """What a run of the applier changed."""
 
     acquired: dict[PathKey, int] = field(default_factory=dict)     # path -> ModifyIndex after our lock
+    acquired_from: set[int] = field(default_factory=set)           # the ModifyIndexes they had before
     released: dict[PathKey, int] = field(default_factory=dict)
     exported: dict[PathKey, Disk] = field(default_factory=dict)
     unexported: set[PathKey] = field(default_factory=set)
     up: set[PathKey] = field(default_factory=set)
     down: set[PathKey] = field(default_factory=set)
     node_record: bool = False
+    leader: bool = False                # we took the leader key
+    moves: int = 0                      # move requests made or ended (as the leader)
+    moved: dict[PathKey, str | None] = field(default_factory=dict)   # path -> target (None: ended)
     failed: int = 0
     retry_at: float | None = None       # look again then (a lock-delay refusal, Consul not answering)
     interrupted: str = ""               # why the rest of the plan was dropped
@@ -99,13 +104,15 @@ class Effects:
 
     def progressed(self) -> bool:
         return bool(self.acquired or self.released or self.exported or self.unexported or self.up
-                    or self.down or self.node_record)
+                    or self.down or self.node_record or self.leader or self.moves)
 
 
 class Applier:
     def __init__(self, store: CoordinationStore, target: TargetBackend, network: NetworkBackend, fencer: Fencer,
                  clock: Clock, node: str, backend_name: str, backoff: PathBackoff,
-                 beat: Callable[[], None] = lambda: None, budget: float = 1.0) -> None:
+                 beat: Callable[[], None] = lambda: None, budget: float = 1.0,
+                 fence_node: Callable[[FenceNode, str], None] | None = None,
+                 record: Callable[[], tuple[float, Mapping[str, Any]]] = lambda: (1.0, {})) -> None:
         self.store = store
         self.target = target
         self.network = network
@@ -116,6 +123,8 @@ class Applier:
         self.backoff = backoff
         self.beat = beat
         self.budget = budget
+        self.fence_node = fence_node
+        self.record = record            # (weight, identity) that our node record publishes
 
     def apply(self, plan: Plan, session: str | None, current: Callable[[], str | None],
               stopping: bool = False) -> Effects:
@@ -131,7 +140,8 @@ class Applier:
             if not stopping and self.clock.now() - start > self.budget:
                 fx.interrupted, fx.replan = f"applying for more than {self.budget:g}s", True
                 break
-            if isinstance(a, (Acquire, Export, AddressUp, LockNodeRecord)) and not stopping:
+            if isinstance(a, (Acquire, Export, AddressUp, LockNodeRecord, AcquireLeader, FenceNode, RequestMove)) \
+                    and not stopping:
                 if current() != session or session is None or not self.fencer.allowed():
                     fx.interrupted, fx.replan = "the lease or the session changed", True
                     break
@@ -151,6 +161,26 @@ class Applier:
                 elif isinstance(a, LockNodeRecord):
                     assert session is not None
                     self._lock_node_record(session, fx)
+                elif isinstance(a, AcquireLeader):
+                    assert session is not None
+                    self._acquire_leader(session, fx)
+                elif isinstance(a, FenceNode):
+                    if session is not None and self.fence_node is not None:
+                        self.fence_node(a, session)
+                elif isinstance(a, RequestMove):
+                    assert session is not None
+                    res = self.store.request_move(a.path, session, move_value(a.node))
+                    if res.ok:
+                        fx.moves += 1
+                        fx.moved[a.path] = a.node
+                        log.info("leader: moving %s to %s (balance)", a.path, a.node)
+                    else:
+                        log.info("leader: move of %s refused: %s", a.path, res.reason())
+                elif isinstance(a, EndMove):
+                    if session is not None and self.store.end_move(a.path, session).ok:
+                        fx.moves += 1
+                        fx.moved[a.path] = None
+                        log.info("leader: move request of %s ended", a.path)
                 elif isinstance(a, AddressDown):
                     if not self._guarded(a, lambda: self.network.down(a.path, a.spec), fx):
                         not_down.add(a.path)
@@ -212,6 +242,7 @@ class Applier:
                 continue
             for a, r in zip(batch, res.results[1::2]):
                 fx.acquired[a.path] = r.modify_index
+                fx.acquired_from.add(a.modify_index)
                 done.add(a.path)
             log.info("acquired %d paths in one transaction: %s", len(batch), " ".join(str(a.path) for a in batch))
         return done
@@ -222,9 +253,10 @@ class Applier:
         if not res.ok:
             log.info("acquire %s refused: %s", a.path, res.reason())
             if res.lock_delay():
-                fx.retry_at = self.clock.now() + 1.0
+                fx.retry_at = self.clock.now() + LOCK_DELAY_RETRY
             return
         fx.acquired[a.path] = res.results[-1].modify_index if res.results else a.modify_index
+        fx.acquired_from.add(a.modify_index)
         log.info("acquired %s", a.path)
 
     def _release(self, path: PathKey, session: str, fx: Effects) -> None:
@@ -236,9 +268,19 @@ class Applier:
                 self.backoff.surrendered(path, self.clock.now())
                 log.warning("gave up %s; not taking it back for %.0fs", path, SURRENDER_BLOCK)
 
+    def _acquire_leader(self, session: str, fx: Effects) -> None:
+        res = self.store.acquire_leader(session, leader_value(self.node, session, self.clock.wall()))
+        if res.ok:
+            fx.leader = True
+            log.warning("this node is now the cluster leader")
+        elif res.lock_delay():
+            fx.retry_at = self.clock.now() + LOCK_DELAY_RETRY
+
     def _lock_node_record(self, session: str, fx: Effects) -> None:
+        weight, identity = self.record()
         res = self.store.lock_node_record(self.node, session,
-                                          node_value(self.node, session, self.clock.wall(), self.backend_name))
+                                          node_value(self.node, session, self.clock.wall(), self.backend_name,
+                                                     weight, identity))
         if res.ok:
             fx.node_record = True
         else:

@@ -22,7 +22,7 @@ import os
 import threading
 from typing import Callable, Mapping
 
-from agent.backend import Catalog, NetworkBackend, TargetBackend, Watchdog
+from agent.backend import Catalog, Fencing, NetworkBackend, TargetBackend, Watchdog
 from agent.config import Config
 from agent.core import planner
 from agent.core.model import Disk, PathKey, PathState
@@ -33,6 +33,7 @@ from agent.errors import AgentError, ConfigError, CoordinationError
 from agent.runtime.applier import Applier, Effects, PathBackoff
 from agent.runtime.clock import Clock, SystemClock, boot_id
 from agent.runtime.definitions import DefinitionCache
+from agent.runtime.duties import Duties
 from agent.runtime.fencer import Fencer
 from agent.runtime.notify import Notifier
 from agent.runtime.report import CycleReport
@@ -54,7 +55,7 @@ class Agent:
 
     def __init__(self, cfg: Config, store: CoordinationStore, catalog: Catalog, target: TargetBackend,
                  network: NetworkBackend, watchdog: Watchdog, node: str, clock: Clock | None = None,
-                 notifier: Notifier | None = None) -> None:
+                 notifier: Notifier | None = None, fencing: Fencing | None = None) -> None:
         self.cfg = cfg
         self.store = store
         self.target = target
@@ -71,8 +72,10 @@ class Agent:
         self.definitions = DefinitionCache(catalog, cfg.ceph.refresh, self.watcher.latest, wake=self.wakeup.wake)
         self.keeper = SessionKeeper(cfg, store, node, self.clock, self.fencer, watchdog, self.state,
                                     healthy=self.healthy, wake=self.wakeup.wake)
+        self.duties = Duties(fencing, store, self.clock, wake=self.wakeup.wake)
         self.applier = Applier(store, target, network, self.fencer, self.clock, node, cfg.target.backend,
-                               self.backoff, beat=self._beat)
+                               self.backoff, beat=self._beat, fence_node=self.duties.submit,
+                               record=lambda: (cfg.node_weight, self.duties.identity()))
         self.report = CycleReport(node=node, backend=cfg.target.backend)
         self._stop_mode: str | None = None          # "release" | "detach"
         self._threads_running = False
@@ -80,8 +83,16 @@ class Agent:
         self._beat_at = self.clock.now()
         self._own: dict[PathKey, PathState] = {}    # our lock writes the view may not show yet
         self._own_node = False
+        self._own_leader: tuple[str, int] | None = None     # (session, view index) when we took the leader key
+        self._own_moves: dict[PathKey, tuple[str | None, int]] = {}   # our move writes -> view index then
         self._applied: dict[PathKey, Disk] = {}
         self._free_since: dict[PathKey, float] = {}
+        self._orphan_since: dict[str, float] = {}   # node record first seen orphaned
+        self._live_since: dict[str, float] = {}     # node first seen live (continuously)
+        self._move_since: dict[PathKey, float] = {} # our move request first seen
+        self._lockable: set[int] = set()
+        self._view_index = 0
+        self._claimable_since: dict[PathKey, float] = {}            # orphan groups (ModifyIndex) proven past their lock-delay
         self._exported: frozenset[PathKey] = frozenset()   # the target's last answer
         self._addresses: frozenset[PathKey] = frozenset()
         self._target_unknown_since: float | None = None
@@ -201,16 +212,32 @@ class Agent:
         self._own = {p: st for p, st in self._own.items()
                      if p in view.paths and view.paths[p].modify_index < st.modify_index}
         self._own_node = self._own_node and view.nodes.get(self.node) != session and session is not None
-        view = overlay(view, self._own, self.node, session if self._own_node else None)
+        if self._own_leader is not None and (view.index > self._own_leader[1] or self._own_leader[0] != session):
+            self._own_leader = None
+        self._own_moves = {p: m for p, m in self._own_moves.items() if view.index <= m[1]}
+        moves: dict[PathKey, tuple[str, str] | None] = {
+            p: (None if t is None or session is None else (t, session)) for p, (t, _) in self._own_moves.items()}
+        view = overlay(view, self._own, self.node, session if self._own_node else None,
+                       self._own_leader[0] if self._own_leader else None, moves)
+        self._view_index = view.index
         self._track(view, defs, session, now)
         snap = Snapshot(node=self.node, session=session, view=view, definitions=defs, exported=self._exported,
                         addresses=self._addresses, applied=self._applied, target_known=known, fenced=fenced,
                         stopping=stopping, now=now, backoff=dict(self.backoff.until),
                         surrender=self.backoff.surrendering(now) & view.held_by(session),
                         free_since=self._free_since, grace=self.cfg.placement_grace,
-                        settle_until=self.keeper.settle_until)
+                        settle_until=self.keeper.settle_until, fencing_required=self.duties.required,
+                        weight=self.cfg.node_weight, identity=self.duties.identity(),
+                        lock_delay=self.cfg.consul.lock_delay, orphan_since=self._orphan_since,
+                        fence_hold=self.cfg.consul.fence_after + self.cfg.stop_time,
+                        fence_busy=self.duties.busy(), live_since=self._live_since,
+                        rebalance_after=self.cfg.rebalance_after, move_since=self._move_since,
+                        move_timeout=self.cfg.move_timeout, max_moves=self.cfg.max_moves,
+                        lockable=frozenset(self._lockable), claimable_since=self._claimable_since)
         plan = planner.plan(snap)
         fx = self.applier.apply(plan, session, lambda: self.keeper.session, stopping)
+        if not self._threads_running:
+            self.duties.run_pending()               # single-threaded use (tests, tools): fence inline
         self._absorb(fx, session)
         self.cycles += 1
         planned: dict[str, int] = {}
@@ -240,10 +267,37 @@ class Agent:
         for p, st in view.paths.items():
             if st.session is None:
                 self._free_since.setdefault(p, now)
+                waits = (self.duties.required and st.orphan_of is not None
+                         and view.fenced.get(st.orphan_of, 0) <= st.modify_index)
+                if waits:
+                    self._claimable_since.pop(p, None)
+                else:
+                    self._claimable_since.setdefault(p, now)
             else:
                 self._free_since.pop(p, None)
+                self._claimable_since.pop(p, None)
         for p in [p for p in self._free_since if p not in view.paths]:
             del self._free_since[p]
+        for p in [p for p in self._claimable_since if p not in view.paths]:
+            del self._claimable_since[p]
+        for n, rec in view.records.items():
+            if rec.orphaned():
+                self._orphan_since.setdefault(n, now)
+            else:
+                self._orphan_since.pop(n, None)
+        for n in [n for n in self._orphan_since if n not in view.records]:
+            del self._orphan_since[n]
+        for n in view.nodes:
+            self._live_since.setdefault(n, now)
+        for n in [n for n in self._live_since if n not in view.nodes]:
+            del self._live_since[n]
+        groups = {st.modify_index for st in view.paths.values() if st.orphan_of is not None and st.session is None}
+        self._lockable &= groups
+        for p, sid in view.move_holders.items():
+            if sid == session:
+                self._move_since.setdefault(p, now)
+        for p in [p for p in self._move_since if view.move_holders.get(p) != session]:
+            del self._move_since[p]
         undefined = frozenset(p for p in view.held_by(session) if p.disk not in defs
                               or defs[p.disk].path(p.index) is None)
         self.backoff.note_unserviceable(undefined, now)
@@ -255,10 +309,15 @@ class Agent:
             if session is not None:
                 self._own[p] = PathState(p, mi, session, self.node)
         self.takeovers += len(fx.acquired)
+        self._lockable |= fx.acquired_from
         for p, mi in fx.released.items():
             self._own[p] = PathState(p, mi, None, None)
         if fx.node_record:
             self._own_node = True
+        if fx.leader and session is not None:
+            self._own_leader = (session, self._view_index)
+        for p, t in fx.moved.items():
+            self._own_moves[p] = (t, self._view_index)
         if fx.exported:
             self._fenced_blind = False
         for p, d in fx.exported.items():
@@ -285,7 +344,8 @@ class Agent:
                    self._guarded("confirm", lambda: self.keeper.run(self._halt)),
                    self._guarded("liveness", lambda: self.keeper.run_liveness(self._halt)),
                    self._guarded("watch", lambda: self.watcher.run(self._halt)),
-                   self._guarded("catalog", lambda: self.definitions.run(self._halt))]
+                   self._guarded("catalog", lambda: self.definitions.run(self._halt)),
+                   self._guarded("duties", lambda: self.duties.run(self._halt))]
         self._threads_running = True
         for t in threads:
             t.start()
@@ -355,6 +415,7 @@ class Agent:
             self._halt.set()
             self.fencer.stop()
             self.definitions.poke()
+            self.duties.poke()
             self.state.unlock()
 
     def shutdown(self) -> None:

@@ -56,17 +56,25 @@ def build(cfg: Config, notifier: Notifier) -> tuple[Agent, list[Callable[[], Non
 
     def may_serve() -> bool:            # the fencer's word, once it exists; nothing may serve before
         return bool(allowed_box) and allowed_box[0]()
+    agent_box: list[Agent] = []
+
+    def node_name() -> str:             # the local Consul agent's node name, once the agent resolved it
+        return agent_box[0].node if agent_box else cfg.node_name
     node = cfg.node_name
     target = plugins.load_target(cfg.target.backend, plugins.context(cfg, "target", node, wake, ceph_probe(client),
-                                                                     may_serve))
+                                                                     may_serve, node_name))
     network = plugins.load_network(cfg.network.backend, plugins.context(cfg, "network", node, wake,
-                                                                        may_serve=may_serve))
+                                                                        may_serve=may_serve, node_name=node_name))
     catalog = plugins.load_catalog(cfg.catalog.backend, plugins.context(cfg, "catalog", node, wake))
     watchdog = plugins.load_watchdog(cfg.watchdog.backend, plugins.context(cfg, "watchdog", node, wake))
-    agent = Agent(cfg, store, catalog, target, network, watchdog, node="", notifier=notifier)
+    fencing = plugins.load_fencing(cfg.fencing.backend, plugins.context(cfg, "fencing", node, wake,
+                                                                        node_name=node_name))
+    agent = Agent(cfg, store, catalog, target, network, watchdog, node="", notifier=notifier, fencing=fencing)
+    agent_box.append(agent)
     wake_box.append(agent.wakeup.wake)
     allowed_box.append(agent.fencer.allowed)
-    return agent, [watchdog.close, target.close, network.close, catalog.close, client.close, store.close]
+    return agent, [watchdog.close, fencing.close, target.close, network.close, catalog.close, client.close,
+                   store.close]
 
 
 def run(cfg: Config) -> int:

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
-from agent.backend import Catalog, NetworkBackend, TargetBackend, Watchdog
+from agent.backend import Catalog, FailedNode, Fencing, NetworkBackend, TargetBackend, Watchdog
 from agent.config import Config, ConsulConfig, PluginTable
 from agent.core.model import Disk, PathKey, PathSpec
 from agent.errors import CatalogUnavailable, PermanentBackendError, TransientBackendError
@@ -164,8 +164,28 @@ class Node:
         return {str(p) for p in self.network.up_paths}
 
 
+class MemFencing(Fencing):
+    """Fencing that records each call (node, session, images) in a log shared by the cluster's nodes;
+    ``fail`` makes ``fence`` raise (a Ceph that does not answer)."""
+
+    def __init__(self, calls: list[tuple[float, str, str, tuple[tuple[str, str], ...]]], clock: FakeClock,
+                 node: str) -> None:
+        self.calls, self.clock, self.node = calls, clock, node
+        self.fail: Exception | None = None
+
+    def identity(self) -> Mapping[str, Any]:
+        return {"entity": f"client.pathagent-{self.node}"}
+
+    def fence(self, failed: FailedNode) -> str:
+        if self.fail is not None:
+            raise self.fail
+        assert failed.identity == {"entity": f"client.pathagent-{failed.node}"}, failed.identity
+        self.calls.append((self.clock.now(), failed.node, failed.session, failed.images))
+        return f"fenced {failed.node}"
+
+
 def make_node(tmp: Path, store: MemoryStore, clock: FakeClock, name: str, cfg: Config | None = None,
-              disks: dict[str, Disk] | None = None) -> Node:
+              disks: dict[str, Disk] | None = None, fencing: Fencing | None = None) -> Node:
     d = tmp / name
     d.mkdir(parents=True, exist_ok=True)
     cfg = cfg or config(d)
@@ -174,7 +194,7 @@ def make_node(tmp: Path, store: MemoryStore, clock: FakeClock, name: str, cfg: C
     target, network, wd, cat = MemTarget(clock, events), MemNetwork(clock, events), MemWatchdog(), MemCatalog()
     cat.disks.update(disks or {})
     view = MemoryStoreView(store, name)
-    agent = Agent(cfg, view, cat, target, network, wd, node=name, clock=clock)
+    agent = Agent(cfg, view, cat, target, network, wd, node=name, clock=clock, fencing=fencing)
     network.may_serve = agent.fencer.allowed
     return Node(agent, target, network, wd, cat)
 

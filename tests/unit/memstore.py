@@ -223,6 +223,14 @@ class MemoryStore:
                     assert isinstance(a2, bytes)
                     staged[key] = _Key(a2, cur.create_index, -1, cur.lock_index, None)
                     touched.append(key)
+            elif verb == "set":
+                assert isinstance(a1, bytes)
+                staged[key] = _Key(a1, cur.create_index if cur else -1, -1, cur.lock_index if cur else 0,
+                                   cur.session if cur else None)
+                touched.append(key)
+            elif verb == "delete":
+                staged[key] = None
+                touched.append(key)
             else:
                 raise AssertionError(verb)
         if errors:
@@ -230,7 +238,11 @@ class MemoryStore:
         results = []
         for key in touched:
             k = staged[key]
-            assert k is not None
+            if k is None:
+                self._tick()
+                self.kv.pop(key, None)
+                results.append(KVEntry(key, None, 0))
+                continue
             i = self._tick()
             k.modify_index = i
             if k.create_index == -1:
@@ -241,7 +253,7 @@ class MemoryStore:
         padded: list[KVEntry] = []
         it = iter(results)
         for verb, key, _, _ in ops:
-            if verb in ("lock", "unlock"):
+            if verb in ("lock", "unlock", "set", "delete"):
                 padded.append(next(it))
             else:
                 k = self.kv.get(key)
@@ -272,3 +284,18 @@ class MemoryStore:
     def release_node_record(self, node: str, session: str) -> TxnResult:
         k = keys.node_key(self.prefix, node)
         return self._txn([("check-session", k, session, None), ("unlock", k, session, b"")])
+
+    def acquire_leader(self, session: str, value: bytes) -> TxnResult:
+        return self._txn([("lock", keys.leader_key(self.prefix), session, value)])
+
+    def record_fence(self, node: str, leader: str, value: bytes) -> TxnResult:
+        return self._txn([("check-session", keys.leader_key(self.prefix), leader, None),
+                          ("set", keys.fenced_key(self.prefix, node), value, None)])
+
+    def request_move(self, path: PathKey, leader: str, value: bytes) -> TxnResult:
+        return self._txn([("check-session", keys.leader_key(self.prefix), leader, None),
+                          ("lock", keys.move_key(self.prefix, path), leader, value)])
+
+    def end_move(self, path: PathKey, session: str) -> TxnResult:
+        k = keys.move_key(self.prefix, path)
+        return self._txn([("check-session", k, session, None), ("delete", k, None, None)])

@@ -7,8 +7,9 @@ from typing import Any
 
 import pytest
 
-from agent.core.model import (Acquire, Action, AddressDown, AddressUp, Disk, DiskRecord, Export,
-                              LockNodeRecord, PathKey, PathSpec, PathState, Release, Unexport)
+from agent.core.model import (Acquire, AcquireLeader, Action, AddressDown, AddressUp, Disk, DiskRecord, EndMove,
+                              Export, FenceNode, RequestMove,
+                              LockNodeRecord, NodeRecord, PathKey, PathSpec, PathState, Release, Unexport)
 from agent.core.planner import Snapshot, plan
 from agent.core.tree import ClusterView
 
@@ -35,13 +36,16 @@ def snap(held: dict[PathKey, str | None], exported: set[PathKey] | None = None,
          addresses: set[PathKey] | None = None, *, session: str | None = S_ME,
          nodes: dict[str, str] | None = None, defined: set[str] | None = None,
          moves: dict[PathKey, str] | None = None, stopping_disks: set[str] = set(),
-         overdue: set[PathKey] = set(), **kw: Any) -> Snapshot:
+         overdue: set[PathKey] = set(), leader: str | None = "sess-leader", **kw: Any) -> Snapshot:
     """A world: ``held`` path -> holding session; ``exported`` defaults to nothing, ``addresses`` to
-    exactly what is exported (a healthy node)."""
+    exactly what is exported (a healthy node). The leader key is held by a session of none of the nodes
+    unless ``leader`` says otherwise; every live node has its node record."""
     paths = {p: PathState(p, 10 + i, s) for i, (p, s) in enumerate(sorted(held.items()))}
     disks = {d: DiskRecord(d, "rbd", d, stopping=d in stopping_disks) for d in {p.disk for p in held}}
-    view = ClusterView(disks=disks, paths=paths, nodes={ME: S_ME} if nodes is None else nodes,
-                       moves=moves or {})
+    live = {ME: S_ME} if nodes is None else nodes
+    view = ClusterView(disks=disks, paths=paths, nodes=live, moves=moves or {},
+                       records={n: NodeRecord(n, 5, sid, sid) for n, sid in live.items()},
+                       leader=leader, leader_index=7 if leader else 0)
     exp = frozenset(exported or ())
     defs = {d: DEFS[d] for d in (disks if defined is None else defined)}
     kw.setdefault("now", 100.0)
@@ -178,10 +182,12 @@ def apply(s: Snapshot, actions: list[Action]) -> Snapshot:
     exported = set(s.exported)
     addresses = set(s.addresses)
     applied = dict(s.applied)
+    records = dict(s.view.records)
     for a in actions:
         if isinstance(a, LockNodeRecord):
             assert s.session is not None
             nodes[s.node] = s.session
+            records[s.node] = NodeRecord(s.node, 99, s.session, s.session, s.identity, s.weight)
             continue
         p = a.path
         if isinstance(a, Acquire):
@@ -202,7 +208,7 @@ def apply(s: Snapshot, actions: list[Action]) -> Snapshot:
             addresses.add(p)
         elif isinstance(a, AddressDown):
             addresses.discard(p)
-    view = dataclasses.replace(s.view, paths=paths, nodes=nodes)
+    view = dataclasses.replace(s.view, paths=paths, nodes=nodes, records=records)
     return dataclasses.replace(s, view=view, exported=frozenset(exported), addresses=frozenset(addresses),
                                applied=applied)
 
@@ -294,3 +300,82 @@ def test_free_path_avoids_the_node_serving_its_sibling() -> None:
     assert acts(s) == [Acquire(P2, 11)]
     theirs = snap({P1: S_OTHER, P2: None, P3: S_ME, P4: S_OTHER}, {P1, P4}, nodes=nodes)
     assert acts(dataclasses.replace(theirs, node=OTHER, session=S_OTHER)) == []
+
+
+# --- fencing, leader, drain (issue 8) ----------------------------------------------------------------------
+
+def orphaned(s: Snapshot, path: PathKey, node: str, fenced_at: int | None = None) -> Snapshot:
+    """``path`` free because ``node``'s session ended holding it (its key still names the node); the
+    leader's fence record of ``node`` at ModifyIndex ``fenced_at``."""
+    paths = dict(s.view.paths)
+    paths[path] = dataclasses.replace(paths[path], session=None, orphan_of=node)
+    fenced = {} if fenced_at is None else {node: fenced_at}
+    return dataclasses.replace(s, view=dataclasses.replace(s.view, paths=paths, fenced=fenced))
+
+
+def test_an_orphan_waits_for_the_fence_of_its_node() -> None:
+    base = snap({P1: None}, fencing_required=True, overdue={P1}, lock_delay=8.0)
+    assert acts(orphaned(base, P1, OTHER)) == []
+    assert acts(orphaned(base, P1, OTHER, fenced_at=5)) == [], "a fence older than the invalidation counts not"
+    assert acts(orphaned(base, P1, OTHER, fenced_at=50)) == [Acquire(P1, 10)]
+    # without a fencing plugin that requires it, only the lock-delay counts
+    assert acts(dataclasses.replace(orphaned(base, P1, OTHER), fencing_required=False)) == [Acquire(P1, 10)]
+
+
+def test_an_orphan_in_its_lock_delay_is_probed_by_one_key_and_woken_for() -> None:
+    s = snap({P1: None, P2: None}, fencing_required=False, lock_delay=8.0)
+    s = dataclasses.replace(orphaned(orphaned(s, P1, OTHER), P2, OTHER), free_since={P1: 99.0, P2: 99.0})
+    paths = {p: dataclasses.replace(st, modify_index=10) for p, st in s.view.paths.items()}   # one invalidation
+    s = dataclasses.replace(s, view=dataclasses.replace(s.view, paths=paths))
+    p = plan(s)
+    assert list(p.actions) == [Acquire(P1, 10)] and p.wake_at == pytest.approx(99.0 + 8.0 - 0.05)
+    assert list(plan(dataclasses.replace(s, lockable=frozenset({10}))).actions) == [Acquire(P1, 10), Acquire(P2, 10)]
+
+
+def test_a_node_whose_last_session_failed_waits_for_its_own_fence() -> None:
+    s = snap({P1: None}, nodes={}, fencing_required=True)
+    records = {ME: NodeRecord(ME, 40, None, "sess-old")}
+    waiting = dataclasses.replace(s, view=dataclasses.replace(s.view, records=records))
+    assert acts(waiting) == [], "no node record, no acquire before the fence"
+    fenced = dataclasses.replace(waiting, view=dataclasses.replace(waiting.view, fenced={ME: 41}))
+    assert acts(fenced) == [LockNodeRecord(), Acquire(P1, 10)]
+
+
+def test_a_drained_node_takes_no_free_path() -> None:
+    s = snap({P1: None}, overdue={P1})
+    drained = dataclasses.replace(s, view=dataclasses.replace(s.view, drained=frozenset({ME})))
+    assert acts(drained) == []
+
+
+def test_leader_key_free_is_taken_and_the_leader_fences_after_the_hold() -> None:
+    s = snap({P1: S_ME}, {P1}, leader=None)
+    assert AcquireLeader(0) in acts(s)
+    rec = {ME: NodeRecord(ME, 5, S_ME, S_ME), OTHER: NodeRecord(OTHER, 30, None, S_OTHER, {"entity": "x"})}
+    lead = snap({P1: S_ME, P2: None}, {P1}, leader=S_ME, fencing_required=True, fence_hold=5.0,
+                orphan_since={OTHER: 98.0})
+    lead = dataclasses.replace(orphaned(lead, P2, OTHER), view=dataclasses.replace(orphaned(lead, P2, OTHER).view,
+                                                                                    records=rec))
+    p = plan(lead)
+    assert not any(isinstance(a, FenceNode) for a in p.actions) and p.wake_at == pytest.approx(103.0)
+    later = dataclasses.replace(lead, now=103.0)
+    assert FenceNode(OTHER, S_OTHER, {"entity": "x"}, (("rbd", "d1"),)) in acts(later)
+    busy = dataclasses.replace(later, fence_busy=frozenset({OTHER}))
+    assert not any(isinstance(a, FenceNode) for a in acts(busy))
+
+
+def test_leader_balances_only_towards_settled_nodes_and_not_during_a_failover() -> None:
+    held = {P1: S_ME, P2: S_ME, P3: S_ME, P4: S_ME}
+    s = snap(held, set(held), leader=S_ME, nodes={ME: S_ME, OTHER: S_OTHER},
+             live_since={ME: 0.0, OTHER: 95.0}, rebalance_after=10.0, max_moves=4)
+    assert not any(isinstance(a, RequestMove) for a in acts(s)), "OTHER has not been live long enough"
+    settled = dataclasses.replace(s, now=106.0)
+    moves = [a for a in acts(settled) if isinstance(a, RequestMove)]
+    assert len(moves) == 2 and {a.node for a in moves} == {OTHER}
+    assert len({a.path.disk for a in moves}) == 2, "one path of each disk moves, not both of one"
+    # a move under way counts at its target: nothing more is asked
+    inflight = dataclasses.replace(settled, view=dataclasses.replace(
+        settled.view, moves={m.path: OTHER for m in moves}, move_holders={m.path: S_ME for m in moves}))
+    assert not any(isinstance(a, RequestMove) for a in acts(inflight))
+    # not the leader: our own move requests are dropped
+    deposed = dataclasses.replace(inflight, view=dataclasses.replace(inflight.view, leader=S_OTHER))
+    assert sorted(a.path for a in acts(deposed) if isinstance(a, EndMove)) == sorted(m.path for m in moves)
