@@ -67,6 +67,20 @@ def build_parser() -> argparse.ArgumentParser:
     from agent.cli import disk as cli_disk
     cli_disk.register(sub)
 
+    p = sub.add_parser("nodes", help="every gateway: live, drained, paths held, leader")
+    p.set_defaults(func=cmd_nodes)
+
+    p = sub.add_parser("node", help="node operations")
+    nsub = p.add_subparsers(dest="node_command", metavar="SUBCOMMAND", required=True)
+    for name, on, what in (("drain", True, "move NODE's paths away by planned moves; it takes none until undrained"),
+                           ("undrain", False, "let NODE take paths again")):
+        d = nsub.add_parser(name, help=what)
+        d.add_argument("node", metavar="NODE")
+        if on:
+            d.add_argument("--wait", action="store_true", help="return once NODE holds no path")
+            d.add_argument("--timeout", type=float, default=300.0, help="seconds --wait waits (default 300)")
+        d.set_defaults(func=cmd_node_drain, drain_on=on)
+
     p = sub.add_parser("path", help="path operations")
     psub = p.add_subparsers(dest="path_command", metavar="SUBCOMMAND", required=True)
     m = psub.add_parser("move", help="move one path to a node, without lock-delay")
@@ -172,12 +186,14 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
     finally:
         store.close()
     tree = parse_tree(cfg.consul.prefix.rstrip("/"), entries)
+    cluster_leader = tree.leader_node()
     sids = {s.id for s in sessions}
     held = sum(1 for st in tree.paths.values() if st.session in sids)
     local = read_status(cfg.state_dir)
     running = bool(local.get("pid")) and os.path.exists(f"/proc/{local.get('pid')}")
     data = {
-        "node": node, "consul_leader": leader or None,
+        "node": node, "consul_leader": leader or None, "leader": cluster_leader,
+        "is_leader": cluster_leader == node, "drained": node in tree.drained,
         "sessions": [{"id": s.id, "checks": list(s.checks), "lock_delay": s.lock_delay} for s in sessions],
         "agent_running": running, "fenced": local.get("fenced") if running else None,
         "lease_left": local.get("lease_left") if running else None,
@@ -195,12 +211,31 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
         f"agent:     {'running, pid ' + str(local.get('pid')) if running else 'not running'}"
         + (f", fenced" if data["fenced"] else "") + (f", lease valid for {data['lease_left']}s more"
                                                     if data["lease_left"] is not None else ""),
-        f"leader:    {leader or 'none'}",
+        f"leader:    {cluster_leader or 'none'}{' (this node)' if cluster_leader == node else ''}"
+        + (" - this node is drained" if node in tree.drained else ""),
+        f"consul:    leader {leader or 'none'}",
         f"paths:     {held} held here of {len(tree.paths)} ({len(tree.disks)} disks started, "
         f"{len(tree.nodes)} live nodes)",
         f"backend:   {cfg.target.backend}",
     ] + [f"bad disk:  {d}: {m}" for d, m in sorted(data["bad_disks"].items())])
     emit(args, data, text)
+    return EXIT_OK
+
+
+def cmd_nodes(args: argparse.Namespace, cfg: Config) -> int:
+    from agent.cli import nodes
+    table = nodes.list_nodes(cfg)
+    emit(args, table, nodes.text(table))
+    return EXIT_OK
+
+
+def cmd_node_drain(args: argparse.Namespace, cfg: Config) -> int:
+    from agent.cli import nodes
+    on = bool(args.drain_on)
+    row = nodes.drain(cfg, args.node, on, wait=getattr(args, "wait", False), timeout=getattr(args, "timeout", 300.0))
+    state = "drained" if on else "undrained"
+    how = "" if row["changed"] else " (it already was)"
+    emit(args, row, f"{args.node} {state}{how}; it holds {row['paths']} paths")
     return EXIT_OK
 
 

@@ -37,6 +37,8 @@ def move(cfg: Config, path: PathKey, node: str, timeout: float) -> dict[str, Any
             raise MoveError(f"path {path} does not exist (is disk {path.disk} started?)")
         if node not in view.nodes:
             raise MoveError(f"node {node!r} has no running agent; live nodes: {', '.join(sorted(view.nodes)) or 'none'}")
+        if node in view.drained:
+            raise MoveError(f"node {node!r} is drained (`pathagent node undrain {node}` first)")
         if view.paths[path].session == view.nodes[node]:
             return {"path": str(path), "node": node, "moved": False, "seconds": 0.0}
         start = time.monotonic()

@@ -144,6 +144,7 @@ stop_time = 0.5
 backend = "fake"
 {catalog_toml}[placement]
 grace = 2
+rebalance_after = 2
 [log]
 level = "INFO"
 {extra}

@@ -123,3 +123,33 @@ def test_metrics_endpoint(consul_cluster_factory: Callable[..., Any], tmp_path: 
         assert requests.get(f"http://127.0.0.1:{port}/nope", timeout=2).status_code == 404
     finally:
         a.stop()
+
+
+def test_nodes_drain_and_undrain(two_agents: Any) -> None:
+    _, agents, http = two_agents
+    cfg = agents["gwa"].config
+    r = cli(cfg, "nodes", "--json")
+    assert r.returncode == 0, r.stderr
+    table = {row["node"]: row for row in json.loads(r.stdout)}
+    assert set(table) == {"gwa", "gwb"}
+    assert all(set(row) >= {"node", "live", "drained", "paths", "leader"} for row in table.values())
+    assert all(row["live"] and not row["drained"] for row in table.values())
+    assert sum(row["paths"] for row in table.values()) == 6
+    assert sorted(row["leader"] for row in table.values()) == [False, True]
+    assert cli(cfg, "nodes").stdout.splitlines()[0].split() == ["NODE", "LIVE", "DRAINED", "PATHS", "LEADER"]
+
+    r = cli(cfg, "node", "drain", "gwb", "--wait", "--timeout", "60", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["paths"] == 0
+    wait_for(lambda: agents["gwb"].exported() == set() and len(agents["gwa"].exported()) == 6, 15,
+             what="gwb empty, gwa serving all six")
+    again = cli(cfg, "node", "drain", "gwb")
+    assert again.returncode == 0 and "already" in again.stdout, "drain is idempotent and says so"
+    assert cli(cfg, "path", "move", "d1/1", "gwb").returncode == 1, "no move to a drained node"
+    unknown = cli(cfg, "node", "drain", "nosuch")
+    assert unknown.returncode == 1 and "nosuch" in unknown.stderr
+
+    assert cli(cfg, "node", "undrain", "gwb").returncode == 0
+    wait_for(lambda: len(agents["gwb"].exported()) == 3 and len(agents["gwa"].exported()) == 3, 40,
+             what="gwb gets its share back by planned moves")
+    assert all(path_owners(http).values())
