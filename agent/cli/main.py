@@ -202,6 +202,8 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
         "live_nodes": sorted(tree.nodes), "backend": cfg.target.backend,
         "exported": local.get("exported") if running else None,
         "bad_disks": local.get("bad_disks", {}) if running else {},
+        "waiting_fence": bool(local.get("waiting_fence")) if running else None,
+        "fence_error": (local.get("fence_error") or None) if running else None,
     }
     health = "healthy" if len(sessions) == 1 and running and not data["fenced"] else "degraded"
     data["health"] = health
@@ -217,7 +219,10 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
         f"paths:     {held} held here of {len(tree.paths)} ({len(tree.disks)} disks started, "
         f"{len(tree.nodes)} live nodes)",
         f"backend:   {cfg.target.backend}",
-    ] + [f"bad disk:  {d}: {m}" for d, m in sorted(data["bad_disks"].items())])
+    ] + [f"bad disk:  {d}: {m}" for d, m in sorted(data["bad_disks"].items())]
+      + (["fencing:   waiting for the leader to fence this node's previous session (it takes no path before)"]
+         if data["waiting_fence"] else [])
+      + ([f"fencing:   {data['fence_error']}"] if data["fence_error"] else []))
     emit(args, data, text)
     return EXIT_OK
 

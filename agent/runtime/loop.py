@@ -253,7 +253,10 @@ class Agent:
             disks=len(view.disks), bad_disks=bad, target_known=known, planned=planned, applied=applied,
             failed=fx.failed, interrupted=fx.interrupted, backing_off=len(planner.blocked(snap)),
             fence_events=self.fencer.events, fence_reason=self.fencer.last_reason, takeovers=self.takeovers,
-            watchdog_error=self.keeper.watchdog_error, backend=self.cfg.target.backend, wall=self.clock.wall())
+            watchdog_error=self.keeper.watchdog_error, backend=self.cfg.target.backend, wall=self.clock.wall(),
+            leader=session is not None and view.leader == session, drained=self.node in view.drained,
+            fences_done=self.duties.fences, fence_error=self.duties.last_error,
+            waiting_fence=session is not None and planner.must_wait_fence(snap))
         line = self.report.summary()
         if planned or self.report.state_line() != self._last_summary:
             log.info("cycle %d: %s", self.cycles, line)

@@ -33,13 +33,19 @@ class CycleReport:
     watchdog_error: str | None = None
     backend: str = ""
     wall: float = 0.0
+    leader: bool = False                    # this node holds {prefix}/leader
+    drained: bool = False
+    fences_done: int = 0                    # failed nodes fenced by this node as the leader
+    fence_error: str = ""                   # the last failed fence of another node (as the leader)
+    waiting_fence: bool = False             # our previous session failed: we wait to be fenced
 
     def summary(self) -> str:
         """The cycle's log line: the state, then what was planned and how much of it took effect."""
         state = (f"session={(self.session or 'none')[:8]} fenced={self.fenced} held={self.held} "
                  f"exported={len(self.exported)} up={self.addresses} free={self.free} nodes={self.nodes} "
                  f"disks={self.disks} bad_disks={len(self.bad_disks)}"
-                 + ("" if self.target_known else " target=unknown"))
+                 + ("" if self.target_known else " target=unknown") + (" leader" if self.leader else "")
+                 + (" drained" if self.drained else "") + (" waiting-for-fence" if self.waiting_fence else ""))
         if not self.planned:
             return f"{state}; nothing to do"
         plan = ", ".join(f"{k} {v}" for k, v in sorted(self.planned.items()))
@@ -56,7 +62,9 @@ class CycleReport:
                 "held": self.held, "exported": len(self.exported), "addresses": self.addresses,
                 "target_known": self.target_known, "backend": self.backend, "bad_disks": dict(self.bad_disks),
                 "fence_events": self.fence_events, "last_fence": self.fence_reason,
-                "watchdog_error": self.watchdog_error, "cycle": self.cycle, "updated": self.wall}
+                "watchdog_error": self.watchdog_error, "cycle": self.cycle, "updated": self.wall,
+                "leader": self.leader, "drained": self.drained, "fences_done": self.fences_done,
+                "fence_error": self.fence_error, "waiting_fence": self.waiting_fence}
 
     def metrics(self) -> dict[str, float]:
         return {
@@ -77,4 +85,8 @@ class CycleReport:
             "pathagent_fence_events_total": self.fence_events,
             "pathagent_takeovers_total": self.takeovers,
             "pathagent_cycles_total": self.cycle,
+            "pathagent_leader": int(self.leader),
+            "pathagent_drained": int(self.drained),
+            "pathagent_nodes_fenced_total": self.fences_done,
+            "pathagent_waiting_for_fence": int(self.waiting_fence),
         }
