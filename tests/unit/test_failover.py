@@ -222,3 +222,37 @@ def test_leader_crash_hands_leadership_over_and_never_two(tmp_path: Path, store:
     assert max(seen) == 1
     assert len(leaders(store, nodes)) == 1 and leaders(store, nodes)[0] != first
     assert owners(store, nodes) and all(o not in (None, first) for o in owners(store, nodes).values())
+
+
+def request_move(store: MemoryStore, path: PathKey, target: str) -> str:
+    """What `pathagent path move` does: a move request locked by the asker's own session."""
+    from agent.core.tree import move_value
+    sid = store.create_session("cli", "pathagent-cli", [], 0.0)
+    res = store._txn([("lock", keys.move_key(store.prefix, path), sid, move_value(target))])
+    assert res.ok
+    return sid
+
+
+@pytest.mark.parametrize("dies", ["target", "source", "source-before-release"])
+def test_a_planned_move_survives_the_death_of_either_node(tmp_path: Path, store: MemoryStore, clock: FakeClock,
+                                                          dies: str) -> None:
+    nodes = cluster(tmp_path, store, clock)
+    run(nodes.values(), 15, clock)
+    own = owners(store, nodes)
+    lead = leaders(store, nodes)[0]
+    src = next(n for n in nodes if n != lead)
+    dst = next(n for n in nodes if n not in (lead, src))
+    path = next(p for p, o in own.items() if o == src)
+    request_move(store, path, dst)
+    if dies != "source-before-release":
+        nodes[src].step()                               # the source lets go: address down, unexport, release
+        assert owners(store, nodes)[path] is None and str(path) not in nodes[src].serving()
+    victim = dst if dies == "target" else src
+    sid = nodes[victim].session
+    assert sid is not None
+    store.invalidate(sid)
+    survivors = [x for n, x in nodes.items() if n != victim]
+    run(survivors, 20, clock)
+    holder = owners(store, nodes)[path]
+    assert holder is not None and holder != victim, f"{path} unserved after the {dies} died mid-move"
+    assert any(str(path) in n.serving() for n in survivors)
