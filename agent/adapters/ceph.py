@@ -7,6 +7,7 @@ module imports ``rados`` or ``rbd`` or catches their exceptions:
 - ``CephUnavailable``: the cluster could not be reached or did not answer within ``timeout``. Retry later.
 - ``PoolNotFound`` / ``ImageNotFound`` (both ``CephNotFound``): the pool or image does not exist.
 - ``ImageExists``, ``ImageBusy``: ``create_image`` / ``remove_image`` refused.
+- ``CephPermissionDenied``: the client's caps do not allow it.
 - ``CephError``: anything else (permission denied, unreadable conf, ...), with librados' reason.
 
 Bounded time: ``client mount timeout``, ``rados mon op timeout`` and ``rados osd op timeout`` are set to
@@ -19,19 +20,26 @@ error says "timed out" and not "failed".
 
 The handle reconnects by itself when monitors come back (librados hunts for a monitor); it is only rebuilt
 when connecting failed or the client was shut out (``ESHUTDOWN``, e.g. blocklisted).
+
+Fencing (``agent.adapters.ceph_fencing``) uses the client-side calls at the end: every monitor's sessions,
+an image's watchers and lock owner, blocklisting an address with an expiry, breaking a lock. They return the
+plain records of ``agent.adapters.ceph_clients``. A monitor command that answers with an error is
+``CephError`` naming the command and librados' reason (``permission denied`` names the caps).
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import queue
 import threading
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Mapping, TypeVar
 
 import rados
 import rbd
 
+from agent.adapters.ceph_clients import ImageClients, MonSession, join_addr, normalize
 from agent.errors import AgentError
 
 T = TypeVar("T")
@@ -48,6 +56,10 @@ class CephError(AgentError):
 
 class CephUnavailable(CephError):
     """The cluster could not be reached, or did not answer in time. Temporary: retry later."""
+
+
+class CephPermissionDenied(CephError):
+    """The client's caps do not allow the operation. Permanent until the caps (or ``client_id``) change."""
 
 
 class CephNotFound(CephError):
@@ -81,7 +93,7 @@ def _translate(what: str, pool: str, image: str, e: Exception) -> CephError:
     if isinstance(e, (rbd.ImageBusy, rbd.ImageHasSnapshots)):
         return ImageBusy(f"ceph {what}: image {where} is in use (open by a gateway, or has snapshots)")
     if isinstance(e, (rados.PermissionError, rados.PermissionDeniedError, rbd.PermissionError)):
-        return CephError(f"ceph {what} {where}: permission denied (check the client's caps)")
+        return CephPermissionDenied(f"ceph {what} {where}: permission denied (check the client's caps)")
     if isinstance(e, rados.ConnectionShutdown):
         return CephUnavailable(f"ceph {what} {where}: connection shut down")
     return CephError(f"ceph {what} {where}: {type(e).__name__}: {e}")
@@ -166,14 +178,20 @@ class CephClient:
     """A connection to one Ceph cluster as ``client.<client_id>``, with the image and metadata operations
     the catalog and the CLI need. Thread-safe. Connects lazily on first use; ``close()`` releases it."""
 
-    def __init__(self, conf: str, client_id: str = "admin", timeout: float = 10.0) -> None:
+    def __init__(self, conf: str, client_id: str = "admin", timeout: float = 10.0,
+                 settings: Mapping[str, str] | None = None, threads: int = 16) -> None:
+        """``settings``: librados/librbd options set on the handle before it connects (after the timeouts);
+        ``threads``: how many calls may run at once (callers that issue calls from several threads of
+        their own, like fencing, raise it so that their calls do not wait for a worker)."""
         self.conf = conf
         self.client_id = client_id
         self.timeout = float(timeout)
+        self.settings = dict(settings or {})
         self._lock = threading.Lock()
         self._rados: rados.Rados | None = None
         self._ioctx: dict[str, tuple[int, rados.Ioctx]] = {}
-        self._workers = _Workers()
+        self._threads = max(1, threads)
+        self._workers = _Workers(self._threads)
 
     # --- plumbing --------------------------------------------------------------------------------------
     def _connect(self) -> rados.Rados:
@@ -190,6 +208,8 @@ class CephClient:
         try:
             for key in ("client_mount_timeout", "rados_mon_op_timeout", "rados_osd_op_timeout"):
                 r.conf_set(key, secs)
+            for key, value in self.settings.items():
+                r.conf_set(key, value)
             r.connect(timeout=int(secs))
         except rados.Error as e:
             r.shutdown()
@@ -347,10 +367,139 @@ class CephClient:
                     pass
         self._call("remove metadata of", pool, image, op)
 
+    # --- clients, for fencing ----------------------------------------------------------------------------
+    def _mon(self, r: rados.Rados, cmd: dict[str, Any], target: str | None = None) -> bytes:
+        """Run a monitor command on ``r``; its output, or ``CephError``/``CephUnavailable`` with the reason."""
+        ret, out, outs = r.mon_command(json.dumps(cmd), b"", timeout=max(1, math.ceil(self.timeout)),
+                                       target=target)
+        if ret == 0:
+            return bytes(out)
+        what = f"mon command {cmd['prefix']!r}" + (f" on mon.{target}" if target else "")
+        if -ret in (errno.EPERM, errno.EACCES):
+            raise CephPermissionDenied(f"ceph {what}: permission denied "
+                                       f"(check the caps of client.{self.client_id})")
+        reason = f"ceph {what}: {errno.errorcode.get(-ret, ret)} {outs}".rstrip()
+        if -ret in (errno.ETIMEDOUT, errno.EAGAIN, errno.ENOENT, errno.ENXIO, errno.ESHUTDOWN, errno.ECONNREFUSED):
+            raise CephUnavailable(reason)   # ENOENT/ENXIO: that monitor left the map meanwhile
+        raise CephError(reason)
+
+    @staticmethod
+    def _json(out: bytes, what: str) -> Any:
+        try:
+            return json.loads(out)
+        except ValueError:
+            raise CephError(f"ceph {what}: the monitor's answer is not JSON") from None
+
+    def _handle(self) -> rados.Rados:
+        with self._lock:
+            return self._connect()
+
+    def address(self) -> str:
+        """This client's own address (``IP:PORT/NONCE``), as the cluster sees it."""
+        return self._call("read address of", "client", "", lambda: normalize(str(self._handle().get_addrs())))
+
+    def monitors(self) -> list[str]:
+        """The names of the monitors in quorum."""
+        def op() -> list[str]:
+            status = self._json(self._mon(self._handle(), {"prefix": "quorum_status", "format": "json"}),
+                                "quorum_status")
+            names = status.get("quorum_names") if isinstance(status, dict) else None
+            if not isinstance(names, list) or not names:
+                raise CephUnavailable("ceph quorum_status: no monitor in quorum")
+            return [str(n) for n in names]
+        return self._call("list monitors of", "cluster", "", op)
+
+    def mon_sessions(self) -> list[MonSession]:
+        """Every session of every monitor in quorum (each monitor lists only its own, so all are asked, one
+        after the other: up to ``timeout`` each). A monitor that does not answer is ``CephUnavailable``:
+        the answer would be incomplete."""
+        sessions: list[MonSession] = []
+        for mon in self.monitors():
+            def op(mon: str = mon) -> list[MonSession]:
+                raw = self._json(self._mon(self._handle(), {"prefix": "sessions", "format": "json"}, target=mon),
+                                 f"sessions of mon.{mon}")
+                if not isinstance(raw, list):
+                    raise CephError(f"ceph sessions of mon.{mon}: unexpected answer")
+                found = []
+                for s in raw:
+                    if not isinstance(s, dict):
+                        continue
+                    entity = str(s.get("entity_name") or "")
+                    vec = (s.get("addrs") or {}).get("addrvec") or []
+                    addrs = tuple(dict.fromkeys(join_addr(str(a.get("addr", "")), int(a.get("nonce", 0)))
+                                                for a in vec if isinstance(a, dict)))
+                    if entity and addrs:
+                        found.append(MonSession(mon=mon, entity=entity, addrs=addrs))
+                return found
+            sessions.extend(self._call("list sessions of", f"mon.{mon}", "", op))
+        return sessions
+
+    def image_clients(self, pool: str, image: str) -> ImageClients:
+        """Who has the image open (its header's watchers) and who holds its exclusive lock. Opens the image
+        read-write (librbd lists lock owners only then; the open takes no lock) and closes it again.
+        ``ImageNotFound``/``PoolNotFound`` when it is gone."""
+        def op() -> ImageClients:
+            with rbd.Image(self._pool(pool), image) as img:
+                watchers = tuple(normalize(str(w["addr"])) for w in img.watchers_list())
+                owners = tuple(normalize(str(o["owner"])) for o in img.lock_get_owners())
+            return ImageClients(pool=pool, image=image, watchers=watchers, owners=owners)
+        return self._call("list clients of", pool, image, op)
+
+    def blocklist_add(self, addr: str, expire: float) -> None:
+        """Blocklist the client at ``addr`` (``IP:PORT/NONCE``) on every OSD for ``expire`` seconds (adding
+        it again renews the expiry). Returns once the monitors committed it (one OSD map epoch; the
+        monitors batch the commands that arrive together, one batch per ``paxos_propose_interval``)."""
+        def op() -> None:
+            self._mon(self._handle(), {"prefix": "osd blocklist", "blocklistop": "add", "addr": addr,
+                                       "expire": float(expire)})
+        self._call("blocklist", addr, "", op)
+
+    def blocklist_list(self) -> dict[str, str]:
+        """The blocklist: address -> the UTC time its entry expires (as the monitors print it)."""
+        def op() -> dict[str, str]:
+            out = self._mon(self._handle(), {"prefix": "osd blocklist ls", "format": "json"}).decode()
+            # 16.2 prints two JSON lists back to back: the addresses, then the ranges
+            found: dict[str, str] = {}
+            decoder, i = json.JSONDecoder(), 0
+            while i < len(out):
+                if out[i].isspace():
+                    i += 1
+                    continue
+                try:
+                    part, i = decoder.raw_decode(out, i)
+                except ValueError:
+                    raise CephError("ceph osd blocklist ls: the monitor's answer is not JSON") from None
+                for e in part if isinstance(part, list) else []:
+                    if isinstance(e, dict) and "addr" in e:
+                        found[normalize(str(e["addr"]))] = str(e.get("until", ""))
+            return found
+        return self._call("list blocklist of", "cluster", "", op)
+
+    def wait_for_latest_osdmap(self) -> None:
+        """Block until this client has the newest OSD map (what librbd does between blocklisting a lock
+        owner and breaking its lock: operations sent afterwards carry that epoch, so an OSD applies the
+        blocklist before it handles them)."""
+        self._call("wait for the OSD map of", "cluster", "", lambda: self._handle().wait_for_latest_osdmap())
+
+    def break_lock(self, pool: str, image: str, owner: str) -> bool:
+        """Break the image's exclusive lock if ``owner`` still holds it: True when broken, False when the
+        lock is free or held by someone else now. Whether librbd also blocklists the owner is the handle's
+        ``rbd_blocklist_on_break_lock`` setting."""
+        def op() -> bool:
+            with rbd.Image(self._pool(pool), image) as img:
+                try:
+                    img.lock_break(rbd.RBD_LOCK_MODE_EXCLUSIVE, owner)
+                except rbd.ImageBusy:        # EBUSY: another client holds it now
+                    return False
+                except rbd.ImageNotFound:    # ENOENT from lock_break: no lock any more
+                    return False
+                return True
+        return self._call("break the lock of", pool, image, op)
+
     def close(self) -> None:
         """Release the handle and the worker threads, unless a call abandoned by the watchdog still uses
         the handle (then the process exit releases it). Idempotent; the client connects again if used."""
-        workers, self._workers = self._workers, _Workers()
+        workers, self._workers = self._workers, _Workers(self._threads)
         workers.stop()
         with self._lock:
             if workers.running > 0:
