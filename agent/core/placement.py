@@ -94,10 +94,14 @@ def rebalance(owners: Mapping[PathKey, str], eligible: Iterable[str], drained: I
     for p, n in (moving or {}).items():
         if p in where_now:
             where_now[p] = n            # as good as there: the move is under way
+    held_by: dict[str, list[PathKey]] = {}      # node -> its paths, disk -> its paths: no pass over every
+    disk_paths: dict[str, list[PathKey]] = {}   # path per candidate (O(paths^2) at 20 000: bench-scale)
     for p, n in where_now.items():
         counts[n] = counts.get(n, 0) + 1
         per_disk.setdefault(p.disk, {}).setdefault(n, 0)
         per_disk[p.disk][n] += 1
+        held_by.setdefault(n, []).append(p)
+        disk_paths.setdefault(p.disk, []).append(p)
     total = sum(counts.values())
     ws = {n: (weights or {}).get(n, 1.0) for n in targets}
     share = shares(total, ws)
@@ -123,7 +127,7 @@ def rebalance(owners: Mapping[PathKey, str], eligible: Iterable[str], drained: I
 
     def candidates(src: str) -> list[PathKey]:
         # paths of a doubled-up disk first, then a stable order
-        mine = [p for p, n in where_now.items() if n == src and p not in busy]
+        mine = [p for p in held_by.get(src, ()) if p not in busy]
         return sorted(mine, key=lambda p: (-per_disk[p.disk].get(src, 0), -score(src, p), p))
 
     # 1. drained nodes give everything away (to anyone below its ceiling: a drain may overfill slightly)
@@ -159,8 +163,12 @@ def rebalance(owners: Mapping[PathKey, str], eligible: Iterable[str], drained: I
             free_nodes = [n for n in targets if n != src and where.get(n, 0) == 0]
             roomy = [n for n in free_nodes if counts[n] < hi[n]] or \
                     [n for n in free_nodes if counts[n] <= hi[n] and counts[src] >= lo[src]]
-            doubled = next((q for q in candidates(src) if q.disk == disk), None)
-            if roomy and doubled is not None:
+            if not roomy:
+                continue
+            # the first of candidates(src) on this disk, without sorting all of src's paths per disk
+            doubled = min((q for q in disk_paths[disk] if where_now[q] == src and q not in busy),
+                          key=lambda q: (-score(src, q), q), default=None)
+            if doubled is not None:
                 dq = doubled
                 move(dq, src, max(roomy, key=lambda n: (hi[n] - counts[n], score(n, dq), n)))
     return out
