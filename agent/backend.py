@@ -183,13 +183,22 @@ class Watchdog(abc.ABC):
     config_keys: Mapping[str, str] = {}
 
     @abc.abstractmethod
-    def pet(self, deadline: float) -> None:
+    def pet(self, deadline: float, session: str = "") -> None:
         """Stop the data path at ``deadline`` at the latest unless ``pet`` is called again before. (A
-        device that takes only a timeout T is pet only while now + T <= deadline, else left to run out.)"""
+        device that takes only a timeout T is pet only while now + T <= deadline, else left to run out.)
+        ``session`` is the Consul session whose confirmation proved ``deadline`` ('' when unknown); a
+        watchdog that can confirm it by itself (the guard) may extend the deadline with exactly the
+        agent's rule while the agent does not pet, and only for that session."""
 
     @abc.abstractmethod
     def disarm(self) -> None:
         """Nothing is served any more: stand down (an armed watchdog would otherwise act)."""
+
+    def confirmed(self, session: str) -> float:
+        """The deadline the watchdog proved by itself for ``session`` (``CLOCK_BOOTTIME``; ``-inf`` when
+        none): a confirmation of that session it sent at t, answered, gives t + ``fence_after``. The
+        agent's fencer calls it at check time, so it reads memory only: no lock, no I/O, no wait."""
+        return float("-inf")
 
     def close(self) -> None:
         """Release process resources, staying armed."""

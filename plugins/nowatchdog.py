@@ -17,7 +17,7 @@ class NoWatchdog(Watchdog):
     def __init__(self, context: PluginContext) -> None:
         pass
 
-    def pet(self, deadline: float) -> None:
+    def pet(self, deadline: float, session: str = "") -> None:
         pass
 
     def disarm(self) -> None:

@@ -119,7 +119,7 @@ class DeviceWatchdog(Watchdog):
         log.info("watchdog %s armed: the node is reset %ds after the last pet", self.path, self.timeout)
         return fd
 
-    def pet(self, deadline: float) -> None:
+    def pet(self, deadline: float, session: str = "") -> None:
         with self._lock:
             if self._fd is None:
                 # armed even when the deadline is nearer than T: a reset up to T late beats none at all

@@ -5,14 +5,18 @@ target backends when the agent stops petting it in time: the fencer that outlive
 agent. This class touches nothing when it is built (``check-config`` builds it too); the first ``pet``
 starts the guard when none answers, and so does any later ``pet`` after the guard died.
 
-- ``pet(deadline)``: one short request to ``guard-H.sock`` (``H``: hash of the config file, read at the
-  first pet); it waits ``timeout`` (0.25 s) for the answer, or ``start_wait`` (2 s) when it just started
-  the guard. Then every guard of an earlier config in the state directory is told to retire (exit without
+- ``pet(deadline, session)``: one short request to ``guard-H.sock`` (``H``: hash of the config file, read
+  at the first pet) naming the session whose confirmation proved the deadline (the guard confirms it by
+  itself while the pets are late); it waits ``timeout`` (0.25 s) for the answer, or ``start_wait`` (2 s)
+  when it just started the guard. Then every guard of an earlier config in the state directory is told to retire (exit without
   fencing): the hand-over after a config change has no gap, since the new guard was armed first. While the
   own guard cannot be pet, the earlier ones are pet instead, so they keep protecting meanwhile.
 - ``disarm()``: tells the guard to exit without fencing (and every earlier one to retire).
 - ``close()``: forgets the guard, which stays armed with the last deadline (crash, planned restart: the
   next agent process pets the same guard).
+- ``confirmed(session)``: the deadline the guard proved by itself for ``session``, read from the page of
+  shared memory the guard writes (``plugins.guard.shared``), mapped at a pet; a memory read, for the
+  agent's fencer at check time.
 
 Failures raise ``TransientBackendError`` (no answer: the guard is frozen, busy or starting; it could not
 be started) or ``PermanentBackendError`` (the interpreter cannot be run, the guard refuses the deadline).
@@ -35,7 +39,7 @@ import plugins
 from agent.backend import PluginContext, Watchdog
 from agent.childenv import child_env
 from agent.errors import PermanentBackendError, TransientBackendError
-from plugins.guard import protocol
+from plugins.guard import protocol, shared
 from plugins.options import Options
 
 log = logging.getLogger(__name__)
@@ -80,6 +84,8 @@ class GuardWatchdog(Watchdog):
         self._lock = threading.Lock()
         self._no_start_until = -math.inf
         self._unanswered: set[str] = set()     # earlier guards that did not answer a retire (logged once)
+        self._shared: shared.Reader | None = None
+        self._old_guard: int | None = None     # a guard that ignores the session (logged once per pid)
         self.pid: int | None = None            # the guard's pid, as it last answered
 
     # --- the config hash -----------------------------------------------------------------------------
@@ -237,23 +243,45 @@ class GuardWatchdog(Watchdog):
                                 "deadline if it runs again", h, protocol.lock_holder(self.state_dir, h) or "?",
                                 e or "no answer")
 
-    def _bridge(self, deadline: float) -> None:
+    def _bridge(self, msg: dict[str, Any]) -> None:
         """Pet the guards of earlier configs while ours cannot be pet (they keep protecting meanwhile)."""
         for h in self._others():
             try:
-                self._ask(h, {"op": "pet", "deadline": deadline})
+                self._ask(h, msg)
             except (OSError, TransientBackendError, PermanentBackendError):
                 pass
 
+    def _map_shared(self, answer: dict[str, Any], session: str) -> None:
+        """Map (again, when the guard was replaced) the page where the guard publishes what it proved."""
+        if self._shared is None:
+            self._shared = shared.Reader(shared.path(self.state_dir, self.config_hash))
+        self._shared.refresh()
+        pid = answer.get("pid")
+        if session and "session" not in answer and pid != self._old_guard:
+            self._old_guard = pid if isinstance(pid, int) else None
+            log.warning("the guard (pid %s) is of an older version: it does not confirm the session by itself "
+                        "(a frozen agent is fenced at its deadline); it is replaced when it next exits", pid)
+
     # --- Watchdog ------------------------------------------------------------------------------------
-    def pet(self, deadline: float) -> None:
+    def pet(self, deadline: float, session: str = "") -> None:
+        msg: dict[str, Any] = {"op": "pet", "deadline": deadline}
+        if session:
+            msg["session"] = session
         with self._lock:
             try:
-                self._ask_own({"op": "pet", "deadline": deadline}, start=True)
+                answer = self._ask_own(msg, start=True)
             except (TransientBackendError, PermanentBackendError):
-                self._bridge(deadline)
+                self._bridge(msg)
                 raise
+            if answer is not None:
+                self._map_shared(answer, session)
             self._retire_others({"op": "retire", "by": self.config_hash})
+
+    def confirmed(self, session: str) -> float:
+        """What our guard proved by itself for ``session`` (``-inf``: nothing). A read of mapped memory:
+        no lock (a pet may hold ours for seconds), no system call."""
+        r = self._shared
+        return r.read(session) if r is not None else float("-inf")
 
     def disarm(self) -> None:
         with self._lock:

@@ -9,12 +9,19 @@ file's bytes, so a changed config gets a new guard beside the old one):
   a process about to lock it);
 - ``guard.log``: the guard's stdout and stderr;
 - ``guard-events.json``: ``{"count": n, "last": {...}}``: how many times a guard fenced this node, and
-  the last time (when, how late, how long, what failed), for ``status`` and metrics; see ``read_events``.
+  the last time (when, how late, how long, why, what failed), for ``status`` and metrics; see
+  ``read_events``.
+
+And one outside it, in memory: ``/dev/shm/pathagent-guard-S-H``, the deadline the guard proved by itself
+for the agent's session, which the agent's fencer reads (``plugins.guard.shared``).
 
 Wire format: one request per connection, one JSON object on one line each way::
 
-    -> {"op": "pet", "deadline": 12345.678}         CLOCK_BOOTTIME seconds
-    <- {"ok": true, "pid": 4242, "config": "0123456789ab", "state": "armed", "deadline": 12345.678, ...}
+    -> {"op": "pet", "deadline": 12345.678, "session": "<id>"}   CLOCK_BOOTTIME seconds; the session whose
+                                                     confirmation proved it (optional: an older agent's pet
+                                                     has none, and the guard then never confirms by itself)
+    <- {"ok": true, "pid": 4242, "config": "0123456789ab", "state": "armed", "deadline": 12345.678,
+        "session": "<first 8>", "confirmed": ..., "confirm_sent": ..., "confirmations": n, ...}
     -> {"op": "disarm"}                              nothing is served: exit without fencing
     -> {"op": "retire", "by": "ba9876543210"}       a guard of a newer config took over: exit, no fence
     -> {"op": "status"}

@@ -10,7 +10,16 @@ means nothing has to be imported or parsed when it is time to fence), then binds
 Then it waits on its socket with a timeout equal to the time left to the deadline (``CLOCK_BOOTTIME``),
 and:
 
-- ``pet(deadline)`` arms it (or re-arms it after a fence) with that deadline, the newest pet winning;
+- ``pet(deadline, session)`` arms it (or re-arms it after a fence) with that deadline, the newest pet
+  winning; ``session`` is the agent's Consul session whose confirmation proved it;
+- while the agent's pets are late (none for 2 x ``confirm_interval``), it confirms that session by itself
+  with the agent's rule (``plugins.guard.confirm``: a consistent read sent at t that succeeds moves the
+  deadline to t + ``fence_after``; nothing else does), every ``confirm_interval``, on a thread of its own
+  whose outcomes reach this loop through a pipe: the loop that fences never waits on an HTTP call. A read
+  that finds the session gone fences at once. A frozen agent's node so keeps serving exactly while its
+  session is valid. Each confirmed deadline is also written to a page of shared memory
+  (``plugins.guard.shared``) that the agent's fencer reads when it thaws. A pet for another session (or
+  without one, from an older agent) drops what the guard proved for the previous one;
 - when the deadline passes without a newer pet it fences: ``network.fence()`` first (the floating IPs go,
   so initiators stop reaching this node), then ``target.fence()``, each contained (an error is logged and
   that part retried, 1 s, 2 s, ... 30 s apart, until it succeeds or the guard is pet again); it logs how
@@ -40,8 +49,10 @@ import selectors
 import signal
 import socket
 import struct
+import sys
 import time
 import tomllib
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -49,8 +60,9 @@ from agent import config as agent_config
 from agent import plugins as agent_plugins
 from agent import statefile
 from agent.backend import NetworkBackend, TargetBackend
+from agent.config import ConsulConfig
 from agent.errors import ConfigError
-from plugins.guard import protocol
+from plugins.guard import confirm, protocol, shared
 
 log = logging.getLogger("plugins.guard")
 
@@ -59,6 +71,9 @@ IDLE_WAIT = 5.0           # seconds, while not armed: how often the socket file 
 CONN_TIMEOUT = 1.0        # a client connection that sends no full request within this is dropped
 LOCK_WAIT = 1.0           # a client probing the lock holds it for microseconds; wait that out
 RETRY_MAX = 30.0
+#: a fence waits for the GIL at most this long while the confirmer thread runs Python code (default 5 ms)
+SWITCH_INTERVAL = 0.001
+SESSION_MAX = 128         # a Consul session id is a 36-character UUID
 
 EXIT_OK = 0
 EXIT_CONFIG = 2
@@ -94,13 +109,26 @@ class _Pending:
 
 class Guard:
     def __init__(self, state_dir: str, h: str, network: NetworkBackend, target: TargetBackend,
-                 clock: Callable[[], float] = now) -> None:
+                 clock: Callable[[], float] = now, consul: ConsulConfig | None = None,
+                 share: shared.Writer | None = None) -> None:
         self.state_dir = state_dir
         self.hash = h
         self.network = network
         self.target = target
         self.clock = clock
-        self.deadline: float | None = None         # armed while not None
+        self.consul = consul                       # None: never confirms by itself
+        self.share = share
+        self.deadline: float | None = None         # armed while not None: max(pet_deadline, confirmed)
+        self.pet_deadline: float | None = None     # the newest pet's
+        self.session = ""                          # the agent's session the deadline is about ('' unknown)
+        self.last_pet = float("-inf")
+        self.confirmed = float("-inf")             # what our own confirmations of ``session`` proved
+        self.confirm_sent: float | None = None     # send time of our last good confirmation
+        self.confirmations = 0                     # good ones since the pets went late
+        self.confirm_error = ""
+        self._view: confirm.View = None            # what the confirmer thread reads (one atomic tuple)
+        self._confirmer: confirm.Confirmer | None = None
+        self._outcomes: deque[confirm.Outcome] = deque()
         self.state = "idle"                        # idle (never pet) | armed | fenced
         self.stopping = ""                         # why the guard exits when it next may
         self.terminate = False                     # SIGTERM/SIGINT: exit when not armed
@@ -112,6 +140,8 @@ class Guard:
         self._conns: dict[int, _Conn] = {}
         self._wake_r = -1
         self._orphaned = False
+        self._out_r, self._out_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._sel.register(self._out_r, selectors.EVENT_READ, "outcome")
 
     # --- socket ------------------------------------------------------------------------------------------
     def bind(self) -> None:
@@ -236,7 +266,12 @@ class Guard:
     def describe(self) -> dict[str, Any]:
         return {"ok": True, "pid": os.getpid(), "config": self.hash, "state": self.state,
                 "deadline": self.deadline, "now": self.clock(), "fences": self.fences,
-                "state_dir": self.state_dir}
+                "state_dir": self.state_dir, "session": self.session[:8],
+                "pet_deadline": self.pet_deadline, "last_pet": self.last_pet if self.last_pet > -math.inf else None,
+                "confirmed": self.confirmed if self.confirmed > -math.inf else None,
+                "confirm_sent": self.confirm_sent, "confirmations": self.confirmations,
+                "confirming": self._confirmer is not None and self._view is not None and self._late(),
+                "confirm_error": self.confirm_error}
 
     def handle(self, msg: dict[str, Any]) -> dict[str, Any]:
         """Answer one request (see ``plugins.guard.protocol``)."""
@@ -251,11 +286,33 @@ class Guard:
             if d - t > protocol.MAX_AHEAD:
                 return {"ok": False, "error": f"deadline {d - t:.0f}s ahead (at most "
                                               f"{protocol.MAX_AHEAD:g}s): not a CLOCK_BOOTTIME deadline?"}
+            sess = msg.get("session") or ""
+            if not isinstance(sess, str) or len(sess) > SESSION_MAX or not sess.isprintable():
+                return {"ok": False, "error": "session must be a Consul session id"}
+            if sess != self.session:
+                if self.confirmed > -math.inf:
+                    log.info("pet for session %s: what I proved for session %s no longer counts",
+                             sess[:8] or "(none)", self.session[:8])
+                self.session = sess
+                self.confirmed = -math.inf
+                self.confirm_sent = None
+                if self.share is not None:
+                    self.share.clear()
+            if self.confirmations or self.confirm_error:
+                log.warning("pet again after %.1fs (%d confirmations of session %s by me meanwhile%s)",
+                            t - self.last_pet, self.confirmations, self.session[:8],
+                            f"; the last failed: {self.confirm_error}" if self.confirm_error else "")
+                self.confirmations = 0
+                self.confirm_error = ""
             if self.deadline is None:
-                log.info("armed: fencing at %.3f (in %.3fs) unless pet again", d, d - t)
-            self.deadline = float(d)
+                log.info("armed: fencing at %.3f (in %.3fs) unless pet again%s", d, d - t,
+                         f" (or session {sess[:8]} confirmed)" if sess and self.consul is not None else "")
+            self.pet_deadline = float(d)
+            self.deadline = max(float(d), self.confirmed)
+            self.last_pet = t
             self.state = "armed"
             self.pending = _Pending()
+            self._watch(sess)
             return self.describe()
         if op == "status":
             out = self.describe()
@@ -265,7 +322,7 @@ class Guard:
             why = "disarmed: nothing is served" if op == "disarm" else \
                 f"retired: the guard of config {str(msg.get('by', '?'))[:12]} took over"
             was = self.state
-            self.deadline = None
+            self._disarm()
             self.state = "idle"
             self.pending = _Pending()
             self.stopping = why
@@ -273,6 +330,81 @@ class Guard:
             out["was"] = was
             return out
         return {"ok": False, "error": f"unknown op {op!r}"}
+
+    # --- our own confirmations --------------------------------------------------------------------------
+    def _late(self) -> bool:
+        assert self.consul is not None
+        return self.clock() - self.last_pet > confirm.LATE_AFTER * self.consul.confirm_interval
+
+    def _watch(self, session: str) -> None:
+        """Show the confirmer thread the session to confirm while pets are late (started at the first)."""
+        if self.consul is None or not session:
+            self._view = None
+            return
+        self._view = (session, self.last_pet)
+        if self._confirmer is None:
+            self._confirmer = confirm.Confirmer(self.consul, lambda: self._view, self._deliver, self.clock)
+            self._confirmer.start()
+
+    def _deliver(self, o: confirm.Outcome) -> None:
+        """On the confirmer thread: queue the outcome and wake the loop (a deque append and a pipe write:
+        neither waits)."""
+        self._outcomes.append(o)
+        try:
+            os.write(self._out_w, b"o")
+        except BlockingIOError:
+            pass                                   # the loop has wake-ups pending already
+
+    def _disarm(self) -> None:
+        self.deadline = None
+        self.pet_deadline = None
+        self._view = None
+        if self.share is not None:
+            self.share.clear()
+
+    def _apply(self, o: confirm.Outcome) -> None:
+        """One outcome of our confirmer, on the loop. Only for the session we guard, while armed."""
+        if self.deadline is None or not self.session or o.session != self.session or self.consul is None:
+            return
+        c = self.consul
+        if o.gone:
+            log.error("session %s is gone (my consistent read sent %.3fs after the last pet): fencing now",
+                      o.session[:8], o.sent - self.last_pet)
+            if self.share is not None:
+                self.share.clear()
+            self.fence(f"session {o.session[:8]} is gone")
+            return
+        until = confirm.proved(o, c.fence_after, c.lock_delay)
+        if until is None:
+            if o.error != self.confirm_error:
+                log.warning("session %s not confirmed: %s; fencing at %.3f (in %.3fs) unless pet or confirmed",
+                            o.session[:8], o.error, self.deadline, self.deadline - self.clock())
+            self.confirm_error = o.error
+            return
+        if self.confirm_error:
+            log.info("session %s confirmed again", o.session[:8])
+        self.confirm_error = ""
+        self.confirmations += 1
+        self.confirm_sent = o.sent if self.confirm_sent is None else max(self.confirm_sent, o.sent)
+        if self.confirmations == 1:
+            log.warning("no pet for %.1fs: confirmed session %s myself (answered in %.1f ms); serving on until "
+                        "%.3f (sent + %gs), confirming every %gs while the agent does not pet", o.sent -
+                        self.last_pet, o.session[:8], 1e3 * (o.answered - o.sent), until,
+                        until - o.sent, c.confirm_interval)
+        if until > self.confirmed:
+            self.confirmed = until
+            if self.share is not None:
+                self.share.publish(until, o.session)
+        if until > self.deadline:
+            self.deadline = until
+
+    def _drain(self) -> None:
+        try:
+            os.read(self._out_r, 512)
+        except BlockingIOError:
+            pass
+        while self._outcomes:
+            self._apply(self._outcomes.popleft())
 
     # --- fencing -----------------------------------------------------------------------------------------
     def _part(self, name: str) -> str:
@@ -284,7 +416,7 @@ class Guard:
             log.error("fence: %s backend failed: %s", name, e)
             return f"{type(e).__name__}: {e}"
 
-    def fence(self) -> dict[str, Any]:
+    def fence(self, reason: str = "") -> dict[str, Any]:
         """Fence now (network first, then target); record and return the event."""
         deadline = self.deadline if self.deadline is not None else self.clock()
         start = self.clock()
@@ -292,7 +424,7 @@ class Guard:
         t_net = self.clock()
         tgt_err = self._part("target")
         end = self.clock()
-        self.deadline = None
+        self._disarm()
         self.state = "fenced"
         self.fences += 1
         failed = [n for n, e in (("network", net_err), ("target", tgt_err)) if e]
@@ -301,10 +433,12 @@ class Guard:
                  "lag": round(start - deadline, 6), "duration": round(end - start, 6),
                  "network_duration": round(t_net - start, 6), "target_duration": round(end - t_net, 6),
                  "network_error": net_err, "target_error": tgt_err, "pid": os.getpid(), "config": self.hash,
-                 "wall": round(time.time(), 3)}
+                 "wall": round(time.time(), 3), "reason": reason or "deadline",
+                 "confirmations": self.confirmations, "confirm_error": self.confirm_error}
         (log.error if failed else log.warning)(
-            "deadline %.3f passed without a pet: fenced %.1f ms late in %.1f ms (network %.1f ms%s, "
-            "target %.1f ms%s)", deadline, 1e3 * (start - deadline), 1e3 * (end - start),
+            "%s: fenced %.1f ms %s %.3f in %.1f ms (network %.1f ms%s, target %.1f ms%s)",
+            reason or "deadline passed without a pet or a confirmation", 1e3 * abs(start - deadline),
+            "after the deadline" if start >= deadline else "before the deadline", deadline, 1e3 * (end - start),
             1e3 * (t_net - start), f" FAILED: {net_err}" if net_err else "", 1e3 * (end - t_net),
             f" FAILED: {tgt_err}" if tgt_err else "")
         self._record(event)
@@ -351,6 +485,8 @@ class Guard:
                     os.read(self._wake_r, 512)
                 except BlockingIOError:
                     pass
+            elif key.data == "outcome":
+                self._drain()
             else:
                 conn = self._conns.get(key.fd)
                 if conn is not None:
@@ -384,6 +520,11 @@ class Guard:
             while self.step():
                 pass
         finally:
+            self._view = None
+            if self._confirmer is not None:
+                self._confirmer.stop()
+            if self.share is not None:
+                self.share.close()
             self._unbind()
             for c in list(self._conns.values()):
                 self._drop(c)
@@ -462,9 +603,15 @@ def main(config_file: str, state_dir: str, h: str) -> int:
         cfg = load_config(config_file, h, state_dir)
         root.setLevel(cfg.log_level)
         network, target = build(cfg)
-        guard = Guard(state_dir, h, network, target)
+        sys.setswitchinterval(SWITCH_INTERVAL)
+        guard = Guard(state_dir, h, network, target, consul=cfg.consul)
         guard.install_signals()
         guard.bind()
+        try:
+            guard.share = shared.Writer(shared.path(state_dir, h))
+        except OSError as e:
+            log.warning("no shared deadline for the agent's fencer (%s): a thawed agent fences on its own "
+                        "deadline", e)
     except GuardStartError as e:
         log.error("cannot start: %s", e)
         return e.code

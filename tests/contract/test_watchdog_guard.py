@@ -1,7 +1,9 @@
 """The ``guard`` watchdog with real processes: the guard fences the fake target and network backends
 (their JSON state files, from another process) when the agent stops petting it, and only then.
 
-No Consul, no root. Each test has its own state directory and config file; the ``GuardWatchdog`` clients
+No root. The tests at the end run a real Consul (``lab.consul``; skipped with the reason when its binary
+is missing): the guard confirms the agent's session by itself while nobody pets it, and fences at its
+deadline once it cannot (the session destroyed, the Consul agent stopped or frozen, a slow Consul). Each test has its own state directory and config file; the ``GuardWatchdog`` clients
 play the agent process (a client dropped without ``disarm`` is an agent that crashed or restarted). Every
 guard a test leaves behind is killed at teardown, by the pid in its lock file after checking its command
 line names this state directory.
@@ -59,18 +61,21 @@ def reap(pid: int) -> None:
 class Node:
     """One node: a state dir with pre-filled fake exports and addresses, and the config file."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, consul: str = "") -> None:
         self.root = root
         self.state = root / "state"
         self.state.mkdir(mode=0o700, parents=True)
         self.config = root / "pathagent.toml"
         self.targets = self.state / "fake-targets.json"
         self.clients: list[GuardWatchdog] = []
+        self.consul = consul                 # the [consul] table's body
         self.write_config()
 
     def write_config(self, target_file: Path | None = None, comment: str = "") -> None:
         extra = f'\n[target.fake]\nfile = "{target_file}"\n' if target_file else ""
         self.config.write_text(f"""# {comment}
+[consul]
+{self.consul}
 [state]
 dir = "{self.state}"
 [target]
@@ -443,3 +448,198 @@ def test_while_the_new_guard_cannot_be_pet_the_old_one_is(node: Node) -> None:
     st = protocol.request(str(node.state), old_hash, {"op": "status"}, 1.0)
     assert st["state"] == "armed" and abs(st["deadline"] - d) < 1e-6, "the old guard was not pet instead"
     fence_time(node, d)                  # and it still protects: it fences at the bridged deadline
+
+
+# --- the guard confirms the agent's session by itself (real Consul) ------------------------------------
+
+#: the [consul] timing of these tests: fence_after F, confirm_interval I, timeout T (the bounds of
+#: docs/fencing.md hold: F > election_stall + I + T = 1.75, F + stop_time < lock_delay)
+F, I, T, L = 2.0, 0.25, 0.5, 8.0
+
+
+def consul_table(address: str, fence_after: float = F, timeout: float = T) -> str:
+    return (f'address = "{address}"\nlock_delay = {L}\nfence_after = {fence_after}\nconfirm_interval = {I}\n'
+            f"timeout = {timeout}\nelection_stall = 1.0\n")
+
+
+class SessionNode(Node):
+    """A node whose agent holds a real Consul session on the local Consul agent ``gwa``."""
+
+    def __init__(self, root: Path, cluster: Any, address: str | None = None, fence_after: float = F,
+                 timeout: float = T) -> None:
+        super().__init__(root, consul_table(address or cluster.http_address("gwa"), fence_after, timeout))
+        from agent.adapters.consul_store import ConsulStore
+        self.cluster = cluster
+        self.store = ConsulStore(config.load(str(self.config)).consul if address is None else
+                                 config.ConsulConfig(address=cluster.http_address("gwa")))
+        self.sid = self.store.create_session("gwa", "iSCSITarget", ["serfHealth"], L)
+
+    def status(self, w: GuardWatchdog) -> dict[str, Any]:
+        st = w.status()
+        assert st is not None
+        return st
+
+
+@pytest.fixture()
+def cluster(tmp_path: Path) -> Iterator[Any]:
+    from lab.consul import ConsulCluster, consul_missing
+    reason = consul_missing()
+    if reason:
+        pytest.skip(f"real Consul needed: {reason}")
+    c = ConsulCluster(str(tmp_path / "consul"), servers=1, clients=["gwa"])
+    try:
+        c.start()
+        yield c
+    finally:
+        c.teardown()
+
+
+@pytest.fixture()
+def snode(tmp_path: Path, cluster: Any) -> Iterator[SessionNode]:
+    n = SessionNode(tmp_path / "node", cluster)
+    n.fill()
+    try:
+        yield n
+    finally:
+        n.cleanup()
+        print(n.log())
+
+
+def serving_until(n: Node, until: float, step: float = 0.01) -> None:
+    while now() < until:
+        assert n.serving(), f"fenced {until - now():.2f}s before the test expected"
+        time.sleep(step)
+
+
+def test_the_guard_keeps_a_valid_session_served_while_nobody_pets_and_fences_once_it_is_gone(
+        snode: SessionNode) -> None:
+    w = snode.client()
+    t0 = now()
+    w.pet(t0 + F, snode.sid)
+    w.close()                                    # the agent freezes: nobody pets any more
+    serving_until(snode, t0 + 4 * F)             # twice as long as the last pet's deadline, and more
+    st = snode.status(w)
+    assert st["state"] == "armed" and st["session"] == snode.sid[:8] and st["confirming"]
+    assert st["confirmations"] >= 0.5 * (3 * F / I), f"too few confirmations: {st}"
+    assert st["deadline"] > now() and st["deadline"] == st["confirmed"]
+    # never beyond the send time of its last good confirmation plus fence_after
+    assert st["deadline"] == pytest.approx(st["confirm_sent"] + F, abs=1e-6)
+    # the agent's fencer sees the same deadline in the guard's shared page (a thawed agent)
+    assert w.confirmed(snode.sid) == pytest.approx(st["confirmed"], abs=I + T)
+    assert w.confirmed("another-session") == -float("inf")
+    assert read_events(str(snode.state))["count"] == 0
+    # the session ends (Consul invalidated it): the next confirmation sees it and the guard fences at once
+    snode.store.destroy_session(snode.sid)
+    gone = now()
+    assert wait_for(lambda: not snode.serving(), I + T + 1.0, 0.002), "no fence after the session ended"
+    took = now() - gone
+    last = events(snode, 1)["last"]
+    assert last["reason"].startswith(f"session {snode.sid[:8]} is gone")
+    assert last["start"] < st["deadline"] + F, "fenced at once, not at a later deadline"
+    assert w.confirmed(snode.sid) == -float("inf")
+    print(f"\n{st['confirmations']} confirmations by the guard in {st['now'] - t0:.1f}s without a pet; "
+          f"fenced {took * 1e3:.0f} ms after the session was destroyed")
+
+
+@pytest.mark.parametrize("how", ["stopped", "frozen"])
+def test_the_guard_fences_at_its_deadline_when_consul_cannot_confirm(snode: SessionNode, how: str) -> None:
+    w = snode.client()
+    w.pet(now() + F, snode.sid)
+    w.close()
+    assert wait_for(lambda: snode.status(w)["confirmations"] >= 3, 3 * F), snode.status(w)
+    cut = now()
+    if how == "stopped":
+        snode.cluster.stop("gwa")                # calls refused
+    else:
+        snode.cluster.freeze("gwa")              # calls hang until the HTTP timeout
+    time.sleep(I + T + 0.1)                      # what was in flight at the cut has been answered
+    st = snode.status(w)
+    d = st["deadline"]
+    assert st["state"] == "armed" and d <= cut + F + 1e-6, f"extended past the cut: {st}"
+    assert d == pytest.approx(st["confirm_sent"] + F, abs=1e-6) and st["confirm_sent"] <= cut
+    fence_time(snode, d)                         # serving until its deadline, fenced right after it
+    last = events(snode, 1)["last"]
+    assert 0 <= last["lag"] < MAX_LAG and last["reason"] == "deadline"
+    assert last["confirm_error"], "the guard's confirmations failed meanwhile"
+    if how == "frozen":
+        snode.cluster.thaw("gwa")
+    print(f"\nConsul agent {how}: the guard fenced {last['lag'] * 1e3:.1f} ms after its deadline, "
+          f"{last['start'] - cut:.2f}s after the cut ({last['confirm_error'][:80]})")
+
+
+class SlowProxy:
+    """A TCP forwarder to the real Consul agent that holds every answer back ``delay`` seconds and records
+    when each request reached it (``CLOCK_BOOTTIME``): a slow Consul, without faking one."""
+
+    def __init__(self, upstream: str, delay: float) -> None:
+        import socket
+        import threading
+        host, port = upstream.rsplit(":", 1)
+        self.upstream = (host, int(port))
+        self.delay = delay
+        self.arrivals: list[float] = []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.halt = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+        while not self.halt.is_set():
+            try:
+                c, _ = self.listener.accept()
+            except OSError:
+                return
+            u = socket.create_connection(self.upstream)
+            threading.Thread(target=self._pump, args=(c, u, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(u, c, True), daemon=True).start()
+
+    def _pump(self, src: Any, dst: Any, slow: bool) -> None:
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                if slow:
+                    time.sleep(self.delay)
+                else:
+                    self.arrivals.append(now())
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.close()
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.halt.set()
+        self.listener.close()
+
+
+def test_a_slow_consul_never_extends_beyond_the_send_time_plus_fence_after(tmp_path: Path, cluster: Any) -> None:
+    delay = 0.6
+    proxy = SlowProxy(cluster.http_address("gwa"), delay)
+    n = SessionNode(tmp_path / "node", cluster, address=proxy.address, fence_after=3.0, timeout=1.0)
+    n.fill()
+    try:
+        w = n.client()
+        t0 = now()
+        w.pet(t0 + 3.0, n.sid)
+        w.close()
+        serving_until(n, t0 + 6.0)                           # slow answers still prove the session
+        st = n.status(w)
+        assert st["confirmations"] >= 3 and st["confirm_error"] == "", st
+        # each proof is the send time + fence_after: before the request even reached Consul, let alone
+        # the answer came back
+        reached = max(a for a in proxy.arrivals if a <= st["now"] - delay)
+        assert st["deadline"] == pytest.approx(st["confirm_sent"] + 3.0, abs=1e-6)
+        assert st["confirm_sent"] <= reached and st["deadline"] <= reached + 3.0
+        assert st["deadline"] < st["now"] - delay + 3.0 + 1e-3, "a proof counted from the answer, not the send"
+    finally:
+        n.cleanup()
+        proxy.close()
+        print(n.log())

@@ -104,10 +104,16 @@ class MemCatalog(Catalog):
 class MemWatchdog(Watchdog):
     def __init__(self) -> None:
         self.pets: list[float] = []
+        self.sessions: list[str] = []
+        self.proved: dict[str, float] = {}    # what the watchdog confirmed by itself, per session
         self.disarmed = False
 
-    def pet(self, deadline: float) -> None:
+    def pet(self, deadline: float, session: str = "") -> None:
         self.pets.append(deadline)
+        self.sessions.append(session)
+
+    def confirmed(self, session: str) -> float:
+        return self.proved.get(session, float("-inf"))
 
     def disarm(self) -> None:
         self.disarmed = True

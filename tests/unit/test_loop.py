@@ -426,7 +426,7 @@ def test_a_node_whose_watchdog_cannot_be_pet_does_not_serve(tmp_path: Path, stor
     store.start_disk("d1", 2)
     n = make_node(tmp_path, store, clock, "gwa", disks={"d1": disk("d1")})
 
-    def broken(deadline: float) -> None:
+    def broken(deadline: float, session: str = "") -> None:
         raise TransientBackendError("guard exited at start")
     n.watchdog.pet = broken                      # type: ignore[method-assign]
     n.start()
