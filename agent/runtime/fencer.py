@@ -17,10 +17,19 @@ that runs while an address is being added is seen by that ``up`` (the backend un
 
 Unfencing is the main loop's decision (``unfence``), once a confirmation arrived again *and* it has read
 the keys afresh; until then ``bring_up`` refuses.
+
+**The watchdog's proof.** While the agent process is frozen its own confirmations stop, but the guard
+watchdog confirms the same session by itself, with the same rule (docs/watchdog.md). So that the fencer,
+when the process thaws, does not fence a node whose session the guard kept proving, the session keeper
+points it at the watchdog's ``confirmed(session)`` (``follow``); the deadline it acts on is then
+max(its own, the watchdog's for our session). That call reads a page of mapped memory (no lock, no system
+call), so the fencer still waits on nothing; a value further ahead than ``fence_after`` (no confirmation can
+prove that) or an error counts as nothing, which can only make it fence sooner.
 """
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from typing import Callable
 
@@ -54,6 +63,8 @@ class Fencer:
         self._retry_at = float("inf")
         self._retry_delay = RETRY_MIN
         self._halt = False
+        self._outside: Callable[[], float] | None = None   # the watchdog's proof for our session
+        self._outside_ahead = 0.0
         self.events = 0                          # fences carried out (metric)
         self.last_reason = ""
 
@@ -64,6 +75,31 @@ class Fencer:
             if serve_until > self._serve_until:
                 self._serve_until = serve_until
                 self._cond.notify_all()
+
+    def follow(self, proved: Callable[[], float] | None, ahead: float = 0.0) -> None:
+        """Also count what ``proved()`` says our session was proved until by someone else (the watchdog),
+        never more than ``ahead`` (``fence_after``) from now; ``None``: only our own confirmations count
+        (no session, or another one). ``proved`` must read memory only: it is called at check time."""
+        with self._cond:
+            self._outside = proved
+            self._outside_ahead = ahead
+            self._cond.notify_all()
+
+    def outside_until(self, now: float | None = None) -> float:
+        """The watchdog's proof for our session as it stands now (``-inf``: none or implausible)."""
+        src = self._outside
+        if src is None:
+            return -math.inf
+        t = self.clock.now() if now is None else now
+        try:
+            v = float(src())
+        except Exception:  # noqa: BLE001 - a broken proof is no proof
+            return -math.inf
+        return v if math.isfinite(v) and v <= t + self._outside_ahead else -math.inf
+
+    def deadline(self, now: float | None = None) -> float:
+        """The deadline the fencer acts on: max(our own, the watchdog's proof for our session)."""
+        return max(self._serve_until, self.outside_until(now))
 
     def nothing_served(self) -> None:
         """At start: nothing is served here (the backends said so), so there is nothing to fence until the
@@ -89,7 +125,7 @@ class Fencer:
     def allowed(self, now: float | None = None) -> bool:
         """Whether serving may start now (not fenced, and the deadline is ahead)."""
         t = self.clock.now() if now is None else now
-        return not self._fenced and t < self._serve_until
+        return not self._fenced and t < self.deadline(t)
 
     def unfence(self) -> bool:
         """The main loop read the keys afresh after a new confirmation: serving may start again (only
@@ -167,8 +203,9 @@ class Fencer:
         """Fence if the deadline passed, or retry the failed part of a fence once its delay is over.
         Returns whether fenced."""
         now = self.clock.now()
-        if now >= self._serve_until and (not self._fenced or self._inherited):
-            self.fence(f"no confirmation of our session since the lease ran out ({now - self._serve_until:.2f}s ago)"
+        deadline = self.deadline(now)
+        if now >= deadline and (not self._fenced or self._inherited):
+            self.fence(f"no confirmation of our session since the lease ran out ({now - deadline:.2f}s ago)"
                        if not self._inherited else "what the previous agent process served outlived its lease, "
                        "and no session was adopted in time")
         elif self._fenced and self._pending and now >= self._retry_at:
@@ -183,7 +220,7 @@ class Fencer:
                 if self._halt:
                     return
                 now = self.clock.now()
-                due = (self._serve_until if (not self._fenced or self._inherited) else
+                due = (self.deadline(now) if (not self._fenced or self._inherited) else
                        self._retry_at if self._pending else float("inf"))
                 if due > now:
                     self._cond.wait(timeout=min(due - now, 1.0))

@@ -7,7 +7,8 @@
   whatever may still be served here, and a new session is made.
 - ``confirm_once()`` (the confirmer thread, every ``confirm_interval``): one consistent read of the
   session. A success sent at t extends the fencer's deadline to t + ``fence_after``, records it for the
-  next process, pets the watchdog with it, and, while the main loop is healthy and we are not fenced,
+  next process, pets the watchdog with it (naming the session: the guard confirms that session by itself
+  while the pets are late, and the fencer also counts what the watchdog proved for it), and, while the main loop is healthy and we are not fenced,
   passes our TTL check and renews the session's TTL. A missing session means Consul invalidated it:
   fence at once and start over.
 
@@ -158,7 +159,9 @@ class SessionKeeper:
             if created:
                 self.settle_until = sent + self.cfg.placement_settle
         self.state.record_session(sid)
-        self._extend(sent)
+        watchdog = self.watchdog
+        self.fencer.follow(lambda: watchdog.confirmed(sid), self.lease.fence_after)
+        self._extend(sent, sid)
 
     def _replace(self, old: SessionInfo, sent: float, maybe_serving: Callable[[], bool]) -> None:
         """Move every lock of ``old`` to a new session matching the config, then destroy ``old``. While the
@@ -201,13 +204,13 @@ class SessionKeeper:
         log.warning("replaced session %s by %s: %d of %d locks moved", old.id[:8], new[:8], moved, len(held))
 
     # --- confirming --------------------------------------------------------------------------------------
-    def _extend(self, sent: float) -> None:
+    def _extend(self, sent: float, sid: str) -> None:
         """A confirmation sent at ``sent``: serving may go on until ``sent + fence_after``, but only as far
         as the watchdog accepted it (a "required" watchdog, as Patroni's: a node whose watchdog cannot be
         pet does not serve, since nothing would stop its data path if the agent then froze)."""
         until = sent + self.lease.fence_after
         try:
-            self.watchdog.pet(until)
+            self.watchdog.pet(until, sid)
         except Exception as e:  # noqa: BLE001 - a BackendError, or a plugin bug: either way, not pet
             if self.watchdog_error != str(e):
                 log.error("watchdog not pet: %s; not serving on this confirmation (the data path stops at "
@@ -243,13 +246,14 @@ class SessionKeeper:
                 self.session = None
                 self.lease = self.lease.reset()
         if info is None:
+            self.fencer.follow(None)
             log.error("session %s is gone (invalidated by Consul)", sid[:8])
             self.fencer.fence(f"session {sid[:8]} was invalidated")
             self.wake()
             return
         with self._lock:
             self.lease = self.lease.confirm(sent)
-        self._extend(sent)
+        self._extend(sent, sid)
         if self.fencer.fenced:
             self.wake()
 
@@ -295,6 +299,7 @@ class SessionKeeper:
             self.store.release_node_record(self.node, sid)
         except CoordinationError as e:
             log.info("node record not released: %s", e)
+        self.fencer.follow(None)
         self.store.destroy_session(sid)
         log.info("session %s destroyed", sid[:8])
         with self._lock:
