@@ -209,12 +209,13 @@ class Session:
         except IscsiError:
             pass
 
-    def write(self, lba: int, data: bytes, block_size: int = 512) -> None:
+    def write(self, lba: int, data: bytes, block_size: int = 512, fua: bool = False) -> None:
+        """WRITE(16); ``fua`` sets Force Unit Access (the target acknowledges only once the data is stable)."""
         if not data or len(data) % block_size:
             raise ValueError("data must be a non-empty multiple of the block size")
         self._run(self._task, f"WRITE(16) lba {lba}",
                   lambda: lib().iscsi_write16_sync(self._ctx, self.lun, lba, data, len(data), block_size,
-                                                   0, 0, 0, 0, 0))
+                                                   0, 0, int(fua), 0, 0))
 
     def sync(self) -> None:
         self._run(self._task, "SYNCHRONIZE CACHE(10)",
@@ -223,20 +224,27 @@ class Session:
     def test_unit_ready(self) -> None:
         self._run(self._task, "TEST UNIT READY", lambda: lib().iscsi_testunitready_sync(self._ctx, self.lun))
 
+    def set_timeout(self, seconds: int) -> None:
+        """The timeout of the commands sent from now on (libiscsi's ``iscsi_set_timeout``)."""
+        self._run(lambda: lib().iscsi_set_timeout(self._ctx, seconds))
+
     # teardown -----------------------------------------------------------------------------------
 
-    def _close(self) -> None:
+    def _close(self, logout: bool) -> None:
         if self._ctx:
             L = lib()
             L.iscsi_set_noautoreconnect(self._ctx, 1)
-            L.iscsi_logout_sync(self._ctx)
+            if logout:
+                L.iscsi_logout_sync(self._ctx)
             L.iscsi_destroy_context(self._ctx)
             self._ctx = None
 
-    def close(self) -> None:
+    def close(self, logout: bool = True) -> None:
+        """Log out (unless ``logout`` is false: after a failure, when the target may never answer) and free
+        the context (which closes the connection)."""
         try:
             if self._ctx:
-                self._run(self._close)
+                self._run(self._close, logout)
         finally:
             if self._thread:
                 self._thread.close()
