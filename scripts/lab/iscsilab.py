@@ -139,12 +139,14 @@ class IscsiLab:
     to its ``[target.tgt]`` table, ``consul_extra`` to its ``[consul]`` table. The Consul timings satisfy the
     agent's fencing inequality (``fence_after + stop_time < lock_delay``, ``fence_after > election_stall
     1.0 + confirm_interval 0.5 + timeout 0.8``); ``stop_time`` bounds the fence (every address down, then
-    a SIGKILL of tgtd)."""
+    a SIGKILL of tgtd). ``shipped_timings`` leaves all of those out of the agents' configs instead, so they
+    run with the defaults of ``agent/config.py`` (what a site gets; the benchmarks measure those); the
+    attributes ``lock_delay``, ``fence_after`` and ``stop_time`` then hold the defaults."""
 
     def __init__(self, workdir: str | os.PathLike[str], gateways: Iterable[str] = ("gwa", "gwb", "gwc"),
                  agent_extra: str = "", catalog: str = "rbd", lock_delay: float = 5.5,
                  fence_after: float = 2.5, stop_time: float = 1.0, prefixlen: int = 24,
-                 tgt_extra: str = "", consul_extra: str = "") -> None:
+                 tgt_extra: str = "", consul_extra: str = "", shipped_timings: bool = False) -> None:
         self.dir = Path(workdir)
         self.names = list(gateways)
         self.agent_extra = agent_extra
@@ -154,6 +156,12 @@ class IscsiLab:
         self.lock_delay = lock_delay
         self.fence_after = fence_after
         self.stop_time = stop_time
+        self.shipped_timings = shipped_timings
+        if shipped_timings:
+            from agent.config import Config, ConsulConfig
+            c = ConsulConfig()
+            self.lock_delay, self.fence_after = c.lock_delay, c.fence_after
+            self.stop_time = Config.stop_time
         self.net = GatewayLab(gateways=self.names, initiators=("ini",), prefixlen=prefixlen)
         self.ceph: MicroCeph | None = None
         self.consul: ConsulCluster | None = None
@@ -211,15 +219,14 @@ class IscsiLab:
         assert self.ceph is not None
         catalog = ("[catalog]\nbackend = \"rbd\"\n" if self.catalog == "rbd" else
                    f"[catalog]\nbackend = \"fake\"\n[catalog.fake]\nfile = \"{self.dir / 'catalog.json'}\"\n")
+        timings = "" if self.shipped_timings else (
+            f"lock_delay = {self.lock_delay}\nfence_after = {self.fence_after}\nconfirm_interval = 0.5\n"
+            "timeout = 0.8\nelection_stall = 1.0\n")
+        stop_time = "" if self.shipped_timings else f"stop_time = {self.stop_time}\n"
         return f"""
 [consul]
 address = "127.0.0.1:8500"
-lock_delay = {self.lock_delay}
-fence_after = {self.fence_after}
-confirm_interval = 0.5
-timeout = 0.8
-election_stall = 1.0
-wait = 10
+{timings}wait = 10
 {self.consul_extra}
 [ceph]
 conf = "{self.ceph.conf_path}"
@@ -232,8 +239,7 @@ dir = "{g.state}"
 [target]
 backend = "tgt"
 port = 3260
-stop_time = {self.stop_time}
-[target.tgt]
+{stop_time}[target.tgt]
 product_rev = "{g.name[:4]}"
 ceph_timeout = 3
 {self.tgt_extra}
@@ -311,6 +317,12 @@ level = "INFO"
         import rbd
         with rbd.Image(self._ioctx, d.image, read_only=True) as img:
             return bytes(img.read(offset, length))
+
+    def write_image(self, d: Any, offset: int, data: bytes) -> None:
+        """Write straight into the disk's image (tests that must show a check can fail)."""
+        import rbd
+        with rbd.Image(self._ioctx, d.image) as img:
+            img.write(data, offset)
 
     # --- observation ----------------------------------------------------------------------------------
     def owners(self) -> dict[str, str | None]:
