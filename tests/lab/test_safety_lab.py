@@ -12,50 +12,15 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 from typing import Any
 
 import pytest
 
+from lab.failover import AddressSampler
 from lab.iscsilab import IscsiLab
 
 pytestmark = pytest.mark.lab
-
-
-class AddressSampler(threading.Thread):
-    """Which gateway has which path IP up, every ``interval``; any IP up on two gateways is an overlap."""
-
-    def __init__(self, lab: IscsiLab, interval: float = 0.05) -> None:
-        super().__init__(daemon=True)
-        self.lab, self.interval = lab, interval
-        self.overlaps: list[tuple[float, str, list[str]]] = []
-        self.last: dict[tuple[str, str], float] = {}
-        self.first: dict[tuple[str, str], float] = {}
-        self.samples = 0
-        self.halt = threading.Event()
-
-    def run(self) -> None:
-        while not self.halt.is_set():
-            now = time.monotonic()
-            seen: dict[str, list[str]] = {}
-            for g in self.lab.gw.values():
-                try:
-                    addrs = g.addresses()
-                except Exception:  # noqa: BLE001 - a namespace being rebuilt
-                    continue
-                for a in addrs:
-                    seen.setdefault(a, []).append(g.name)
-                    self.last[(g.name, a)] = now
-                    self.first.setdefault((g.name, a), now)
-            self.overlaps += [(now, a, ns) for a, ns in seen.items() if len(ns) > 1]
-            self.samples += 1
-            self.halt.wait(self.interval)
-
-    def stop(self) -> "AddressSampler":
-        self.halt.set()
-        self.join(5)
-        return self
 
 
 @pytest.fixture
