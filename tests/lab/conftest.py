@@ -61,3 +61,9 @@ def iscsi_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[IscsiLab]:
 def safety_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[IscsiLab]:
     """A lab whose agents pass a 5 s liveness check (a frozen agent loses its session after it)."""
     yield from started_lab(tmp_path_factory.mktemp("safety"), consul_extra="agent_check_ttl = 5\n")
+
+
+@pytest.fixture(scope="module")
+def failover_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[IscsiLab]:
+    """A lab for the failover measurements (one disk per test; each test gives its gateway back)."""
+    yield from started_lab(tmp_path_factory.mktemp("failover"))
