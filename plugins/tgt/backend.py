@@ -8,6 +8,7 @@ and the agent is woken to re-export. The full description is docs/backend-tgt.md
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import shutil
@@ -78,9 +79,16 @@ class TgtBackend(TargetBackend):
         self.command_timeout = o.number("command_timeout", 10, 1, 300)
         self.show_timeout = o.number("show_timeout", 2, 0.1, 60)
         self.watch = o.flag("watch", True)
-        conf, client_id = context.ceph.conf, context.ceph.client_id
-        if ";" in conf or ";" in client_id:
-            o.problems.append(("ceph.conf", "the tgt backend needs conf and client_id without ';' (bs_rbd options)"))
+        # the data path runs as this node's own Ceph client, [ceph] data_client_id (so that a failed node can
+        # be fenced alone: docs/fencing.md); the node name may be known only later (from Consul), so bsopts are
+        # made at each export; a process that never exports (the guard, check-config) uses client_id
+        conf = context.ceph.conf
+        client_id = context.ceph.data_id(context.node) if context.node else context.ceph.client_id
+        self._ceph = context.ceph
+        self._node = context.current_node
+        if any(";" in v for v in (conf, client_id, context.ceph.data_client_id)):
+            o.problems.append(("ceph.conf", "the tgt backend needs conf, client_id and data_client_id without ';' "
+                                            "(bs_rbd options)"))
         socket = os.path.join(self.dir, "socket")
         if len(socket) + 8 > 107:
             o.problems.append(("state.dir", f"too long for tgtd's unix socket {socket}.N"))
@@ -99,6 +107,13 @@ class TgtBackend(TargetBackend):
         self._closing = threading.Event()
         self._wakeup: tuple[int, int] | None = None   # pipe that wakes the watcher on close()
         self._watcher: threading.Thread | None = None
+
+    def _settings_now(self) -> Settings:
+        """``settings`` with bs_rbd's ``id`` = this node's data client id, once the node name is known."""
+        node = self._node()
+        if not node:
+            return self.settings
+        return dataclasses.replace(self.settings, bsopts=f"conf={self._ceph.conf};id={self._ceph.data_id(node)}")
 
     # ---------------------------------------------------------------- the ABC
 
@@ -145,7 +160,7 @@ class TgtBackend(TargetBackend):
                 return
             new = dict(record)
             new[disk.id] = entry
-            ops = ops_for(entry, state, prev, new, self.settings)
+            ops = ops_for(entry, state, prev, new, self._settings_now())
             self.records.save(t.ident, mark, new)
             try:
                 for op in ops:

@@ -76,3 +76,13 @@ def test_ceph_blocklist_refuses_what_it_cannot_attribute() -> None:
     for p in (f, g, late):
         p.close()
 
+
+def test_tgt_opens_images_as_the_nodes_own_client() -> None:
+    from plugins.tgt.backend import TgtBackend
+    ceph = CephConfig(conf="/etc/ceph/ceph.conf", client_id="admin")
+    assert TgtBackend(ctx(node="gwa", ceph=ceph)).settings.bsopts == "conf=/etc/ceph/ceph.conf;id=pathagent-gwa"
+    assert TgtBackend(ctx(node="", ceph=ceph)).settings.bsopts == "conf=/etc/ceph/ceph.conf;id=admin"
+    later = TgtBackend(dataclasses.replace(ctx(node="", ceph=ceph), node_name=lambda: "gwb"))   # from Consul
+    assert later._settings_now().bsopts == "conf=/etc/ceph/ceph.conf;id=pathagent-gwb"
+    with pytest.raises(ConfigError, match="without ';'"):
+        TgtBackend(ctx(node="gwa", ceph=CephConfig(data_client_id="gw;{node}")))
