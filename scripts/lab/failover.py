@@ -62,10 +62,12 @@ gateways whose eth0 is up (reachable), the ones that matter while a paused gatew
 
 **run()** does one whole measurement on a fresh one-path disk and returns an ``Outcome``.
 
-Why a crash gap is ~25-30 s today: the new owner's first write waits for the old tgtd's RBD exclusive
-lock, which librbd breaks only after the OSD drops the old client's watch (``osd_client_watch_timeout``,
-30 s; /work/shared/notes/ceph.md, last section). Ceph-side fencing (blocklisting the old owner when its
-paths are taken over) removes that wait; the harness reports whatever the code does. Measured meanwhile:
+Why a crash gap is ~30 s without a Ceph-side fence (``[fencing] backend = "none"``, the default): the new
+owner's first write waits for the old tgtd's RBD exclusive lock, which librbd breaks only after the OSD
+drops the old client's watch (``osd_client_watch_timeout``, 30 s; /work/shared/notes/ceph.md, last
+section). With ``ceph-blocklist`` the old owner is blocklisted when its paths are taken over and the gap
+is the takeover itself (failure detection + lock-delay, ~7-9 s with the lab's timings). The harness
+reports whatever the code does. Measured meanwhile (without the fence):
 with ``rbd blocklist on break lock = false`` in the lab's ceph.conf (the taker breaks the lock without
 fencing the old tgtd) the stuck-in-flight run found all four probe writes and the writer's own stuck
 write landed over newer data, in both read-backs: the check does catch what it is for.
@@ -925,6 +927,12 @@ class Outcome:
                 "overlaps": len(self.overlaps), "live_overlaps": len(self.live_overlaps), "lost": self.lost,
                 "acks": self.acks, "failures": len(self.failures), "timeout": self.timeout,
                 "wall": round(self.wall, 1)}
+
+
+def fencing_backend(lab: IscsiLab) -> str:
+    """The ``[fencing] backend`` the lab's agents run with."""
+    from agent.config import load
+    return load(str(next(iter(lab.gw.values())).config)).fencing.backend
 
 
 def liveness_bound(lab: IscsiLab) -> float:

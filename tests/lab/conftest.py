@@ -63,7 +63,16 @@ def safety_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[IscsiLab]:
     yield from started_lab(tmp_path_factory.mktemp("safety"), consul_extra="agent_check_ttl = 5\n")
 
 
+def failover_fencing() -> str:
+    """The failover lab's ``[fencing] backend``: the Ceph-side fence when it is registered (what the
+    failover is built on), else the agent's default."""
+    from agent.plugins import available
+    return "ceph-blocklist" if "ceph-blocklist" in available("fencing") else ""
+
+
 @pytest.fixture(scope="module")
 def failover_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[IscsiLab]:
     """A lab for the failover measurements (one disk per test; each test gives its gateway back)."""
-    yield from started_lab(tmp_path_factory.mktemp("failover"))
+    fencing = failover_fencing()
+    extra = f'[fencing]\nbackend = "{fencing}"\n' if fencing else ""
+    yield from started_lab(tmp_path_factory.mktemp("failover"), agent_extra=extra)

@@ -15,9 +15,10 @@ overwritten (both read-backs), the writer acknowledged writes again; then per fa
   after newer data was acknowledged at their LBAs, and none of them landed; a stale block written
   straight into RBD afterwards is caught (the check can fail).
 
-The gap bounds hold today (the new owner's first write waits ~30 s for the old tgtd's RBD exclusive
-lock, see lab/failover.py) and are deliberately generous: the targets are the benchmark's
-(``scripts/bench-failover``), not these tests'.
+The lab runs the Ceph-side fence (``[fencing] backend = "ceph-blocklist"``) when that plugin is registered,
+the agent's default otherwise; each line says which. The gap bounds hold either way (without the fence
+the new owner's first write waits ~30 s for the old tgtd's RBD exclusive lock, see lab/failover.py) and
+are deliberately generous: the targets are the benchmark's (``scripts/bench-failover``), not these tests'.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from lab.iscsilab import IscsiLab
 
 pytestmark = pytest.mark.lab
 
-TAKEOVER_GAP = 45.0      # today ~28-30 s: the RBD lock of the old tgtd (osd_client_watch_timeout 30 s)
+TAKEOVER_GAP = 45.0      # ~9 s with the Ceph-side fence, ~28-30 s without (the old tgtd's RBD lock)
 MOVE_GAP = 10.0          # today ~2.2 s: the writer notices the silent old connection after its 2 s timeout
 
 
@@ -41,7 +42,7 @@ def lab(failover_lab: IscsiLab) -> IscsiLab:
 
 def measure(lab: IscsiLab, kind: str, **kw: Any) -> tuple[failover.Outcome, str]:
     o = failover.run(lab, kind, log=lambda m: print(f"  {m}", flush=True), **kw)
-    msg = o.line()
+    msg = f"{o.line()} [fencing {failover.fencing_backend(lab)}]"
     print(f"\n{msg}")
     return o, msg
 
