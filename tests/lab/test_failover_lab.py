@@ -97,7 +97,8 @@ def test_planned_move(lab: IscsiLab) -> None:
     o, msg = measure(lab, "move")
     check_common(o, msg)
     assert o.owner_after not in (None, o.victim) and o.served_by_after == o.owner_after, msg
-    assert o.owner_nodes == [o.victim, o.owner_after], f"the path was unowned or bounced; {msg}"
+    # the holder releases explicitly and then the target acquires: a sample may see the key free between
+    assert [n for n in o.owner_nodes if n is not None] == [o.victim, o.owner_after], f"the path bounced; {msg}"
     assert o.gap.seconds < MOVE_GAP, msg
 
 
