@@ -379,3 +379,12 @@ def test_leader_balances_only_towards_settled_nodes_and_not_during_a_failover() 
     # not the leader: our own move requests are dropped
     deposed = dataclasses.replace(inflight, view=dataclasses.replace(inflight.view, leader=S_OTHER))
     assert sorted(a.path for a in acts(deposed) if isinstance(a, EndMove)) == sorted(m.path for m in moves)
+
+
+def test_addresses_of_exported_paths_come_before_the_exports_still_to_make() -> None:
+    # a node with many exports to make brings up what it exported at its next run (the applier stops after
+    # 1 s; scripts/bench-lab at 1000 paths), except a re-export, whose address waits for it
+    s = snap({P1: S_ME, P2: S_ME, P3: S_ME, P4: S_ME}, {P1, P2}, set())
+    s = dataclasses.replace(s, applied={P1: DEFS["d1"], P2: disk("d1", rev=1)})
+    assert acts(s) == [AddressUp(P1, spec(P1)), Export(P2, DEFS["d1"]), Export(P3, DEFS["d2"]),
+                       Export(P4, DEFS["d2"]), AddressUp(P2, spec(P2))]
