@@ -5,10 +5,12 @@ and one client agent per entry of ``clients``, each a foreground ``consul agent`
 ``lab.proc.spawn``, with its own ``data_dir`` and log file under ``workdir``:
 
 - ``workdir/<name>/agent.json`` (config), ``workdir/<name>/data`` (data_dir), ``workdir/<name>.log`` (stdout+stderr).
-- Every agent: fast gossip (``probe_interval 500ms, probe_timeout 250ms, suspicion_mult 3``), ``leave_on_terminate
-  = false`` (so SIGTERM looks like a crash to the cluster), no update check, ``dns = -1``, ``grpc = -1``,
-  ``retry_join`` to every server with ``retry_interval = "1s"``. Servers: ``bootstrap_expect = servers``,
-  ``raft_multiplier = 1``, ``session_ttl_min = "1s"``.
+- Every agent runs with the timing of the shipped agent configs, ``etc/consul/gateway.json`` for clients and
+  ``etc/consul/server.json`` for servers (their ``SHIPPED_KEYS``: ``gossip_lan``, ``performance``,
+  ``leave_on_terminate``, ``session_ttl_min``; see etc/consul/README.md), so the lab measures and tests
+  what is shipped. The lab sets the site's part itself: no update check, ``dns = -1``, ``grpc = -1``,
+  ``retry_join`` to every server with ``retry_interval = "1s"``, ``bootstrap_expect = servers``. Both
+  roles have ``leave_on_terminate = false`` (so SIGTERM looks like a crash to the cluster).
 
 Modes:
 
@@ -65,7 +67,27 @@ ENV_BINARY = "PATHAGENT_CONSUL"
 # Serf member status codes as returned by /v1/agent/members.
 MEMBER_NONE, MEMBER_ALIVE, MEMBER_LEAVING, MEMBER_LEFT, MEMBER_FAILED = 0, 1, 2, 3, 4
 
-FAST_GOSSIP: dict[str, Any] = {"probe_interval": "500ms", "probe_timeout": "250ms", "suspicion_mult": 3}
+CONSUL_ETC = REPO / "etc" / "consul"
+#: What the lab takes from the shipped agent configs ``etc/consul/{gateway,server}.json`` as it is: the
+#: timing. The rest of those files (retry_join, encrypt, acl, data_dir, datacenter, addresses) is the
+#: site's part, which the lab sets itself.
+SHIPPED_KEYS = ("gossip_lan", "performance", "leave_on_terminate", "session_ttl_min")
+
+
+def shipped_config(role: Literal["gateway", "server"]) -> dict[str, Any]:
+    """``etc/consul/<role>.json``, decoded."""
+    data: dict[str, Any] = json.loads((CONSUL_ETC / f"{role}.json").read_text())
+    return data
+
+
+def shipped_tuning(role: Literal["gateway", "server"]) -> dict[str, Any]:
+    """The ``SHIPPED_KEYS`` of ``etc/consul/<role>.json``: what every lab agent of that role runs with."""
+    cfg = shipped_config(role)
+    return {k: cfg[k] for k in SHIPPED_KEYS if k in cfg}
+
+
+#: gossip_lan of every agent (servers and gateways alike: every agent probes), from etc/consul
+FAST_GOSSIP: dict[str, Any] = dict(shipped_config("gateway")["gossip_lan"])
 STANDARD_PORTS: dict[str, int] = {"server": 8300, "serf_lan": 8301, "serf_wan": 8302, "http": 8500}
 PORT_KINDS = ("server", "serf_lan", "serf_wan", "http")
 PORT_RANGE = (20000, 32768)         # below net.ipv4.ip_local_port_range (32768..60999 here)
@@ -403,13 +425,11 @@ class ConsulCluster:
             "retry_interval": "1s",
             "ports": {**n.ports, "dns": -1, "grpc": -1},
             "disable_update_check": True,
-            "leave_on_terminate": False,
             "log_level": "INFO",
-            "gossip_lan": dict(FAST_GOSSIP),
         }
+        cfg.update(json.loads(json.dumps(shipped_tuning("server" if n.server else "gateway"))))
         if n.server:
-            cfg.update({"bootstrap_expect": len(self.server_names), "performance": {"raft_multiplier": 1},
-                        "session_ttl_min": "1s"})
+            cfg["bootstrap_expect"] = len(self.server_names)
         cfg.update(self.extra_config)
         return cfg
 
