@@ -31,12 +31,12 @@ class ConsulConfig:
     prefix: str = "pathagent"
     session_name: str = "iSCSITarget"
     checks: tuple[str, ...] = ()
-    lock_delay: float = 8.0
-    fence_after: float = 4.0
-    confirm_interval: float = 0.5
-    timeout: float = 1.0
+    lock_delay: float = 7.5
+    fence_after: float = 6.0
+    confirm_interval: float = 0.25
+    timeout: float = 0.5
     wait: float = 30.0
-    election_stall: float = 2.0
+    election_stall: float = 5.0
     agent_check_ttl: float = 15.0
     session_ttl: float = 30.0
 

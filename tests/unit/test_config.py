@@ -37,10 +37,11 @@ def test_every_problem_is_listed_with_its_key() -> None:
 def test_fencing_inequality_refused() -> None:
     found = dict(problems({**FAKE, "consul": {"fence_after": 9, "lock_delay": 5}}))
     assert "consul.fence_after" in found and "lock_delay" in found["consul.fence_after"]
-    found = dict(problems({**FAKE, "consul": {"fence_after": 3.4}}))
-    assert "election" in found["consul.fence_after"], "election 2 + interval 0.5 + timeout 1 = 3.5"
-    found = dict(problems({**FAKE, "consul": {"fence_after": 7.5}}))
-    assert "stop_time" in found["consul.fence_after"], "7.5 + stop_time 1 is not below lock_delay 8"
+    found = dict(problems({**FAKE, "consul": {"fence_after": 5.75}}))
+    assert "election" in found["consul.fence_after"], "election 5 + interval 0.25 + timeout 0.5 = 5.75"
+    config.parse({**FAKE, "consul": {"fence_after": 5.8}})      # just above; 5.8 + stop_time 1 < lock_delay 7.5
+    found = dict(problems({**FAKE, "consul": {"fence_after": 6.5}}))
+    assert "stop_time" in found["consul.fence_after"], "6.5 + stop_time 1 is not below lock_delay 7.5"
 
 
 @pytest.mark.parametrize("key", ["agent_check_ttl", "session_ttl"])
@@ -51,9 +52,9 @@ def test_liveness_that_hands_paths_over_needs_a_watchdog(key: str) -> None:
 
 
 def test_device_watchdog_timeout_must_fit_before_the_deadline() -> None:
-    found = dict(problems({**FAKE, "watchdog": {"backend": "device", "device": {"timeout": 3}}}))
-    assert "watchdog.device.timeout" in found, "3 is not below fence_after 4 - interval 0.5 - timeout 1"
-    config.parse({**FAKE, "watchdog": {"backend": "device", "device": {"timeout": 2}}})
+    found = dict(problems({**FAKE, "watchdog": {"backend": "device", "device": {"timeout": 6}}}))
+    assert "watchdog.device.timeout" in found, "6 is not below fence_after 6 - interval 0.25 - timeout 0.5"
+    config.parse({**FAKE, "watchdog": {"backend": "device", "device": {"timeout": 5}}})
 
 
 def test_unknown_plugin_and_plugin_keys() -> None:
