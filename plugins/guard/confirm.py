@@ -21,11 +21,14 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Protocol
 
-from agent.adapters.consul_store import ConsulStore
 from agent.config import ConsulConfig
+from agent.core.store import SessionInfo
 from agent.errors import CoordinationError
+
+if TYPE_CHECKING:
+    from agent.adapters.consul_store import ConsulStore  # noqa: F401
 
 log = logging.getLogger("plugins.guard")
 
@@ -72,19 +75,31 @@ def due(now: float, last_pet: float, last_sent: float, interval: float) -> bool:
 View = tuple[str, float] | None
 
 
+class SessionReader(Protocol):
+    def session_info(self, sid: str) -> SessionInfo | None: ...
+
+
+def consul_store(cfg: ConsulConfig) -> SessionReader:
+    """The project's one Consul client. Imported here, on the confirmer thread, at its first use: the
+    guard starts (and answers its first pet) without loading ``consul`` and ``requests``."""
+    from agent.adapters.consul_store import ConsulStore
+    return ConsulStore(cfg)
+
+
 class Confirmer(threading.Thread):
     """Every ``confirm_interval``, while ``view()`` names a session whose pets are late: one consistent
     read of it, its outcome to ``deliver``. A daemon thread: the guard exits without waiting for it."""
 
     def __init__(self, cfg: ConsulConfig, view: Callable[[], View], deliver: Callable[[Outcome], None],
-                 clock: Callable[[], float], store: Callable[[ConsulConfig], ConsulStore] = ConsulStore) -> None:
+                 clock: Callable[[], float],
+                 store: Callable[[ConsulConfig], SessionReader] = consul_store) -> None:
         super().__init__(name="guard-confirmer", daemon=True)
         self.cfg = cfg
         self.view = view
         self.deliver = deliver
         self.clock = clock
         self._make_store = store
-        self._store: ConsulStore | None = None
+        self._store: SessionReader | None = None
         self._halt = threading.Event()
         self._last_sent = float("-inf")
 
@@ -116,6 +131,11 @@ class Confirmer(threading.Thread):
         return o
 
     def run(self) -> None:
+        try:
+            if self._store is None:
+                self._store = self._make_store(self.cfg)    # the import, off the guard's loop
+        except Exception as e:  # noqa: BLE001 - retried at the first confirmation (and reported there)
+            log.warning("guard confirmer: no Consul client yet: %s", e)
         # a fraction of the interval, so that a confirmation starts soon after the pets become late and
         # follows the previous one by one interval (``due``)
         tick = self.cfg.confirm_interval / 5
