@@ -18,7 +18,8 @@ Invariants (tests/unit/test_planner.py):
    only after both are down (every release is preceded by an address-down of its path, even when the
    network backend does not list it, and the applier skips a release whose address-down or unexport failed
    in the same run); a path acquired now is exported by a later plan, and brought up by the one after that.
-   Addresses come before exports so that a node with hundreds of exports to make (a start, a failover)
+   One exception: a path handed over by a planned move is unexported before its address goes down (its
+   sessions end while the address can still carry the goodbye). Addresses come before exports so that a node with hundreds of exports to make (a start, a failover)
    brings up each path it has exported at its next run, not only once every export is done: the applier
    stops after a second, and the exports alone took minutes at 333 paths per node (scripts/bench-lab).
 4. Convergence: applying a plan and planning again gives nothing to do, and a plan interrupted after
@@ -185,8 +186,14 @@ def plan(s: Snapshot) -> Plan:
 
     exported = s.exported
     stale = frozenset(p for p in exported & serve if s.applied.get(p) != s.definitions[p.disk])
-    actions = [a for a in down if a.path not in serve or a.path not in exported]
-    actions += [Unexport(p) for p in sorted(exported - serve)]
+    # A planned move ends the path's iSCSI sessions first, while its address is still up here: the target
+    # closes the connections, so initiators notice at once and log in again (at the new owner once the
+    # address moved) instead of waiting out a timeout for a reply that can no longer leave a vanished
+    # address. Safe: we still hold the lock, so nobody else serves it meanwhile.
+    handing = frozenset(p for p in held if p in moves and moves[p] != s.node) & exported & s.addresses
+    actions = [Unexport(p) for p in sorted(handing)]
+    actions += [a for a in down if a.path not in serve or a.path not in exported]
+    actions += [Unexport(p) for p in sorted(exported - serve - handing)]
     if s.target_known:
         # an address our backend lost track of may still be up: down() it anyway before the release (it is
         # idempotent and verifies that the IP is gone from the node)
