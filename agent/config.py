@@ -271,7 +271,10 @@ def parse(data: Mapping[str, Any], source: str = "") -> Config:
         network=PluginTable(values["network"].get("backend", "iproute"), sub["network"]),
         catalog=PluginTable(values["catalog"].get("backend", "rbd"), sub["catalog"]),
         watchdog=PluginTable(values["watchdog"].get("backend", "guard"), sub["watchdog"]),
-        fencing=PluginTable(values["fencing"].get("backend", "none"), sub["fencing"]),
+        # Ceph-side fencing is on by default where the disks are RBD images read from Ceph
+        fencing=PluginTable(values["fencing"].get(
+            "backend", "ceph-blocklist" if values["catalog"].get("backend", "rbd") == "rbd" else "none"),
+            sub["fencing"]),
         node_weight=values["node"].get("weight", 1.0),
         placement_grace=values["placement"].get("grace", 3.0),
         placement_settle=values["placement"].get("settle", 2.0),
@@ -333,6 +336,10 @@ def fencing_problems(cfg: Config) -> list[tuple[str, str]]:
         out.append(("consul.fence_after",
                     f"must exceed election_stall + confirm_interval + timeout = {need:g}s, or a Consul leader "
                     "election fences healthy nodes"))
+    if cfg.fencing.backend == "ceph-blocklist" and "{node}" not in cfg.ceph.data_client_id:
+        out.append(("ceph.data_client_id",
+                    f"{cfg.ceph.data_client_id!r} has no {{node}}: with ceph-blocklist fencing every gateway's data "
+                    "path needs a Ceph client name of its own, or fencing a failed gateway would fence all"))
     if cfg.watchdog.backend == "none":
         for key in ("agent_check_ttl", "session_ttl"):
             if getattr(c, key) > 0:

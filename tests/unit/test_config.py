@@ -98,3 +98,16 @@ def test_sample_config_documents_every_plugin_key() -> None:
         for name in plugins.available(kind):
             for k in getattr(plugins.plugin_class(kind, name), "config_keys", {}):
                 assert f"# {k} =" in text, f"{kind}.{name}.{k} undocumented in etc/pathagent.toml"
+
+
+def test_ceph_side_fencing_is_the_default_with_rbd_disks_only() -> None:
+    assert config.parse({}).fencing.backend == "ceph-blocklist"
+    assert config.parse(FAKE).fencing.backend == "none"
+    assert config.parse({**FAKE, "fencing": {"backend": "none"}}).fencing.backend == "none"
+
+
+def test_ceph_blocklist_needs_a_data_client_name_per_node() -> None:
+    with pytest.raises(ConfigError) as e:
+        config.parse({"ceph": {"data_client_id": "gateways"}})
+    assert any(k == "ceph.data_client_id" and "{node}" in m for k, m in e.value.problems)
+    assert config.parse({"ceph": {"data_client_id": "gw-{node}"}}).ceph.data_id("a") == "gw-a"
