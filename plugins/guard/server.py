@@ -33,7 +33,8 @@ last deadline stands after an agent crash or a planned restart, and the next age
 guard. SIGUSR2 and SIGHUP are ignored (``RestartKillSignal=SIGUSR2`` reaches every process of the unit's
 cgroup); SIGTERM/SIGINT never drop protection: the guard exits at the first moment it is not armed (at
 once when disarmed or idle, else after the fence at the deadline, unless pet again). A guard whose socket
-file was removed or replaced can no longer be pet: it fences at its deadline if armed, then exits.
+file was removed or replaced can no longer be pet: it fences at its deadline if armed, then exits. Neither
+a terminated nor such an orphaned guard extends its deadline by its own confirmations any more.
 
 Every wait is capped at ``MAX_WAIT`` seconds: the socket waits count on ``CLOCK_MONOTONIC``, which stops
 while the host is suspended, and the cap bounds how late a deadline that passed during a suspend is seen.
@@ -336,9 +337,14 @@ class Guard:
         assert self.consul is not None
         return self.clock() - self.last_pet > confirm.LATE_AFTER * self.consul.confirm_interval
 
+    def _winding_down(self) -> bool:
+        """Told to terminate, or orphaned (nobody can pet it): such a guard no longer extends anything by
+        itself; it fences at its deadline (or at once when the session is gone) and exits."""
+        return self.terminate or self._orphaned
+
     def _watch(self, session: str) -> None:
         """Show the confirmer thread the session to confirm while pets are late (started at the first)."""
-        if self.consul is None or not session:
+        if self.consul is None or not session or self._winding_down():
             self._view = None
             return
         self._view = (session, self.last_pet)
@@ -375,6 +381,8 @@ class Guard:
             self.fence(f"session {o.session[:8]} is gone")
             return
         until = confirm.proved(o, c.fence_after, c.lock_delay)
+        if until is not None and self._winding_down():
+            return
         if until is None:
             if o.error != self.confirm_error:
                 log.warning("session %s not confirmed: %s; fencing at %.3f (in %.3fs) unless pet or confirmed",
@@ -494,6 +502,10 @@ class Guard:
         t = self.clock()
         for c in [c for c in self._conns.values() if c.expires <= t]:
             self._drop(c)
+        if self._view is not None and self._winding_down():
+            log.info("%s: no more confirmations of my own; fencing at %.3f unless pet",
+                     "terminated" if self.terminate else "orphaned", self.deadline or t)
+            self._view = None
         if self.stopping:
             log.info("%s; exiting", self.stopping)
             return False

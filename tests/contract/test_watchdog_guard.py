@@ -578,6 +578,23 @@ def test_the_guard_fences_at_its_deadline_when_consul_cannot_confirm(snode: Sess
           f"{last['start'] - cut:.2f}s after the cut ({last['confirm_error'][:80]})")
 
 
+def test_a_terminated_guard_stops_confirming_fences_at_its_deadline_and_exits(snode: SessionNode) -> None:
+    w = snode.client()
+    w.pet(now() + F, snode.sid)
+    w.close()
+    assert wait_for(lambda: snode.status(w)["confirmations"] >= 2, 3 * F), snode.status(w)
+    pid = snode.status(w)["pid"]
+    os.kill(pid, signal.SIGTERM)
+    term = now()
+    time.sleep(I + T + 0.1)                      # a confirmation in flight at the signal is answered
+    d = snode.status(w)["deadline"]
+    assert d <= term + F + 1e-6, "extended by a confirmation sent after SIGTERM"
+    fence_time(snode, d)                         # the session is still valid: fenced at the deadline anyway
+    assert events(snode, 1)["last"]["reason"] == "deadline"
+    assert wait_for(lambda: not alive(pid), 2), "a terminated guard exits after its fence"
+    reap(pid)
+
+
 class SlowProxy:
     """A TCP forwarder to the real Consul agent that holds every answer back ``delay`` seconds and records
     when each request reached it (``CLOCK_BOOTTIME``): a slow Consul, without faking one."""
