@@ -119,7 +119,7 @@ def test_a_frozen_agent_keeps_its_path_and_the_writes_acknowledged(lab: IscsiLab
     print(f"\nagent frozen {t_thaw - t0:.1f}s: {len(during)} samples, {len(missing)} without {p.ip} on "
           f"{g.name}; {acked_frozen} writes acknowledged while frozen, longest gap {gap.seconds * 1e3:.0f} ms; "
           f"guard fences {read_events(str(g.state))['count'] - fences}")
-    assert len(during) > (t_end - t0) / 0.05 * 0.5, "too few samples to tell"
+    assert len(during) > (t_end - t0) / 0.05 * 0.3, "too few samples to tell"
     assert missing == [], f"{p.ip} was gone from {g.name} at {missing[:5]} s after the freeze"
     assert sampler.overlaps == [], f"a path IP on two gateways: {sampler.overlaps[:3]}"
     assert read_events(str(g.state))["count"] == fences, "the guard fenced"
