@@ -203,11 +203,15 @@ class ConsulStore:
         data = self._request("PUT", "/v1/session/create", body, "session/create")
         return str(data["ID"])
 
-    def session_info(self, sid: str) -> SessionInfo | None:
-        """A consistent read of session ``sid``: proof the servers can be reached and it still exists."""
-        with self._translated("session/info"):
-            _, data = self._c.session.info(sid, consistency="consistent")
-            return self._session(data) if data else None
+    def session_info(self, sid: str, timeout: float | None = None) -> SessionInfo | None:
+        """A consistent read of session ``sid``: proof the servers can be reached and it still exists.
+        ``timeout``: this call's HTTP timeout (default ``[consul] timeout``)."""
+        try:
+            data = self._request("GET", f"/v1/session/info/{sid}", None, "session/info",
+                                 params={"consistent": ""}, timeout=timeout)
+        except _NotFound:
+            return None
+        return self._session(data[0]) if data else None
 
     def renew_session(self, sid: str) -> bool:
         try:
@@ -241,10 +245,11 @@ class ConsulStore:
 
     # --- raw HTTP, transactions ------------------------------------------------------------------------
     def _request(self, method: str, path: str, body: Any, what: str,
-                 params: Mapping[str, str] | None = None) -> Any:
+                 params: Mapping[str, str] | None = None, timeout: float | None = None) -> Any:
         with self._translated(what):
             r = self._http.request(method, self._base + path, data=None if body is None else json.dumps(body),
-                                   params=params, timeout=self.cfg.timeout, verify=self._verify, cert=self._cert)
+                                   params=params, timeout=timeout or self.cfg.timeout, verify=self._verify,
+                                   cert=self._cert)
         if r.status_code == 403:
             self._reread_token()
             raise CoordinationError(f"consul {what}: permission denied (check the ACL token's policy)")

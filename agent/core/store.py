@@ -57,8 +57,9 @@ class CoordinationStore(Protocol):
         """Everything under ``{prefix}/``; with ``index`` > 0 a blocking read that returns when something
         changed or after ``wait`` seconds. Returns Consul's index with the entries."""
 
-    def session_info(self, sid: str) -> SessionInfo | None:
-        """A consistent read of session ``sid`` (proof that the servers answer); ``None``: it is gone."""
+    def session_info(self, sid: str, timeout: float | None = None) -> SessionInfo | None:
+        """A consistent read of session ``sid`` (proof that the servers answer); ``None``: it is gone.
+        ``timeout``: the HTTP timeout of this call (default: the configured one)."""
 
     def node_sessions(self, node: str) -> list[SessionInfo]:
         """The sessions bound to ``node``."""

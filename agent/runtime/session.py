@@ -5,8 +5,10 @@
   a recorded session that no longer matches is replaced without an outage by moving its locks to a new
   one in transactions (an explicit unlock has no lock-delay). Anything else is destroyed, after fencing
   whatever may still be served here, and a new session is made.
-- ``confirm_once()`` (the confirmer thread, every ``confirm_interval``): one consistent read of the
-  session. A success sent at t extends the fencer's deadline to t + ``fence_after``, records it for the
+- ``confirm_once()`` (started by the confirmer thread every ``confirm_interval``, each on a worker of
+  its own, so that a slow read never delays the next: during a Consul leader election reads stall or fail
+  until a new leader exists, and the first one *sent* after that counts at once): one consistent read of
+  the session. A success sent at t extends the fencer's deadline to t + ``fence_after``, records it for the
   next process, pets the watchdog with it (naming the session: the guard confirms that session by itself
   while the pets are late, and the fencer also counts what the watchdog proved for it), and, while the main loop is healthy and we are not fenced,
   passes our TTL check and renews the session's TTL. A missing session means Consul invalidated it:
@@ -39,6 +41,9 @@ from agent.runtime.statedir import StateDir
 
 log = logging.getLogger(__name__)
 
+MAX_IN_FLIGHT = 32   # confirmations outstanding at once (a partition: each waits for its timeout)
+PASS_EVERY = 1.0   # seconds between passes of the liveness check (a local call; the TTL check needs it often)
+
 CHECK_ID = "pathagent-alive"
 TRANSFER_BATCH = 21   # check-session + unlock + lock per path, 64 operations per transaction
 
@@ -68,6 +73,9 @@ class SessionKeeper:
         self._passed = float("-inf")
         self._boot = boot_id()
         self.watchdog_error: str | None = None
+        self._pet_lock = threading.Lock()            # confirmations answer out of order: pets go one at a time
+        self._petted = float("-inf")
+        self._in_flight = 0
 
     # --- what the config asks for ------------------------------------------------------------------------
     def wanted_checks(self) -> tuple[str, ...]:
@@ -209,6 +217,12 @@ class SessionKeeper:
         as the watchdog accepted it (a "required" watchdog, as Patroni's: a node whose watchdog cannot be
         pet does not serve, since nothing would stop its data path if the agent then froze)."""
         until = sent + self.lease.fence_after
+        with self._pet_lock:
+            if until <= self._petted:
+                return                  # a newer confirmation already went through (answers out of order)
+            self._extend_locked(until, sid)
+
+    def _extend_locked(self, until: float, sid: str) -> None:
         try:
             self.watchdog.pet(until, sid)
         except Exception as e:  # noqa: BLE001 - a BackendError, or a plugin bug: either way, not pet
@@ -220,6 +234,7 @@ class SessionKeeper:
         if self.watchdog_error:
             log.info("watchdog pet again")
         self.watchdog_error = None
+        self._petted = until
         self.fencer.extend(until)
         self.state.record_serve_until(until, self._boot)
 
@@ -230,7 +245,7 @@ class SessionKeeper:
             return
         sent = self.clock.now()
         try:
-            info = self.store.session_info(sid)
+            info = self.store.session_info(sid, timeout=self.confirm_timeout())
         except CoordinationError as e:
             if self._error != str(e):
                 log.warning("session %s not confirmed: %s", sid[:8], e)
@@ -258,7 +273,9 @@ class SessionKeeper:
             self.wake()
 
     def report_liveness(self) -> None:
-        """Pass our TTL check and renew the session's TTL (each at a fifth / a third of its TTL), only while
+        """Pass our TTL check (every ``PASS_EVERY`` seconds at most, so that a freeze of the whole agent
+        shorter than ``agent_check_ttl - PASS_EVERY`` never ends the session) and renew the session's TTL (at
+        a third of its TTL), only while
         the main loop is healthy, we are not fenced and the watchdog takes our pets. On its own thread, so
         that a slow call here never delays a confirmation."""
         c = self.cfg.consul
@@ -267,8 +284,8 @@ class SessionKeeper:
             return
         try:
             now = self.clock.now()
-            if c.agent_check_ttl > 0 and now - self._passed >= c.agent_check_ttl / 5:
-                self.store.pass_check(CHECK_ID)      # a fifth of the TTL: it lapses at most that late
+            if c.agent_check_ttl > 0 and now - self._passed >= min(c.agent_check_ttl / 5, PASS_EVERY):
+                self.store.pass_check(CHECK_ID)      # a local call on the Consul agent: cheap
                 self._passed = now
             if c.session_ttl > 0 and now - self._renewed >= c.session_ttl / 3:
                 if self.store.renew_session(sid):
@@ -276,11 +293,36 @@ class SessionKeeper:
         except CoordinationError as e:
             log.warning("liveness not reported: %s", e)
 
+    def confirm_timeout(self) -> float:
+        """The HTTP timeout of one confirmation: an answer is of use until its send time + fence_after (a read
+        held by the servers through a leader election and answered then still extends the lease), so it may
+        take that long; the confirmer does not wait for it (``run``)."""
+        return max(self.cfg.consul.timeout, self.lease.fence_after)
+
+    def max_in_flight(self) -> int:
+        c = self.cfg.consul
+        return max(1, min(MAX_IN_FLIGHT, int(self.confirm_timeout() / c.confirm_interval) + 1))
+
     def run(self, halt: threading.Event) -> None:
-        """The confirmer thread."""
+        """The confirmer thread: starts a confirmation every ``confirm_interval`` on a worker thread, never
+        more than ``max_in_flight()`` at once, and never waits for one (see the module docstring)."""
         while not halt.is_set():
-            self.confirm_once()
+            with self._lock:
+                go = self._in_flight < self.max_in_flight()
+                if go:
+                    self._in_flight += 1
+            if go:
+                threading.Thread(target=self._confirm_worker, name="confirm-1", daemon=True).start()
             halt.wait(self.cfg.consul.confirm_interval)
+
+    def _confirm_worker(self) -> None:
+        try:
+            self.confirm_once()
+        except Exception:  # noqa: BLE001 - a bug in one confirmation must not stop the next ones
+            log.exception("confirmation failed (a bug)")
+        finally:
+            with self._lock:
+                self._in_flight -= 1
 
     def run_liveness(self, halt: threading.Event) -> None:
         """The liveness thread."""

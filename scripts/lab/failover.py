@@ -937,15 +937,18 @@ def fencing_backend(lab: IscsiLab) -> str:
 
 def liveness_bound(lab: IscsiLab) -> float:
     """The longest agent freeze that its session survives by design: the TTL check
-    (``[consul] agent_check_ttl``, passed every fifth of it) must be passed again after the thaw, which
-    takes a confirmation (``confirm_interval`` + ``timeout``) and the liveness thread's next tick (<= 1 s).
-    Infinite without a TTL check."""
+    (``[consul] agent_check_ttl``, passed every ``session.PASS_EVERY`` s or fifth of it, whichever is
+    shorter) must be passed again after the thaw, which takes the liveness thread's next tick (<= 1 s;
+    the fencer counts what the guard proved meanwhile, so no confirmation is awaited) and the main loop's
+    next beat (at once: its wait ran out during the freeze), with half a second to spare. Infinite without
+    a TTL check."""
     from agent.config import load
     cfg = load(str(next(iter(lab.gw.values())).config))
     c = cfg.consul
     if c.agent_check_ttl <= 0:
         return float("inf")
-    return c.agent_check_ttl * 4 / 5 - c.confirm_interval - c.timeout - 1.0
+    from agent.runtime.session import PASS_EVERY
+    return c.agent_check_ttl - min(c.agent_check_ttl / 5, PASS_EVERY) - 1.0 - 0.5
 
 
 def run(lab: IscsiLab, kind: str, *, slots: int | None = None, size: int = 16 << 20, freeze_for: float = 12.0,

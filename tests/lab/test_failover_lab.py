@@ -85,7 +85,7 @@ def test_freeze(lab: IscsiLab) -> None:
     freeze = min(12.0, bound)
     if freeze < 12.0:
         print(f"\nfreezing {freeze:.1f} s, not 12 s: the agent's liveness check is designed to survive at most "
-              f"{bound:.1f} s (agent_check_ttl * 4/5 - confirm_interval - timeout - 1 s)")
+              f"{bound:.1f} s (agent_check_ttl - its pass interval - 1.5 s)")
     o, msg = measure(lab, "freeze", freeze_for=freeze)
     check_common(o, msg)
     assert o.owner_nodes == [o.victim], f"the path changed hands during the freeze; {msg}"

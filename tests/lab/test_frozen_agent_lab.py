@@ -8,9 +8,9 @@ either. What is asserted, from outside: the path IP is on the frozen gateway's e
 pause for long (a fence kills tgtd: the gap would be the freeze itself); the guard never fenced, tgtd is
 the same process, the lock and the session did not change; every acknowledged write reads back.
 
-The lab's agents pass a 20 s liveness check here: with the default 15 s, passed every fifth of it, the
-check is designed to survive a freeze of at most ``failover.liveness_bound`` (9.5 s), so a 12 s freeze may
-lose the session by design (and then the paths move, safely: tests/lab/test_failover_lab.py).
+The agents run the shipped liveness check (``agent_check_ttl`` 15 s, passed every second), designed to
+survive a freeze of ``failover.liveness_bound`` (about 12.2 s); a longer freeze loses the session by
+design (and then the paths move, safely: tests/lab/test_failover_lab.py).
 """
 from __future__ import annotations
 
@@ -29,7 +29,6 @@ from plugins.guard import read_events, shared
 pytestmark = pytest.mark.lab
 
 FREEZE = 12.0
-CHECK_TTL = 20.0
 MAX_GAP = 3.0            # writes are acknowledged every few ms; a fence would stop them for ~10 s
 
 
@@ -45,8 +44,7 @@ def _conftest() -> Any:
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[IscsiLab]:
     labs: list[IscsiLab] = []
     try:
-        for lab in _conftest().started_lab(tmp_path_factory.mktemp("frozen"),
-                                           consul_extra=f"agent_check_ttl = {CHECK_TTL:g}\n"):
+        for lab in _conftest().started_lab(tmp_path_factory.mktemp("frozen")):
             labs.append(lab)
             yield lab
     finally:

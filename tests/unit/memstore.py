@@ -145,7 +145,7 @@ class MemoryStore:
                for k, v in sorted(self.kv.items()) if k.startswith(head)]
         return self.index, out
 
-    def session_info(self, sid: str) -> SessionInfo | None:
+    def session_info(self, sid: str, timeout: float | None = None) -> SessionInfo | None:
         self._up("session/info")
         return self.sessions.get(sid)
 
