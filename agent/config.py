@@ -31,12 +31,12 @@ class ConsulConfig:
     prefix: str = "pathagent"
     session_name: str = "iSCSITarget"
     checks: tuple[str, ...] = ()
-    lock_delay: float = 7.5
-    fence_after: float = 6.0
+    lock_delay: float = 6.0
+    fence_after: float = 5.25
     confirm_interval: float = 0.25
     timeout: float = 0.5
     wait: float = 30.0
-    election_stall: float = 5.0
+    election_stall: float = 4.5
     agent_check_ttl: float = 15.0
     session_ttl: float = 30.0
 
@@ -92,7 +92,10 @@ class Config:
     state_dir: str = "/var/lib/pathagent"
     target: PluginTable = PluginTable("tgt")
     port: int = 3260
-    stop_time: float = 1.0
+    stop_time: float = 0.5
+    #: budget of the fence's first step, every floating IP of this node down: the serving bound of
+    #: inequality (1) when a Ceph-side fence stops the old data path before a takeover
+    down_time: float = 0.25
     network: PluginTable = PluginTable("iproute")
     catalog: PluginTable = PluginTable("rbd")
     watchdog: PluginTable = PluginTable("guard")
@@ -194,7 +197,7 @@ SCHEMA: dict[str, dict[str, Callable[[Any], str | None]]] = {
              "timeout": _num(1, 300), "data_client_id": _str(False)},
     "state": {"dir": _str(False)},
     "target": {"backend": _str(False), "port": _int(1, 65535), "stop_time": _num(0.01, 60)},
-    "network": {"backend": _str(False)},
+    "network": {"backend": _str(False), "down_time": _num(0.01, 60)},
     "catalog": {"backend": _str(False)},
     "watchdog": {"backend": _str(False)},
     "fencing": {"backend": _str(False)},
@@ -269,6 +272,7 @@ def parse(data: Mapping[str, Any], source: str = "") -> Config:
         port=targets.get("port", 3260),
         stop_time=targets.get("stop_time", Config.stop_time),
         network=PluginTable(values["network"].get("backend", "iproute"), sub["network"]),
+        down_time=values["network"].get("down_time", Config.down_time),
         catalog=PluginTable(values["catalog"].get("backend", "rbd"), sub["catalog"]),
         watchdog=PluginTable(values["watchdog"].get("backend", "guard"), sub["watchdog"]),
         # Ceph-side fencing is on by default where the disks are RBD images read from Ceph
@@ -306,18 +310,31 @@ def parse(data: Mapping[str, Any], source: str = "") -> Config:
     return cfg
 
 
+PET_BUDGET = 0.25      # a confirmation's pet of the watchdog (the guard's own timeout) in inequality (2)
+
+
+def serving_bound(cfg: Config) -> tuple[float, str]:
+    """S of inequality (1), and its key: how long after the deadline this node has stopped serving."""
+    if cfg.fencing.backend != "none":
+        return cfg.down_time, "network.down_time"
+    return cfg.stop_time, "target.stop_time"
+
+
 def fencing_problems(cfg: Config) -> list[tuple[str, str]]:
     """The bounds of docs/fencing.md that the configuration alone decides:
 
-    (1) ``fence_after + target.stop_time < lock_delay``: a node that lost contact has stopped serving
-        (its fencer, or the watchdog, acts at ``fence_after`` after the send time of its last good
-        confirmation and needs at most ``stop_time``) before any other node can lock its paths (the
-        earliest takeover is that send time plus the lock-delay; failure detection is not counted: with
-        gossip broken but RPC working, the session can be invalidated right after that confirmation).
-        No HTTP call is on that path, so no HTTP timeout enters it.
-    (2) ``fence_after > election_stall + confirm_interval + timeout``: the first confirmation sent after
-        a Consul leader election (one more interval, one more timeout) arrives before the deadline, so an
-        election never fences healthy nodes.
+    (1) ``fence_after + S < lock_delay``: a node that lost contact has stopped serving (its fencer, or
+        the watchdog, acts at ``fence_after`` after the send time of its last good confirmation and needs
+        at most S) before any other node can lock its paths (the earliest takeover is that send time plus
+        the lock-delay; failure detection is not counted: with gossip broken but RPC working, the session
+        can be invalidated right after that confirmation). S is ``network.down_time`` (its floating IPs
+        down: initiators reach it no more) when a Ceph-side fence (``[fencing] backend`` not ``none``)
+        cuts the old data path off before any takeover, else ``target.stop_time`` (addresses and the data
+        path). No HTTP call is on that path, so no HTTP timeout enters it.
+    (2) ``fence_after > election_stall + confirm_interval + PET_BUDGET``: confirmations are started every
+        interval without waiting for each other, so the first one sent after a Consul leader election
+        (at most one interval later) arrives and pets the watchdog before the deadline: an election
+        never fences healthy nodes.
     (3) a liveness check or session TTL hands a dead or frozen agent's paths to others; that is safe only
         with a watchdog that stops its data path first, so ``agent_check_ttl``/``session_ttl`` need
         ``[watchdog] backend`` other than ``none``.
@@ -326,16 +343,17 @@ def fencing_problems(cfg: Config) -> list[tuple[str, str]]:
     """
     c = cfg.consul
     out: list[tuple[str, str]] = []
-    worst = c.fence_after + cfg.stop_time
+    bound, name = serving_bound(cfg)
+    worst = c.fence_after + bound
     if not worst < c.lock_delay:
         out.append(("consul.fence_after",
-                    f"fence_after + target.stop_time = {worst:g}s must be below lock_delay = {c.lock_delay:g}s, "
+                    f"fence_after + {name} = {worst:g}s must be below lock_delay = {c.lock_delay:g}s, "
                     "or another node could take the paths while this one still serves them"))
-    need = c.election_stall + c.confirm_interval + c.timeout
+    need = c.election_stall + c.confirm_interval + PET_BUDGET
     if not c.fence_after > need:
         out.append(("consul.fence_after",
-                    f"must exceed election_stall + confirm_interval + timeout = {need:g}s, or a Consul leader "
-                    "election fences healthy nodes"))
+                    f"must exceed election_stall + confirm_interval + {PET_BUDGET:g} (watchdog pet) = {need:g}s, "
+                    "or a Consul leader election fences healthy nodes"))
     if cfg.fencing.backend == "ceph-blocklist" and "{node}" not in cfg.ceph.data_client_id:
         out.append(("ceph.data_client_id",
                     f"{cfg.ceph.data_client_id!r} has no {{node}}: with ceph-blocklist fencing every gateway's data "

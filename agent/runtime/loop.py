@@ -23,7 +23,7 @@ import threading
 from typing import Callable, Mapping
 
 from agent.backend import Catalog, Fencing, NetworkBackend, TargetBackend, Watchdog
-from agent.config import Config
+from agent.config import Config, serving_bound
 from agent.core import planner
 from agent.core.model import Disk, PathKey, PathState
 from agent.core.planner import Snapshot
@@ -229,7 +229,7 @@ class Agent:
                         settle_until=self.keeper.settle_until, fencing_required=self.duties.required,
                         weight=self.cfg.node_weight, identity=self.duties.identity(),
                         lock_delay=self.cfg.consul.lock_delay, orphan_since=self._orphan_since,
-                        fence_hold=self.cfg.consul.fence_after + self.cfg.stop_time,
+                        fence_hold=self.cfg.consul.fence_after + serving_bound(self.cfg)[0],
                         fence_busy=self.duties.busy(), live_since=self._live_since,
                         rebalance_after=self.cfg.rebalance_after, move_since=self._move_since,
                         move_timeout=self.cfg.move_timeout, max_moves=self.cfg.max_moves,

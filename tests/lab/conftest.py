@@ -72,7 +72,8 @@ def failover_fencing() -> str:
 
 @pytest.fixture(scope="module")
 def failover_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[IscsiLab]:
-    """A lab for the failover measurements (one disk per test; each test gives its gateway back)."""
+    """A lab for the failover measurements (one disk per test; each test gives its gateway back), with
+    the shipped timing defaults (issue 8 measures them)."""
     fencing = failover_fencing()
     extra = f'[fencing]\nbackend = "{fencing}"\n' if fencing else ""
-    yield from started_lab(tmp_path_factory.mktemp("failover"), agent_extra=extra)
+    yield from started_lab(tmp_path_factory.mktemp("failover"), agent_extra=extra, shipped_timings=True)

@@ -20,9 +20,12 @@ def problems(data: dict) -> list[tuple[str, str]]:
 
 
 def test_defaults_satisfy_the_fencing_inequality() -> None:
-    c = config.parse(FAKE)
-    assert c.consul.fence_after + c.stop_time < c.consul.lock_delay
-    assert c.consul.fence_after > c.consul.election_stall + c.consul.confirm_interval + c.consul.timeout
+    c = config.parse(FAKE)                      # no Ceph-side fence: the whole fence is the serving bound
+    assert c.fencing.backend == "none" and c.consul.fence_after + c.stop_time < c.consul.lock_delay
+    assert c.consul.fence_after > c.consul.election_stall + c.consul.confirm_interval + config.PET_BUDGET
+    r = config.parse({})                         # RBD disks, ceph-blocklist: the addresses are the bound
+    assert r.fencing.backend == "ceph-blocklist" and config.serving_bound(r) == (r.down_time, "network.down_time")
+    assert r.consul.fence_after + r.down_time < r.consul.lock_delay
     assert c.watchdog.backend == "guard" and c.consul.agent_check_ttl > 0 and c.consul.session_ttl > 0
     assert (c.consul.prefix, c.consul.session_name, c.port) == ("pathagent", "iSCSITarget", 3260)
 
@@ -37,11 +40,14 @@ def test_every_problem_is_listed_with_its_key() -> None:
 def test_fencing_inequality_refused() -> None:
     found = dict(problems({**FAKE, "consul": {"fence_after": 9, "lock_delay": 5}}))
     assert "consul.fence_after" in found and "lock_delay" in found["consul.fence_after"]
-    found = dict(problems({**FAKE, "consul": {"fence_after": 5.75}}))
-    assert "election" in found["consul.fence_after"], "election 5 + interval 0.25 + timeout 0.5 = 5.75"
-    config.parse({**FAKE, "consul": {"fence_after": 5.8}})      # just above; 5.8 + stop_time 1 < lock_delay 7.5
-    found = dict(problems({**FAKE, "consul": {"fence_after": 6.5}}))
-    assert "stop_time" in found["consul.fence_after"], "6.5 + stop_time 1 is not below lock_delay 7.5"
+    found = dict(problems({**FAKE, "consul": {"fence_after": 5.0}}))
+    assert "election" in found["consul.fence_after"], "election 4.5 + interval 0.25 + pet 0.25 = 5"
+    config.parse({**FAKE, "consul": {"fence_after": 5.05}})     # just above; 5.05 + stop_time 0.5 < lock_delay 6
+    found = dict(problems({**FAKE, "consul": {"fence_after": 5.6}}))
+    assert "target.stop_time" in found["consul.fence_after"], "5.6 + stop_time 0.5 is not below lock_delay 6"
+    config.parse({"consul": {"fence_after": 5.6}})              # with ceph-blocklist: 5.6 + down_time 0.25 < 6
+    found = dict(problems({"consul": {"fence_after": 5.8}}))
+    assert "network.down_time" in found["consul.fence_after"], "5.8 + down_time 0.25 is not below lock_delay 6"
 
 
 @pytest.mark.parametrize("key", ["agent_check_ttl", "session_ttl"])
@@ -52,9 +58,9 @@ def test_liveness_that_hands_paths_over_needs_a_watchdog(key: str) -> None:
 
 
 def test_device_watchdog_timeout_must_fit_before_the_deadline() -> None:
-    found = dict(problems({**FAKE, "watchdog": {"backend": "device", "device": {"timeout": 6}}}))
-    assert "watchdog.device.timeout" in found, "6 is not below fence_after 6 - interval 0.25 - timeout 0.5"
-    config.parse({**FAKE, "watchdog": {"backend": "device", "device": {"timeout": 5}}})
+    found = dict(problems({**FAKE, "watchdog": {"backend": "device", "device": {"timeout": 4.5}}}))
+    assert "watchdog.device.timeout" in found, "4.5 is not below fence_after 5.25 - interval 0.25 - timeout 0.5"
+    config.parse({**FAKE, "watchdog": {"backend": "device", "device": {"timeout": 4}}})
 
 
 def test_unknown_plugin_and_plugin_keys() -> None:
