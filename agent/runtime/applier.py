@@ -94,7 +94,7 @@ class Effects:
     up: set[PathKey] = field(default_factory=set)
     down: set[PathKey] = field(default_factory=set)
     node_record: bool = False
-    leader: bool = False                # we took the leader key
+    leader: int = 0                     # we took the leader key: its ModifyIndex then
     moves: int = 0                      # move requests made or ended (as the leader)
     moved: dict[PathKey, str | None] = field(default_factory=dict)   # path -> target (None: ended)
     failed: int = 0
@@ -271,7 +271,7 @@ class Applier:
     def _acquire_leader(self, session: str, fx: Effects) -> None:
         res = self.store.acquire_leader(session, leader_value(self.node, session, self.clock.wall()))
         if res.ok:
-            fx.leader = True
+            fx.leader = res.results[-1].modify_index if res.results else 1
             log.warning("this node is now the cluster leader")
         elif res.lock_delay():
             fx.retry_at = self.clock.now() + LOCK_DELAY_RETRY

@@ -212,8 +212,8 @@ class Agent:
         self._own = {p: st for p, st in self._own.items()
                      if p in view.paths and view.paths[p].modify_index < st.modify_index}
         self._own_node = self._own_node and view.nodes.get(self.node) != session and session is not None
-        if self._own_leader is not None and (view.index > self._own_leader[1] or self._own_leader[0] != session):
-            self._own_leader = None
+        if self._own_leader is not None and (view.index >= self._own_leader[1] or self._own_leader[0] != session):
+            self._own_leader = None             # the view shows our write (or what came after it)
         self._own_moves = {p: m for p, m in self._own_moves.items() if view.index <= m[1]}
         moves: dict[PathKey, tuple[str, str] | None] = {
             p: (None if t is None or session is None else (t, session)) for p, (t, _) in self._own_moves.items()}
@@ -318,7 +318,7 @@ class Agent:
         if fx.node_record:
             self._own_node = True
         if fx.leader and session is not None:
-            self._own_leader = (session, self._view_index)
+            self._own_leader = (session, fx.leader)
         for p, t in fx.moved.items():
             self._own_moves[p] = (t, self._view_index)
         if fx.exported:

@@ -77,3 +77,9 @@ def failover_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[IscsiLab]
     fencing = failover_fencing()
     extra = f'[fencing]\nbackend = "{fencing}"\n' if fencing else ""
     yield from started_lab(tmp_path_factory.mktemp("failover"), agent_extra=extra, shipped_timings=True)
+
+
+@pytest.fixture(scope="module")
+def placement_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[IscsiLab]:
+    """Three gateways on the shipped defaults, room for 60 path IPs (tests/lab/test_placement_lab.py)."""
+    yield from started_lab(tmp_path_factory.mktemp("placement"), shipped_timings=True, prefixlen=22)
