@@ -341,6 +341,9 @@ class ConsulStore:
         k = keys.move_key(self.prefix, path)
         return self.txn(TxnOps().check_session(k, session).delete(k))
 
+    def clean_up(self, key: str, modify_index: int, leader: str) -> TxnResult:
+        return self.txn(TxnOps().check_session(keys.leader_key(self.prefix), leader).delete_cas(key, modify_index))
+
     def txn_delete(self, key: str) -> None:
         """Delete one key (idempotent)."""
         self.txn(TxnOps().delete(key))

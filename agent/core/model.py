@@ -202,8 +202,17 @@ class EndMove:
     path: PathKey
 
 
+@dataclass(frozen=True, slots=True)
+class CleanUp:
+    """Leader duty: delete ``key`` (a leftover: a move request nobody holds, a path key of a disk that is
+    gone) if it is still at ``modify_index``."""
+
+    key: str
+    modify_index: int
+
+
 Action = Union[Acquire, Release, Export, Unexport, AddressUp, AddressDown, LockNodeRecord, AcquireLeader,
-               FenceNode, RequestMove, EndMove]
+               FenceNode, RequestMove, EndMove, CleanUp]
 
 
 @dataclass(frozen=True, slots=True)

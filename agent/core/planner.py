@@ -40,7 +40,9 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 from agent.core import placement
-from agent.core.model import (Acquire, AcquireLeader, Action, AddressDown, AddressUp, Disk, EndMove, Export,
+from agent.core import keys
+from agent.core.model import (Acquire, AcquireLeader, Action, AddressDown, AddressUp, CleanUp, Disk, EndMove,
+                              Export,
                               FenceNode, LockNodeRecord, PathKey, PathSpec, Plan, Release, RequestMove, Unexport)
 from agent.core.tree import ClusterView
 
@@ -105,6 +107,8 @@ class Snapshot:
     max_moves: int = 4
     #: when each free path was first seen free and not waiting for a fence
     claimable_since: Mapping[PathKey, float] = field(default_factory=dict)
+    #: the key prefix (for the leader's clean-up of leftover keys)
+    prefix: str = "pathagent"
     #: ModifyIndexes of orphaned keys proven lockable (one of the keys of that invalidation was locked)
     lockable: frozenset[int] = frozenset()
 
@@ -272,6 +276,12 @@ def _leader(s: Snapshot, live: set[str], owners: Mapping[PathKey, str], weights:
         out.append(AcquireLeader(view.leader_index))
     if view.leader != s.session:
         return out + [EndMove(p) for p in ours]
+
+    # leftovers: move requests nobody holds any more (a leader's outlive its session: Behavior=release),
+    # and path keys of a disk whose record is gone (a `disk stop` interrupted between its transactions)
+    out += [CleanUp(keys.move_key(s.prefix, p), mi) for p, mi in sorted(view.stale_moves.items())]
+    out += [CleanUp(keys.path_key(s.prefix, p), st.modify_index) for p, st in sorted(view.paths.items())
+            if p.disk not in view.disks and st.session is None]
 
     # fence every failed node once it has been orphaned for fence_hold (it stopped serving by itself)
     failovers = False

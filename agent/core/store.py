@@ -107,6 +107,9 @@ class CoordinationStore(Protocol):
     def end_move(self, path: PathKey, session: str) -> TxnResult:
         """Delete the move request of ``path`` if ``session`` holds it."""
 
+    def clean_up(self, key: str, modify_index: int, leader: str) -> TxnResult:
+        """Delete ``key`` if it is still at ``modify_index``, only while ``leader`` holds the leader key."""
+
 
 def next_index(sent: int, got: int) -> int:
     """Consul's rule for the next blocking index: reset to 0 when it went backwards or is not positive."""

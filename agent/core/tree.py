@@ -64,6 +64,7 @@ class ClusterView:
     drained: frozenset[str] = frozenset()
     fenced: Mapping[str, int] = field(default_factory=dict)     # node -> ModifyIndex of its fence record
     move_holders: Mapping[PathKey, str] = field(default_factory=dict)  # live move request -> its session
+    stale_moves: Mapping[PathKey, int] = field(default_factory=dict)   # unlocked move keys -> ModifyIndex
 
     def leader_node(self) -> str | None:
         """The node whose session holds the leader key (``None``: no leader, or not a live agent)."""
@@ -169,6 +170,7 @@ def parse_tree(prefix: str, entries: Iterable[KVEntry], index: int = 0) -> Clust
     nodes: dict[str, str] = {}
     moves: dict[PathKey, str] = {}
     move_holders: dict[PathKey, str] = {}
+    stale_moves: dict[PathKey, int] = {}
     records: dict[str, NodeRecord] = {}
     drained: set[str] = set()
     fenced: dict[str, int] = {}
@@ -209,6 +211,8 @@ def parse_tree(prefix: str, entries: Iterable[KVEntry], index: int = 0) -> Clust
                 if e.session:
                     moves[ident] = decode_move(e.value)
                     move_holders[ident] = e.session
+                else:
+                    stale_moves[ident] = e.modify_index     # its asker is gone (a leader's, after its session)
             elif what == "leader":
                 leader, leader_index = e.session, e.modify_index
             elif what == "drain" and isinstance(ident, str):
@@ -220,7 +224,7 @@ def parse_tree(prefix: str, entries: Iterable[KVEntry], index: int = 0) -> Clust
         except Exception as err:  # noqa: BLE001 - no value may wedge the watcher
             skipped.append((e.key, f"{type(err).__name__}"))
     return ClusterView(disks, paths, nodes, moves, tuple(skipped), index, records, leader, leader_index,
-                       frozenset(drained), fenced, move_holders)
+                       frozenset(drained), fenced, move_holders, stale_moves)
 
 
 # --- encoders (the writers' side) ------------------------------------------------------------------------

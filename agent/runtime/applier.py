@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from agent.backend import NetworkBackend, TargetBackend
-from agent.core.model import (Acquire, AcquireLeader, Action, AddressDown, AddressUp, Disk, EndMove, Export,
+from agent.core.model import (Acquire, AcquireLeader, Action, AddressDown, AddressUp, CleanUp, Disk, EndMove,
+                              Export,
                               FenceNode, LockNodeRecord, PathKey, Plan, Release, RequestMove, Unexport)
 from agent.core.store import CoordinationStore
 from agent.core.tree import leader_value, lock_value, move_value, node_value
@@ -176,6 +177,10 @@ class Applier:
                         log.info("leader: moving %s to %s (balance)", a.path, a.node)
                     else:
                         log.info("leader: move of %s refused: %s", a.path, res.reason())
+                elif isinstance(a, CleanUp):
+                    if session is not None and self.store.clean_up(a.key, a.modify_index, session).ok:
+                        fx.moves += 1
+                        log.info("leader: removed the leftover key %s", a.key)
                 elif isinstance(a, EndMove):
                     if session is not None and self.store.end_move(a.path, session).ok:
                         fx.moves += 1

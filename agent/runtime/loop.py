@@ -233,7 +233,8 @@ class Agent:
                         fence_busy=self.duties.busy(), live_since=self._live_since,
                         rebalance_after=self.cfg.rebalance_after, move_since=self._move_since,
                         move_timeout=self.cfg.move_timeout, max_moves=self.cfg.max_moves,
-                        lockable=frozenset(self._lockable), claimable_since=self._claimable_since)
+                        lockable=frozenset(self._lockable), claimable_since=self._claimable_since,
+                        prefix=self.store.prefix)
         plan = planner.plan(snap)
         fx = self.applier.apply(plan, session, lambda: self.keeper.session, stopping)
         if not self._threads_running:

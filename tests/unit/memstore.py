@@ -231,6 +231,12 @@ class MemoryStore:
             elif verb == "delete":
                 staged[key] = None
                 touched.append(key)
+            elif verb == "delete-cas":
+                if cur is None or cur.modify_index != a1:
+                    errors.append((i, f'failed to delete key "{key}", index is stale'))
+                else:
+                    staged[key] = None
+                    touched.append(key)
             else:
                 raise AssertionError(verb)
         if errors:
@@ -253,7 +259,7 @@ class MemoryStore:
         padded: list[KVEntry] = []
         it = iter(results)
         for verb, key, _, _ in ops:
-            if verb in ("lock", "unlock", "set", "delete"):
+            if verb in ("lock", "unlock", "set", "delete", "delete-cas"):
                 padded.append(next(it))
             else:
                 k = self.kv.get(key)
@@ -299,3 +305,7 @@ class MemoryStore:
     def end_move(self, path: PathKey, session: str) -> TxnResult:
         k = keys.move_key(self.prefix, path)
         return self._txn([("check-session", k, session, None), ("delete", k, None, None)])
+
+    def clean_up(self, key: str, modify_index: int, leader: str) -> TxnResult:
+        return self._txn([("check-session", keys.leader_key(self.prefix), leader, None),
+                          ("delete-cas", key, modify_index, None)])

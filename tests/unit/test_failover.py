@@ -256,3 +256,21 @@ def test_a_planned_move_survives_the_death_of_either_node(tmp_path: Path, store:
     holder = owners(store, nodes)[path]
     assert holder is not None and holder != victim, f"{path} unserved after the {dies} died mid-move"
     assert any(str(path) in n.serving() for n in survivors)
+
+
+def test_the_leader_removes_leftover_keys_only(tmp_path: Path, store: MemoryStore, clock: FakeClock) -> None:
+    nodes = cluster(tmp_path, store, clock)
+    run(nodes.values(), 15, clock)
+    stale_move = keys.move_key(store.prefix, PathKey("d1", 1))
+    store.set(stale_move, b'{"node":"gwb"}')                          # nobody holds it: its asker is gone
+    stray = keys.path_key(store.prefix, PathKey("gone", 1))
+    store.set(stray)                                                  # a path key of a disk that is gone
+    held_stray = keys.path_key(store.prefix, PathKey("gone", 2))
+    sid = store.create_session("cli", "pathagent-cli", [], 0.0)
+    assert store._txn([("lock", held_stray, sid, b"")]).ok          # `disk stop` holding it: not a leftover
+    live_move = keys.move_key(store.prefix, PathKey("d2", 1))
+    assert store._txn([("lock", live_move, sid, b'{"node":"gwc"}')]).ok
+    run(nodes.values(), 2, clock)
+    assert stale_move not in store.kv and stray not in store.kv
+    assert held_stray in store.kv and live_move in store.kv
+    assert all(o is not None for o in owners(store, nodes).values())
