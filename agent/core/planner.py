@@ -19,9 +19,10 @@ Invariants (tests/unit/test_planner.py):
    network backend does not list it, and the applier skips a release whose address-down or unexport failed
    in the same run); a path acquired now is exported by a later plan, and brought up by the one after that.
    One exception: a path handed over by a planned move is unexported before its address goes down (its
-   sessions end while the address can still carry the goodbye). Addresses come before exports so that a node with hundreds of exports to make (a start, a failover)
-   brings up each path it has exported at its next run, not only once every export is done: the applier
-   stops after a second, and the exports alone took minutes at 333 paths per node (scripts/bench-lab).
+   sessions end while the address can still carry the goodbye). Addresses come before exports so that a
+   node with hundreds of exports to make (a start, a failover) brings up each path it has exported at its
+   next run, not only once every export is done: the applier stops after a second, and the exports alone
+   took minutes at 333 paths per node (scripts/bench-lab).
 4. Convergence: applying a plan and planning again gives nothing to do, and a plan interrupted after
    any prefix of its actions still converges when planned again.
 5. A path is never acquired for a disk this node cannot serve (no definition), that is stopping, or that
