@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import pytest
 
-from agent.config import Config, ConsulConfig
+from agent.config import PET_BUDGET, Config, ConsulConfig, fencing_problems
 from lab.consul import ConsulCluster, consul_binary, consul_missing, http_json, shipped_config
 
 pytestmark = pytest.mark.consul
@@ -72,8 +72,8 @@ def test_shipped_configs_agree_with_each_other_and_with_the_agent() -> None:
     c = ConsulConfig()
     if c.session_ttl > 0:
         assert seconds(sv["session_ttl_min"]) <= c.session_ttl, "the servers would refuse the agent's session"
-    assert c.fence_after + Config.stop_time < c.lock_delay
-    assert c.fence_after > c.election_stall + c.confirm_interval + c.timeout
+    assert fencing_problems(Config()) == [], "the shipped defaults satisfy docs/fencing.md's inequalities"
+    assert c.fence_after > c.election_stall + c.confirm_interval + PET_BUDGET
     assert gw["client_addr"].split()[0] == c.host, "the agent's default address is the local agent's"
 
 
