@@ -225,8 +225,11 @@ def plan(s: Snapshot) -> Plan:
     weights = {n: r.weight for n, r in view.records.items()}
     weights[s.node] = s.weight
     eligible = live - view.drained
-    assigned = placement.assign(free, eligible, counts, total=len(view.paths), owners=owners, weights=weights)
     settling = s.now < s.settle_until
+    # while settling nothing free is taken and no wake-up depends on who would take what (every grace ends
+    # after settle_until): no assignment, which costs 0.6 s per plan with 20 000 free paths (bench-scale)
+    assigned = {} if settling else placement.assign(free, eligible, counts, total=len(view.paths), owners=owners,
+                                                    weights=weights)
     wake: list[float] = [until for until in s.backoff.values() if until > s.now]
     if settling:
         wake.append(s.settle_until)
