@@ -146,10 +146,12 @@ class IscsiLab:
     def __init__(self, workdir: str | os.PathLike[str], gateways: Iterable[str] = ("gwa", "gwb", "gwc"),
                  agent_extra: str = "", catalog: str = "rbd", lock_delay: float = 5.5,
                  fence_after: float = 2.5, stop_time: float = 1.0, prefixlen: int = 24,
-                 tgt_extra: str = "", consul_extra: str = "", shipped_timings: bool = False) -> None:
+                 tgt_extra: str = "", consul_extra: str = "", shipped_timings: bool = False,
+                 placement_extra: str = "") -> None:
         self.dir = Path(workdir)
         self.names = list(gateways)
         self.agent_extra = agent_extra
+        self.placement_extra = placement_extra      # keys added to every agent's [placement] table
         self.tgt_extra = tgt_extra
         self.consul_extra = consul_extra
         self.catalog = catalog
@@ -248,7 +250,7 @@ backend = "iproute"
 {catalog}
 [placement]
 grace = 2
-[log]
+{self.placement_extra}[log]
 level = "INFO"
 {self.agent_extra}
 """

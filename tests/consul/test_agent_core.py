@@ -370,8 +370,10 @@ def test_restart_with_a_longer_lock_delay_replaces_the_session_without_an_outage
     wait_for(lambda: a.session() not in (None, old) and (samples.append(a.addresses()) or True), 15, 0.02,
              "the session to be replaced", alive=[a])
     wait_for(lambda: lab.converged(8), 10, what="everything served by the new session")
+    # the old session goes last, after its locks moved and its node record was let go
+    wait_for(lambda: old not in {s["ID"] for s in lab.cluster.sessions(lab.http)}, 10, what="the old session gone")
     sessions = {s["ID"]: s for s in lab.cluster.sessions(lab.http)}
-    assert old not in sessions and sessions[a.session()]["LockDelay"] == 7 * 10**9
+    assert sessions[a.session()]["LockDelay"] == 7 * 10**9
     assert all(s == paths for s in samples), "no outage"
     assert "moving its locks to a new session" in a.log_text()
 
