@@ -108,6 +108,8 @@ class Snapshot:
     max_moves: int = 4
     #: when each free path was first seen free and not waiting for a fence
     claimable_since: Mapping[PathKey, float] = field(default_factory=dict)
+    #: when the leader key was first seen free (its lock-delay runs from before that)
+    leader_free_since: float = 0.0
     #: the key prefix (for the leader's clean-up of leftover keys)
     prefix: str = "pathagent"
     #: ModifyIndexes of orphaned keys proven lockable (one of the keys of that invalidation was locked)
@@ -277,7 +279,13 @@ def _leader(s: Snapshot, live: set[str], owners: Mapping[PathKey, str], weights:
     out: list[Action] = []
     ours = sorted(p for p, sid in view.move_holders.items() if sid == s.session)
     if view.leader is None:
-        out.append(AcquireLeader(view.leader_index))
+        # a leader key whose holder failed is in its lock-delay: try once it should be over (by our clock,
+        # from when we first saw it free), not every cycle until then
+        due = s.leader_free_since + s.lock_delay - LOCKABLE_EARLY if view.leader_orphaned else s.now
+        if due <= s.now:
+            out.append(AcquireLeader(view.leader_index))
+        else:
+            wake.append(due)
     if view.leader != s.session:
         return out + [EndMove(p) for p in ours]
 

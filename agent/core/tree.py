@@ -61,6 +61,7 @@ class ClusterView:
     records: Mapping[str, NodeRecord] = field(default_factory=dict)   # every node record, locked or not
     leader: str | None = None                   # the session holding {prefix}/leader
     leader_index: int = 0                       # its ModifyIndex (0: the key does not exist)
+    leader_orphaned: bool = False               # free, but its value names a session: in its lock-delay
     drained: frozenset[str] = frozenset()
     fenced: Mapping[str, int] = field(default_factory=dict)     # node -> ModifyIndex of its fence record
     move_holders: Mapping[PathKey, str] = field(default_factory=dict)  # live move request -> its session
@@ -176,6 +177,7 @@ def parse_tree(prefix: str, entries: Iterable[KVEntry], index: int = 0) -> Clust
     fenced: dict[str, int] = {}
     leader: str | None = None
     leader_index = 0
+    leader_orphaned = False
     skipped: list[tuple[str, str]] = []
     for e in entries:
         try:
@@ -215,6 +217,7 @@ def parse_tree(prefix: str, entries: Iterable[KVEntry], index: int = 0) -> Clust
                     stale_moves[ident] = e.modify_index     # its asker is gone (a leader's, after its session)
             elif what == "leader":
                 leader, leader_index = e.session, e.modify_index
+                leader_orphaned = not e.session and decode_orphan(e.value) is not None
             elif what == "drain" and isinstance(ident, str):
                 drained.add(ident)
             elif what == "fenced" and isinstance(ident, str):
@@ -224,7 +227,7 @@ def parse_tree(prefix: str, entries: Iterable[KVEntry], index: int = 0) -> Clust
         except Exception as err:  # noqa: BLE001 - no value may wedge the watcher
             skipped.append((e.key, f"{type(err).__name__}"))
     return ClusterView(disks, paths, nodes, moves, tuple(skipped), index, records, leader, leader_index,
-                       frozenset(drained), fenced, move_holders, stale_moves)
+                       leader_orphaned, frozenset(drained), fenced, move_holders, stale_moves)
 
 
 # --- encoders (the writers' side) ------------------------------------------------------------------------

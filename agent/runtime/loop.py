@@ -92,7 +92,8 @@ class Agent:
         self._move_since: dict[PathKey, float] = {} # our move request first seen
         self._lockable: set[int] = set()
         self._view_index = 0
-        self._claimable_since: dict[PathKey, float] = {}            # orphan groups (ModifyIndex) proven past their lock-delay
+        self._claimable_since: dict[PathKey, float] = {}
+        self._leader_free_since: float | None = None            # orphan groups (ModifyIndex) proven past their lock-delay
         self._exported: frozenset[PathKey] = frozenset()   # the target's last answer
         self._addresses: frozenset[PathKey] = frozenset()
         self._target_unknown_since: float | None = None
@@ -234,7 +235,7 @@ class Agent:
                         rebalance_after=self.cfg.rebalance_after, move_since=self._move_since,
                         move_timeout=self.cfg.move_timeout, max_moves=self.cfg.max_moves,
                         lockable=frozenset(self._lockable), claimable_since=self._claimable_since,
-                        prefix=self.store.prefix)
+                        prefix=self.store.prefix, leader_free_since=self._leader_free_since or now)
         plan = planner.plan(snap)
         fx = self.applier.apply(plan, session, lambda: self.keeper.session, stopping)
         if not self._threads_running:
@@ -295,6 +296,10 @@ class Agent:
             self._live_since.setdefault(n, now)
         for n in [n for n in self._live_since if n not in view.nodes]:
             del self._live_since[n]
+        if view.leader is None:
+            self._leader_free_since = self._leader_free_since or now
+        else:
+            self._leader_free_since = None
         groups = {st.modify_index for st in view.paths.values() if st.orphan_of is not None and st.session is None}
         self._lockable &= groups
         for p, sid in view.move_holders.items():

@@ -391,3 +391,13 @@ def test_addresses_of_exported_paths_come_before_the_exports_still_to_make() -> 
     s = dataclasses.replace(s, applied={P1: DEFS["d1"], P2: disk("d1", rev=1)})
     assert acts(s) == [AddressUp(P1, spec(P1)), Export(P2, DEFS["d1"]), Export(P3, DEFS["d2"]),
                        Export(P4, DEFS["d2"]), AddressUp(P2, spec(P2))]
+
+
+def test_a_failed_leaders_key_is_tried_once_its_lock_delay_should_be_over() -> None:
+    s = snap({P1: S_ME}, {P1}, leader=None, lock_delay=6.0, leader_free_since=97.0)
+    s = dataclasses.replace(s, view=dataclasses.replace(s.view, leader_orphaned=True, leader_index=9))
+    p = plan(s)
+    assert not any(isinstance(a, AcquireLeader) for a in p.actions) and p.wake_at == pytest.approx(103.0 - 0.05)
+    assert AcquireLeader(9) in acts(dataclasses.replace(s, now=103.0))
+    released = dataclasses.replace(s, view=dataclasses.replace(s.view, leader_orphaned=False))
+    assert AcquireLeader(9) in acts(released), "a key let go in order is free at once"
