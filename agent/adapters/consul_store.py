@@ -329,6 +329,10 @@ class ConsulStore:
     def acquire_leader(self, session: str, value: bytes) -> TxnResult:
         return self.txn(TxnOps().lock(keys.leader_key(self.prefix), value, session))
 
+    def release_leader(self, session: str) -> TxnResult:
+        k = keys.leader_key(self.prefix)
+        return self.txn(TxnOps().check_session(k, session).unlock(k, b"", session))
+
     def record_fence(self, node: str, leader: str, value: bytes) -> TxnResult:
         return self.txn(TxnOps().check_session(keys.leader_key(self.prefix), leader)
                         .set(keys.fenced_key(self.prefix, node), value))

@@ -98,6 +98,9 @@ class CoordinationStore(Protocol):
     def acquire_leader(self, session: str, value: bytes) -> TxnResult:
         """Lock ``{prefix}/leader`` with ``session`` (refused while another holds it or in its lock-delay)."""
 
+    def release_leader(self, session: str) -> TxnResult:
+        """Unlock ``{prefix}/leader`` if ``session`` holds it (no lock-delay for the next leader)."""
+
     def record_fence(self, node: str, leader: str, value: bytes) -> TxnResult:
         """Write ``{prefix}/fenced/{node}``, only while ``leader`` holds the leader key."""
 

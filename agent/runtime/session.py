@@ -339,8 +339,9 @@ class SessionKeeper:
             return
         try:
             self.store.release_node_record(self.node, sid)
+            self.store.release_leader(sid)          # if we lead: the next leader need not wait its lock-delay
         except CoordinationError as e:
-            log.info("node record not released: %s", e)
+            log.info("node record or leader key not released: %s", e)
         self.fencer.follow(None)
         self.store.destroy_session(sid)
         log.info("session %s destroyed", sid[:8])

@@ -309,3 +309,7 @@ class MemoryStore:
     def clean_up(self, key: str, modify_index: int, leader: str) -> TxnResult:
         return self._txn([("check-session", keys.leader_key(self.prefix), leader, None),
                           ("delete-cas", key, modify_index, None)])
+
+    def release_leader(self, session: str) -> TxnResult:
+        k = keys.leader_key(self.prefix)
+        return self._txn([("check-session", k, session, None), ("unlock", k, session, b"")])

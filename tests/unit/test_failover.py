@@ -274,3 +274,14 @@ def test_the_leader_removes_leftover_keys_only(tmp_path: Path, store: MemoryStor
     assert stale_move not in store.kv and stray not in store.kv
     assert held_stray in store.kv and live_move in store.kv
     assert all(o is not None for o in owners(store, nodes).values())
+
+
+def test_an_orderly_stop_hands_leadership_over_without_a_lock_delay(tmp_path: Path, store: MemoryStore,
+                                                                     clock: FakeClock) -> None:
+    nodes = cluster(tmp_path, store, clock)
+    run(nodes.values(), 15, clock)
+    first = leaders(store, nodes)[0]
+    nodes[first].agent.shutdown()                   # SIGTERM: everything released, the session destroyed
+    survivors = [x for n, x in nodes.items() if n != first]
+    run(survivors, 1.0, clock)                      # well inside the 8 s lock-delay of the test config
+    assert len(leaders(store, nodes)) == 1 and leaders(store, nodes)[0] != first
