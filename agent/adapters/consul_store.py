@@ -329,6 +329,10 @@ class ConsulStore:
     def acquire_leader(self, session: str, value: bytes) -> TxnResult:
         return self.txn(TxnOps().lock(keys.leader_key(self.prefix), value, session))
 
+    def transfer_leader(self, old: str, new: str, value: bytes) -> TxnResult:
+        k = keys.leader_key(self.prefix)
+        return self.txn(TxnOps().check_session(k, old).unlock(k, value, old).lock(k, value, new))
+
     def release_leader(self, session: str) -> TxnResult:
         k = keys.leader_key(self.prefix)
         return self.txn(TxnOps().check_session(k, session).unlock(k, b"", session))

@@ -98,6 +98,10 @@ class CoordinationStore(Protocol):
     def acquire_leader(self, session: str, value: bytes) -> TxnResult:
         """Lock ``{prefix}/leader`` with ``session`` (refused while another holds it or in its lock-delay)."""
 
+    def transfer_leader(self, old: str, new: str, value: bytes) -> TxnResult:
+        """Move ``{prefix}/leader`` from session ``old`` to ``new`` in one transaction (refused if ``old``
+        does not hold it)."""
+
     def release_leader(self, session: str) -> TxnResult:
         """Unlock ``{prefix}/leader`` if ``session`` holds it (no lock-delay for the next leader)."""
 

@@ -33,7 +33,7 @@ from agent.config import Config
 from agent.core.lease import Lease
 from agent.core.model import PathKey
 from agent.core.store import CoordinationStore, SessionInfo
-from agent.core.tree import lock_value, parse_tree
+from agent.core.tree import leader_value, lock_value, parse_tree
 from agent.errors import AgentError, CoordinationError
 from agent.runtime.clock import Clock, boot_id
 from agent.runtime.fencer import Fencer
@@ -199,6 +199,12 @@ class SessionKeeper:
         if moved < len(held):
             log.error("session %s: %d locks could not be moved; they are lost with it",
                       old.id[:8], len(held) - moved)
+        if view.leader == old.id:                # leading: the new session leads on, with no lock-delay
+            try:
+                if self.store.transfer_leader(old.id, new, leader_value(self.node, new, self.clock.wall())).ok:
+                    log.info("leadership moved to session %s", new[:8])
+            except CoordinationError as e:
+                log.info("leader key of %s not moved: %s", old.id[:8], e)
         try:
             self.store.release_node_record(self.node, old.id)
         except CoordinationError as e:

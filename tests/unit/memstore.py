@@ -313,3 +313,7 @@ class MemoryStore:
     def release_leader(self, session: str) -> TxnResult:
         k = keys.leader_key(self.prefix)
         return self._txn([("check-session", k, session, None), ("unlock", k, session, b"")])
+
+    def transfer_leader(self, old: str, new: str, value: bytes) -> TxnResult:
+        k = keys.leader_key(self.prefix)
+        return self._txn([("check-session", k, old, None), ("unlock", k, old, value), ("lock", k, new, value)])

@@ -204,6 +204,7 @@ def test_h4_adopted_session_with_a_shorter_lock_delay_is_replaced_without_an_out
     assert new != old and old not in store.sessions
     assert store.sessions[new].lock_delay == 8.0
     assert store.holder(P1) == new and store.holder(P2) == new, "the locks moved"
+    assert store.kv[keys.leader_key(store.prefix)].session == new, "leadership moved too (no lock-delay)"
     assert m.target.fences == 0 and m.serving() == {"d1/1", "d1/2"}, "nothing stopped serving"
     serve_all(m)
     assert m.serving() == {"d1/1", "d1/2"}
