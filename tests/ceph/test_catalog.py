@@ -210,7 +210,7 @@ def test_monitors_unreachable_then_recovery(own_ceph: MicroCeph) -> None:
         for disk_id, image in ids:
             imgs.write("rbd", image, json.dumps(document(disk_id)))
             cat.get(disk_id, "rbd", image, 1)
-        time.sleep(1.05)  # the cache is stale: every get needs Ceph
+        time.sleep(1.5)  # the cache is stale (refresh 1 s): every get needs Ceph
         own_ceph.freeze()
         t = time.monotonic()
         with pytest.raises(CatalogUnavailable) as ei:
