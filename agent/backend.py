@@ -78,8 +78,10 @@ class TargetBackend(abc.ABC):
     path (tag = path index), the LUN backed by the disk's RBD image, portal = the path's floating IP.
 
     ``export``/``unexport`` are idempotent: exporting an exported path with the same definition, or
-    unexporting an absent one, does nothing; ``export`` with a changed definition (ACL, CHAP) updates it in
-    place. Failures raise ``TransientBackendError`` (retry after its delay) or ``PermanentBackendError``; no
+    unexporting an absent one, does nothing; ``export`` with a changed definition updates it in place: an
+    initiator no longer admitted loses its sessions at once (the others keep theirs), a CHAP change applies
+    to the next login, a larger ``size`` is what the LUN reports from then on (a backend that has to reopen
+    the LUN for it may cost its sessions one reconnect; it says so in its docs). Failures raise ``TransientBackendError`` (retry after its delay) or ``PermanentBackendError``; no
     method returns an error flag. What is exported survives a restart of the agent process (the data path
     does not depend on the agent), so ``exported`` reads the real state, not a memory of earlier calls.
     """
@@ -99,6 +101,14 @@ class TargetBackend(abc.ABC):
     @abc.abstractmethod
     def unexport(self, path: PathKey) -> None:
         """Stop serving ``path`` (drop its sessions). Removes the disk's target when no path is left."""
+
+    def logged_in(self) -> Mapping[str, frozenset[str]] | None:
+        """The initiator names with a session on this node now, by disk id (disks without one are left
+        out); ``None`` when this backend cannot tell (the default). Read-only and quick; safe to call from
+        another thread while ``export``/``unexport`` run; ``TransientBackendError`` when it cannot tell now.
+        The agent publishes it (``{prefix}/logins/{node}``) so that ``disk stop`` can refuse to cut off
+        logged-in initiators without ``--force``."""
+        return None
 
     @abc.abstractmethod
     def fence(self) -> None:

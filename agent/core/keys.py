@@ -15,6 +15,13 @@
 ``{prefix}/fenced/{node}``              the last fence of ``node`` by the leader (value ``{"node",
                                         "session", "since", "summary"}``); its ModifyIndex orders it after
                                         the invalidation it answers
+``{prefix}/claims/{kind}/{value}``      a disk's claim on a unique value: ``kind`` is ``name`` (lowercased
+                                        display name), ``iqn`` or ``ip`` (a path address); value
+                                        ``{"disk", "pool", "image"}`` (see ``agent.core.claims``); written
+                                        by the CLI only, ignored by agents
+``{prefix}/logins/{node}``              the initiators logged in on ``node``, by disk (value ``{"node",
+                                        "session", "since", "disks": {id: [iqn, ...]}}``), locked by the
+                                        node's session; written by its agent, read by the CLI only
 
 Pure: parsing and formatting only.
 """
@@ -70,10 +77,41 @@ def fenced_key(prefix: str, node: str) -> str:
     return f"{prefix}/fenced/{node}"
 
 
+CLAIM_KINDS = ("name", "iqn", "ip")
+
+
+def claims_prefix(prefix: str) -> str:
+    return f"{prefix}/claims/"
+
+
+def claim_key(prefix: str, kind: str, value: str) -> str:
+    """The claim of ``value`` (already normalised: lowercase name, IQN, dotted IPv4) of ``kind``."""
+    assert kind in CLAIM_KINDS
+    return f"{prefix}/claims/{kind}/{value}"
+
+
+def parse_claim(prefix: str, key: str) -> tuple[str, str] | None:
+    """``(kind, value)`` of a claim key, ``None`` for anything else."""
+    head = claims_prefix(prefix)
+    if not key.startswith(head):
+        return None
+    kind, sep, value = key[len(head):].partition("/")
+    return (kind, value) if sep and kind in CLAIM_KINDS and value else None
+
+
+def logins_prefix(prefix: str) -> str:
+    return f"{prefix}/logins/"
+
+
+def logins_key(prefix: str, node: str) -> str:
+    return f"{prefix}/logins/{node}"
+
+
 def parse(prefix: str, key: str) -> tuple[str, str | PathKey] | None:
     """Classify a key under ``prefix``: ``("disk", id)``, ``("path", PathKey)``, ``("node", name)``,
     ``("move", PathKey)``, ``("leader", "")``, ``("drain", name)``, ``("fenced", name)``; ``None`` for
-    anything else (it is ignored, never an error)."""
+    anything else (it is ignored, never an error; claims and logins are ``None`` here: agents ignore
+    them)."""
     head = prefix + "/"
     if not key.startswith(head):
         return None
