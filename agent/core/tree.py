@@ -16,7 +16,10 @@ The key *names* live in ``agent.core.keys``; this module owns the *values* (docs
   is what counts;
 - move request ``{prefix}/moves/{id}/{index}``: ``{"node": target}``, locked by the requesting CLI's
   session (``Behavior=delete``, so it disappears when that CLI dies); only a locked request counts, so no
-  node compares clocks to decide whether a request is still wanted.
+  node compares clocks to decide whether a request is still wanted;
+- logins ``{prefix}/logins/{node}``: ``{"node", "session", "since", "disks": {id: [iqn, ...]}}``, locked
+  by the node's agent session; not part of the ``ClusterView`` (agents ignore it): ``decode_logins`` and
+  ``logins_by_disk`` are for the CLI, ``logins_value`` for the agent that publishes it.
 
 ``parse_tree`` never raises: a value it cannot decode (not UTF-8, not JSON, nested too deep, too large,
 wrong types) is ignored with its key and the reason in ``ClusterView.skipped``, and the rest of the view
@@ -34,6 +37,9 @@ from agent.core.model import DiskRecord, NodeRecord, PathKey, PathState
 
 #: no value of ours is anywhere near this; anything bigger is not ours
 MAX_VALUE = 16 * 1024
+#: except a logins report, which lists every initiator logged in on a node: up to Consul's own limit on a
+#: value (``kv_max_value_size``, 512 KiB; a bigger one is refused by Consul when it is written)
+MAX_LOGINS_VALUE = 512 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,12 +93,12 @@ class _Bad(ValueError):
     """A value that is not what its key kind holds."""
 
 
-def _object(value: bytes | None) -> dict[str, Any]:
+def _object(value: bytes | None, limit: int = MAX_VALUE) -> dict[str, Any]:
     """The JSON object in ``value``; ``_Bad`` for anything else. Never lets another exception out."""
     if value is None or value == b"":
         return {}
-    if len(value) > MAX_VALUE:
-        raise _Bad(f"value of {len(value)} bytes (more than {MAX_VALUE})")
+    if len(value) > limit:
+        raise _Bad(f"value of {len(value)} bytes (more than {limit})")
     try:
         doc = json.loads(value.decode("utf-8"))
     except UnicodeDecodeError:
@@ -230,6 +236,74 @@ def parse_tree(prefix: str, entries: Iterable[KVEntry], index: int = 0) -> Clust
                        leader_orphaned, frozenset(drained), fenced, move_holders, stale_moves)
 
 
+# --- logins reports (not part of the view: the CLI reads them) ----------------------------------------
+
+def _initiator(name: Any) -> bool:
+    """An initiator name as a logins report may carry it: a non-empty printable string (an IQN is at most
+    223 bytes; 255 leaves room for whatever a backend reports)."""
+    return isinstance(name, str) and 0 < len(name) <= 255 and name.isprintable()
+
+
+def login_sets(disks: Mapping[str, Iterable[str]]) -> dict[str, frozenset[str]]:
+    """``disks`` (disk id -> initiator names, as ``TargetBackend.logged_in`` answers) in the form a logins
+    report carries: disks with no initiator left out, and only what ``decode_logins`` accepts (a disk id
+    that is not one, a name that is not a short printable string, is dropped). Two answers that are equal
+    in this form are the same report."""
+    out: dict[str, frozenset[str]] = {}
+    for d, names in disks.items():
+        if not isinstance(d, str) or not keys.DISK_ID_RE.fullmatch(d) or isinstance(names, (str, bytes)):
+            continue
+        got = frozenset(n for n in names if _initiator(n))
+        if got:
+            out[d] = got
+    return out
+
+
+def decode_logins(value: bytes | None) -> tuple[str, str, Mapping[str, frozenset[str]]] | None:
+    """``(node, session, {disk_id: initiator names})`` of a logins report (disks listed with no initiator
+    are left out); ``None`` for anything that is not one (empty, not JSON, wrong types, a bad disk id or
+    initiator name, more than ``MAX_LOGINS_VALUE`` bytes). Never raises."""
+    try:
+        doc = _object(value, MAX_LOGINS_VALUE)
+        node, session = _text(doc, "node"), _text(doc, "session")
+        disks = doc.get("disks")
+        if not isinstance(disks, dict):
+            return None
+        out: dict[str, frozenset[str]] = {}
+        for d, names in disks.items():
+            if not keys.DISK_ID_RE.fullmatch(d) or not isinstance(names, list) \
+                    or not all(_initiator(n) for n in names):
+                return None
+            if names:
+                out[d] = frozenset(names)
+        return node, session, out
+    except Exception:  # noqa: BLE001 - garbage is not a report (a _Bad, or anything a value may provoke)
+        return None
+
+
+def logins_by_disk(prefix: str, entries: Iterable[KVEntry]) -> dict[str, dict[str, frozenset[str]]]:
+    """Who is logged in where, from the keys under ``keys.logins_prefix(prefix)`` (other keys are
+    ignored): ``{disk_id: {node: initiator names}}``, only disks with someone logged in. Only a report
+    locked by a session counts (``KVEntry.session`` set): the report of an agent that died or stopped is
+    unlocked and says nothing. The node is the key's (``{prefix}/logins/{node}``), whatever the value
+    names; the lock counts, not the session the value names. A value ``decode_logins`` rejects is skipped.
+    Pure; never raises."""
+    head = keys.logins_prefix(prefix)
+    out: dict[str, dict[str, frozenset[str]]] = {}
+    for e in entries:
+        if not e.session or not isinstance(e.key, str) or not e.key.startswith(head):
+            continue
+        node = e.key[len(head):]
+        if not node or "/" in node:
+            continue
+        report = decode_logins(e.value)
+        if report is None:
+            continue
+        for d, names in report[2].items():
+            out.setdefault(d, {})[node] = names
+    return out
+
+
 # --- encoders (the writers' side) ------------------------------------------------------------------------
 
 def _dump(d: Mapping[str, Any]) -> bytes:
@@ -278,6 +352,15 @@ def disk_value(pool: str, image: str, rev: int = 0, stopping: bool = False) -> b
 
 def move_value(node: str) -> bytes:
     return _dump({"node": node})
+
+
+def logins_value(node: str, session: str, now: float, disks: Mapping[str, Iterable[str]]) -> bytes:
+    """The value of ``{prefix}/logins/{node}``: ``{"node", "session", "since", "disks": {id: [iqn, ...]}}``,
+    ``disks`` as ``login_sets`` leaves it, each list sorted (the same logins always encode the same way,
+    but for ``since``: the writer's wall clock, for people)."""
+    sets = login_sets(disks)
+    return _dump({"node": node, "session": session, "since": _since(now),
+                  "disks": {d: sorted(sets[d]) for d in sorted(sets)}})
 
 
 def overlay(view: ClusterView, own: Mapping[PathKey, PathState], node: str = "",

@@ -1,13 +1,15 @@
 """Decoding every key kind (``agent.core.tree``): nothing under the prefix may wedge a watcher (finding H5)."""
 from __future__ import annotations
 
+import json
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.core.model import PathKey, PathState
-from agent.core.tree import (KVEntry, decode_disk, disk_value, lock_value, move_value, node_value, overlay,
-                             parse_tree)
+from agent.core.tree import (KVEntry, decode_disk, decode_logins, disk_value, lock_value, login_sets, logins_by_disk,
+                             logins_value, move_value, node_value, overlay, parse_tree)
 
 P = "pa"
 
@@ -81,3 +83,72 @@ def test_overlay_shows_our_newer_writes_only() -> None:
     assert stale.paths[p].session is None, "the view is newer than our write: the view wins"
     gone = overlay(parse_tree(P, []), {p: PathState(p, 6, "s1", "gwa")})
     assert p not in gone.paths, "a deleted key is not brought back"
+
+
+# --- logins reports ({prefix}/logins/{node}) -------------------------------------------------------------
+
+INI1, INI2 = "iqn.1993-08.org.debian:01:aaa", "iqn.1993-08.org.debian:01:bbb"
+
+
+def test_logins_report_round_trip() -> None:
+    v = logins_value("gwa", "s1", 1.5, {"d1": [INI2, INI1], "d2": frozenset({INI1}), "d3": []})
+    assert decode_logins(v) == ("gwa", "s1", {"d1": frozenset({INI1, INI2}), "d2": frozenset({INI1})})
+    assert v == logins_value("gwa", "s1", 1.5, {"d2": [INI1], "d1": [INI1, INI2]}), "one encoding per report"
+    assert b'"d1":["%s","%s"]' % (INI1.encode(), INI2.encode()) in v and b'"since":1.5' in v
+    assert decode_logins(logins_value("gwa", "s1", 1.0, {})) == ("gwa", "s1", {})
+
+
+def test_logins_encoder_writes_only_what_the_decoder_accepts() -> None:
+    v = logins_value("gwa", "s1", 1.0, {"d1": [INI1, "", "bad\nname", "x" * 300], "Not-A-Disk": [INI1],
+                                        "d2": "iqn.as.a.string"})
+    assert decode_logins(v) == ("gwa", "s1", {"d1": frozenset({INI1})})
+    assert login_sets({"d1": [INI1], "d2": [], "BAD": [INI1]}) == {"d1": frozenset({INI1})}
+
+
+@pytest.mark.parametrize("value", [
+    None, b"", b"not json", b"[]", b"\xff\xfe", b"[" * 100000, b'{"node": "gwa", "session": "s1"}',
+    b'{"node": "gwa", "session": "s1", "disks": []}',
+    b'{"node": "gwa", "session": "s1", "disks": {"d1": "iqn"}}',
+    b'{"node": "gwa", "session": "s1", "disks": {"d1": [7]}}',
+    b'{"node": "gwa", "session": "s1", "disks": {"BAD/ID": ["iqn"]}}',
+    b'{"node": "", "session": "s1", "disks": {}}', b'{"node": "gwa", "session": 3, "disks": {}}',
+    b'{"node": "gwa", "session": "s1", "disks": {"d1": ["' + b"x" * (600 * 1024) + b'"]}}',
+], ids=lambda v: repr(v)[:40])
+def test_decode_logins_rejects_garbage(value: bytes | None) -> None:
+    assert decode_logins(value) is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.none(), st.binary(max_size=200), st.text(max_size=200).map(str.encode),
+                 st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+                              lambda inner: st.lists(inner, max_size=4)
+                              | st.dictionaries(st.sampled_from(["node", "session", "disks", "d1", "x"]), inner,
+                                                max_size=4), max_leaves=20)
+                 .map(lambda d: json.dumps(d).encode())))
+def test_decode_logins_never_raises(value: bytes | None) -> None:
+    got = decode_logins(value)
+    assert got is None or (isinstance(got[0], str) and isinstance(got[2], dict))
+
+
+def test_logins_by_disk_counts_only_locked_reports() -> None:
+    entries = [
+        e("logins/gwa", logins_value("gwa", "sa", 1.0, {"d1": [INI1], "d2": [INI2]}), "sa"),
+        e("logins/gwb", logins_value("gwb", "sb", 1.0, {"d1": [INI1, INI2]}), "sb"),
+        e("logins/gwc", logins_value("gwc", "sc", 1.0, {"d1": [INI2]})),          # its agent is gone
+        e("logins/gwd", b"garbage", "sd"),                                          # unreadable: skipped
+        e("logins/gwe", logins_value("gwe", "se", 1.0, {}), "se"),                  # nobody logged in there
+        e("logins/gwf/x", logins_value("gwf", "sf", 1.0, {"d1": [INI1]}), "sf"),   # not a logins key
+        e("disks/d1", disk_value("rbd", "img"), "sa"),
+        KVEntry("other/logins/gwg", logins_value("gwg", "sg", 1.0, {"d1": [INI1]}), 5, 1, 1, "sg"),
+    ]
+    assert logins_by_disk(P, entries) == {"d1": {"gwa": frozenset({INI1}), "gwb": frozenset({INI1, INI2})},
+                                          "d2": {"gwa": frozenset({INI2})}}
+    # the node is the key's, whatever the value names
+    assert logins_by_disk(P, [e("logins/gwa", logins_value("elsewhere", "sa", 1.0, {"d1": [INI1]}), "sa")]) \
+        == {"d1": {"gwa": frozenset({INI1})}}
+    assert logins_by_disk(P, []) == {}
+
+
+def test_agents_ignore_logins_reports() -> None:
+    view = parse_tree(P, [e("logins/gwa", b"garbage", "sa"), e("nodes/gwa", node_value("gwa", "sa", 1.0, "tgt"), "sa")])
+    assert view.skipped == () and view.nodes == {"gwa": "sa"}
