@@ -86,6 +86,19 @@ def _chap(v: Any, disk: str, field: str) -> Chap | None:
     return Chap(user, pw)
 
 
+def host_address_problem(addr: ipaddress.IPv4Address, prefix: int) -> str:
+    """Why ``addr/prefix`` cannot be a floating path address ('' when it can): it must be a unicast host
+    address of its subnet, not the subnet's network or broadcast address (except on /31 and /32)."""
+    if addr.is_unspecified or addr.is_multicast or addr.is_loopback or addr.is_reserved:
+        return f"{addr} is not a usable unicast address"
+    net = ipaddress.IPv4Network(f"{addr}/{prefix}", strict=False)
+    if prefix <= 30 and addr == net.network_address:
+        return f"{addr} is the network address of {net}, not a host address"
+    if prefix <= 30 and addr == net.broadcast_address:
+        return f"{addr} is the broadcast address of {net}, not a host address"
+    return ""
+
+
 def _path(v: Any, disk: str, i: int) -> PathSpec:
     f = f"paths[{i}]"
     if not isinstance(v, dict):
@@ -103,11 +116,12 @@ def _path(v: Any, disk: str, i: int) -> PathSpec:
         addr = ipaddress.IPv4Address(ip)
     except ValueError:
         raise _fail(disk, f"{f}.ip", "not an IPv4 address") from None
-    if addr.is_unspecified or addr.is_multicast or addr.is_loopback:
-        raise _fail(disk, f"{f}.ip", "not a usable unicast address")
     if "prefix" not in v:
         raise _fail(disk, f"{f}.prefix", "missing")
     prefix = _int(v["prefix"], disk, f"{f}.prefix", 1, 32)
+    problem = host_address_problem(addr, prefix)
+    if problem:
+        raise _fail(disk, f"{f}.ip", problem)
     vlan = v.get("vlan")
     if vlan is not None:
         vlan = _int(vlan, disk, f"{f}.vlan", 1, 4094)

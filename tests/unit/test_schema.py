@@ -3,6 +3,8 @@ field reported), and property tests: whatever the input, ``parse``/``from_dict``
 ``DefinitionError`` and nothing else; a mutated field is the field reported; secrets are never echoed."""
 from __future__ import annotations
 
+import ipaddress
+
 import copy
 import json
 from typing import Any
@@ -152,6 +154,9 @@ BAD: list[tuple[str, Any, str, str]] = [
     ("paths[0].ip", "0.0.0.0", "paths[0].ip", "unicast"),
     ("paths[0].ip", "127.0.0.1", "paths[0].ip", "unicast"),
     ("paths[0].ip", "224.0.0.5", "paths[0].ip", "unicast"),
+    ("paths[0].ip", "198.18.0.0", "paths[0].ip", "network address of 198.18.0.0/24"),
+    ("paths[0].ip", "198.18.0.255", "paths[0].ip", "broadcast address of 198.18.0.0/24"),
+    ("paths[0].ip", "255.255.255.255", "paths[0].ip", "unicast"),
     ("paths[0].ip", 3322085476, "paths[0].ip", "string"),
     ("paths[0].prefix", 33, "paths[0].prefix", "between"),
     ("paths[0].prefix", 0, "paths[0].prefix", "between"),
@@ -301,6 +306,11 @@ VALID_IQN = st.builds(lambda y, m, labels, unique: f"iqn.{y}-{m:02d}.{'.'.join(l
 NAME = st.builds(lambda a, b: a + b, st.sampled_from("abcXYZ019"), st.text("abcXYZ019._-", max_size=20))
 
 
+def _host_prefix(last: int, prefix: int) -> int:
+    """``prefix``, unless 198.18.7.<last> would be its subnet's network or broadcast address (then 32)."""
+    return 32 if schema.host_address_problem(ipaddress.IPv4Address(f"198.18.7.{last}"), prefix) else prefix
+
+
 @st.composite
 def valid_docs(draw: Any) -> dict[str, Any]:
     n = draw(st.integers(1, 8))
@@ -312,7 +322,7 @@ def valid_docs(draw: Any) -> dict[str, Any]:
         "password": st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7e), min_size=12, max_size=255)}))
     return {"version": 1, "id": DISK, "pool": "rbd", "image": f"pathagent-{DISK}", "name": draw(NAME),
             "iqn": draw(VALID_IQN), "serial": str(draw(st.uuids())), "size": draw(st.integers(0, 1 << 50)),
-            "paths": [{"index": i, "ip": f"198.18.7.{ip}", "prefix": draw(st.integers(1, 32)),
+            "paths": [{"index": i, "ip": f"198.18.7.{ip}", "prefix": _host_prefix(ip, draw(st.integers(1, 32))),
                        "vlan": draw(st.none() | st.integers(1, 4094))} for i, ip in zip(indexes, ips)],
             "open": open_, "initiators": [] if open_ else draw(st.lists(VALID_IQN, max_size=4)), "chap": chap}
 
