@@ -293,6 +293,14 @@ class CephClient:
             rbd.RBD().create(self._pool(pool), image, size, old_format=False, features=KRBD_FEATURES)
         self._call("create image", pool, image, op)
 
+    def grow_image(self, pool: str, image: str, size: int) -> None:
+        """Grow the image to ``size`` bytes; librbd refuses to shrink it (``CephError``). Its data is kept;
+        clients that have it open see the new size (librbd's header watch)."""
+        def op() -> None:
+            with rbd.Image(self._pool(pool), image) as img:
+                img.resize(size, allow_shrink=False)
+        self._call("resize image", pool, image, op)
+
     def remove_image(self, pool: str, image: str) -> None:
         """Remove the image and its data. ``ImageBusy`` while a gateway has it open, ``ImageNotFound``."""
         self._call("remove image", pool, image, lambda: rbd.RBD().remove(self._pool(pool), image))

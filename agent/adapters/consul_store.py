@@ -234,6 +234,12 @@ class ConsulStore:
                                        wait=f"{wait:g}s" if (wait and index) else None)
             return int(idx or 0), [_entry(d) for d in data or ()]
 
+    def read_under(self, key_prefix: str) -> list[KVEntry]:
+        """Every key under ``key_prefix`` (for example ``{prefix}/claims/``), read consistently."""
+        with self._translated("kv read"):
+            _, data = self._c.kv.get(key_prefix, recurse=True, consistency="consistent")
+            return [_entry(d) for d in data or ()]
+
     def get(self, key: str) -> KVEntry | None:
         with self._translated("kv get"):
             _, d = self._c.kv.get(key, consistency="consistent")
