@@ -1,31 +1,36 @@
-"""The disk lifecycle behind ``pathagent disk …``: create, list, show, start, stop, update, delete.
+"""The disk lifecycle behind ``pathagent disk …``: create, import, list, show, start, stop, update, resize,
+delete.
 
-A disk is an RBD image ``pathagent-<id>`` whose metadata key ``pathagent.disk`` holds its definition
-(``agent.core.schema``), plus, while it is started, Consul keys (``agent.core.keys``): the disk key
-``{prefix}/disks/{id}`` (``agent.core.tree.disk_value``) and one path key
-``{prefix}/disks/{id}/{index}`` per path.
+A disk is an RBD image whose metadata key ``pathagent.disk`` holds its definition (``agent.core.schema``):
+``pathagent-<id>`` when ``create`` made it, any image for ``import``. Its name, IQN and path addresses are
+claimed in Consul (``agent.core.claims``: ``{prefix}/claims/…``) so that no two disks share them. While it
+is started it also has the disk key ``{prefix}/disks/{id}`` (``agent.core.tree.disk_value``) and one path
+key ``{prefix}/disks/{id}/{index}`` per path (``agent.core.keys``).
 
-- ``create`` validates everything first, then makes the image (features krbd maps: layering,
-  exclusive-lock) and writes the metadata; if writing the metadata fails the image is removed again.
-  The new id is 8 random lowercase hex digits, unused in the pool and in Consul.
-- ``start`` is one Consul transaction: check that the disk key does not exist, clear anything left under
-  ``{prefix}/disks/{id}/`` (unlocked leftovers only: locked ones make it refuse), set the disk key, set
-  every path key empty. Refused (``DiskStateError``) when already started or still stopping.
-- ``stop`` asks the owners to let go and waits for them (see ``Disks.stop``): no path of a stopped disk
-  can be served anywhere when it returns, whatever state its owners were in. Idempotent.
-- ``delete`` refuses a started disk, then removes the image (retrying while a gateway still has it open,
-  which it may for a moment after ``stop``).
-- ``update`` rewrites the metadata, then, if the disk is started, rewrites the disk key with ``rev``
-  incremented (check-and-set): the watchers wake at once and the catalog's cache key (the disk key's
-  ModifyIndex) changes, so owners apply the new ACL/CHAP without a stop.
+Every command takes the disk's id or its name (``resolve``). Each one is a sequence of steps, each of them
+atomic, ordered so that a command killed between two steps leaves nothing that the same command run again
+does not finish (or ``disk delete`` remove); ``agent.cli.failpoints`` names the steps so the tests kill
+the command at each of them:
 
-Finding a disk by id: a started disk's key names its pool and image. Otherwise the image
-``pathagent-<id>`` is looked up in the configured pool (``[ceph] pool``) or the pool given explicitly.
+- ``create``: claim (the name claim locked by this command's session) → create the image → write the
+  definition → unlock. An unlocked name claim without a definition is an interrupted create: running the
+  same create again adopts its id and finishes; running it when it has finished says so (exit 0) or, with
+  another definition, refuses.
+- ``import``: claim → write the definition on the existing image (its data is not touched) → unlock.
+- ``start``: claim again (atomically: a value another disk holds refuses the start) → one transaction
+  that creates the disk key and the path keys.
+- ``stop``: mark the disk key ``stopping`` → wait until the owners let go (see ``stop``) → delete the keys.
+  Refused while initiators are logged in (as the agents report them) unless ``force``.
+- ``delete``: remove the image (``create``d disks) or the definition (``import``ed ones keep their image)
+  → drop the claims. Refused while started unless ``force`` (which stops it first).
+- ``update`` and ``resize``: claim (a new name) / grow the image → write the definition → touch the disk
+  key (``rev`` + 1, check-and-set) so the owners apply it without a stop.
 
 Secrets (CHAP passwords) are held in ``Chap`` objects, which never print them; nothing here logs.
 """
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import json
 import secrets
@@ -33,28 +38,29 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
-from agent.core import keys
-from agent.core import schema
-from agent.adapters.ceph import CephClient, CephError, CephNotFound, ImageBusy, ImageNotFound
-from agent.config import Config
+from agent.adapters.ceph import CephClient, CephError, CephNotFound, ImageBusy, ImageExists, ImageNotFound
 from agent.adapters.consul_store import ACQUIRE_BATCH, ConsulStore, TxnOps
-from agent.cli.clisession import cli_session
-from agent.core.model import DiskRecord
-from agent.core.store import next_index
-from agent.core.tree import decode_disk, disk_value, parse_tree
+from agent.cli import failpoints
+from agent.cli.clisession import TTL, cli_session, holder_is_gone
+from agent.cli.diskargs import AccessArgs, human_size, path_specs
+from agent.config import Config
+from agent.core import claims, keys, schema
+from agent.core.claims import Claim, ClaimValue, Held
+from agent.core.model import Chap, Disk, DiskRecord, PathKey
+from agent.core.store import MAX_TXN_OPS, next_index
+from agent.core.tree import decode_disk, disk_value, logins_by_disk, parse_tree
 from agent.errors import AgentError, DefinitionError
-from agent.core.model import Chap, Disk, PathKey, PathSpec
 
 IMAGE_PREFIX = "pathagent-"
 DEFAULT_IQN_BASE = "iqn.2016-05.io.pathagent"
-SECTOR = 512
 LIST_WORKERS = 8
+CLAIM_ATTEMPTS = 4
 
 
 class DiskError(AgentError):
-    """A disk operation was refused or failed; the message says why."""
+    """A disk operation was refused or failed; the message says why (exit 1)."""
 
 
 class DiskNotFound(DiskError):
@@ -62,7 +68,19 @@ class DiskNotFound(DiskError):
 
 
 class DiskStateError(DiskError):
-    """The disk is in the wrong state for the operation (started / not started)."""
+    """The disk is in the wrong state for the operation (started / not started / unfinished)."""
+
+
+class DiskConflict(DiskError):
+    """A name, IQN or path IP is another disk's."""
+
+
+class DiskBusy(DiskError):
+    """Another command works on the disk right now, or initiators use it."""
+
+
+class NeedsFlag(DiskError):
+    """The change does more than the options say; the message names the flag that confirms it."""
 
 
 def image_name(disk_id: str) -> str:
@@ -78,6 +96,57 @@ def validated(disk: Disk) -> Disk:
     return dataclasses.replace(schema.from_dict(schema.to_dict(disk), disk.id), pool=disk.pool, image=disk.image)
 
 
+def label(disk_id: str, name: str | None) -> str:
+    return f"{disk_id} ({name})" if name else disk_id
+
+
+def access_text(disk: Disk) -> str:
+    """One line an admin reads after every access change."""
+    if disk.initiators is None:
+        who = "any initiator"
+    elif disk.initiators:
+        who = "only " + ", ".join(disk.initiators)
+    else:
+        who = "no initiator (locked)"
+    if disk.chap is None:
+        auth = "no CHAP"
+    else:
+        auth = f"CHAP user {disk.chap.user}" + (f", mutual CHAP user {disk.mutual_chap.user}"
+                                               if disk.mutual_chap else "")
+    return f"access: {who}; {auth}"
+
+
+@dataclass(frozen=True)
+class NewDisk:
+    """What ``create`` and ``import`` were asked for (already checked by ``agent.cli.diskargs``)."""
+
+    name: str
+    paths: tuple[tuple[str, int], ...]
+    access: AccessArgs
+    size: int = 0                      # create only
+    pool: str | None = None            # create only (default ``[ceph] pool``)
+    image: tuple[str, str] | None = None   # import only: (pool, image)
+    iqn: str | None = None
+    serial: str | None = None          # import only
+
+    @property
+    def op(self) -> str:
+        return "import" if self.image is not None else "create"
+
+
+@dataclass(frozen=True)
+class AccessChange:
+    """``disk update``'s access options. ``open_``: True (``--open``), False (``--closed``) or None."""
+
+    initiators: tuple[str, ...] | None = None
+    add: tuple[str, ...] = ()
+    remove: tuple[str, ...] = ()
+    open_: bool | None = None
+    admit_none: bool = False
+    chap: Chap | None | bool = True            # a Chap sets it, None removes it, True keeps it
+    mutual_chap: Chap | None | bool = True
+
+
 @dataclass(frozen=True)
 class DiskInfo:
     """One disk as ``list``/``show`` see it: where it lives, whether it is started, and its definition or
@@ -89,18 +158,38 @@ class DiskInfo:
     started: bool
     disk: Disk | None = None
     error: DefinitionError | None = None
+    name: str = ""                     # from its name claim, when the definition cannot tell
+    undefined: bool = False            # the image has no definition at all (or is gone)
+
+
+@dataclass(frozen=True)
+class Located:
+    """Where a disk is: its image, its record while started, its name claim (``None`` for disks made
+    before claims existed, or by other tools)."""
+
+    id: str
+    pool: str
+    image: str
+    record: DiskRecord | None
+    claim: Held | None
+
+    @property
+    def imported(self) -> bool:
+        return self.image != image_name(self.id)
 
 
 class Disks:
     """Disk lifecycle operations on one Consul store and one Ceph cluster, as configured by ``cfg``."""
 
-    def __init__(self, cfg: Config, store: ConsulStore, ceph: CephClient) -> None:
+    def __init__(self, cfg: Config, store: ConsulStore, ceph: CephClient,
+                 step: Callable[[str], None] = failpoints.reached) -> None:
         self.cfg = cfg
         self.store = store
         self.ceph = ceph
         self.prefix = store.prefix
+        self.step = step
 
-    # --- lookups -----------------------------------------------------------------------------------------
+    # --- Consul reads ---------------------------------------------------------------------------------
     def record(self, disk_id: str) -> DiskRecord | None:
         """The started (or stopping) disk's record, or ``None`` when the disk is not started."""
         e = self.store.get(keys.disk_key(self.prefix, disk_id))
@@ -118,73 +207,145 @@ class Disks:
         view = parse_tree(self.prefix, entries, index)
         return {d: r for d, r in view.disks.items() if r.pool and r.image}
 
-    def locate(self, disk_id: str, pool: str | None = None) -> tuple[str, str, DiskRecord | None]:
-        """``(pool, image, record)`` of ``disk_id``: from its disk key when started, else the image
-        ``pathagent-<id>`` in ``pool`` (default ``[ceph] pool``). ``DiskNotFound`` if neither exists."""
-        if not keys.DISK_ID_RE.fullmatch(disk_id):
-            raise DiskNotFound(f"{disk_id!r} is not a disk id")
+    def claims(self) -> dict[Claim, Held]:
+        entries = self.store.read_under(keys.claims_prefix(self.prefix))
+        return claims.read(self.prefix, ((e.key, e.value, e.modify_index, e.session) for e in entries))
+
+    def logins(self, disk_id: str) -> dict[str, frozenset[str]]:
+        """Node -> initiators logged in on it to ``disk_id``, as the live agents last reported (every few
+        seconds; see docs/disks.md)."""
+        entries = self.store.read_under(keys.logins_prefix(self.prefix))
+        return dict(logins_by_disk(self.prefix, entries).get(disk_id, {}))
+
+    # --- finding a disk ---------------------------------------------------------------------------------
+    def resolve(self, ref: str, pool: str | None = None, held: Mapping[Claim, Held] | None = None) -> Located:
+        """The disk ``ref`` names, by id or by name. By id: its disk key, its name claim, or the image
+        ``pathagent-<id>`` in ``pool`` (default ``[ceph] pool``). By name: its name claim, else (disks
+        without claims) a scan of the definitions. ``DiskNotFound`` when nothing matches; ``DiskError``
+        when ``ref`` is the name of one disk and the id of another."""
+        held = self.claims() if held is None else held
+        reg = claims.registry(held)
+        by_name = held.get(claims.name_claim(ref))
+        name_id = by_name.disk if by_name is not None else None
+        by_id = self._locate_id(ref, pool, reg) if keys.DISK_ID_RE.fullmatch(ref) else None
+        if by_id is not None and name_id is not None and name_id != ref:
+            raise DiskError(f"{ref!r} is the id of one disk and the name of disk {name_id}; give the id "
+                            f"{name_id} for the latter")
+        if by_id is not None:
+            return by_id
+        if name_id is not None:
+            found = self._locate_id(name_id, None, reg)
+            if found is not None:
+                return found
+        matches = [i for i in self.list(() if pool is None else (pool,)) if i.disk is not None
+                   and i.disk.name.lower() == ref.lower()]
+        if len(matches) > 1:
+            raise DiskError(f"several disks are named {ref!r} ({', '.join(i.id for i in matches)}); give the id")
+        if matches:
+            m = matches[0]
+            return Located(m.id, m.pool, m.image, self.record(m.id), None)
+        raise DiskNotFound(f"no disk {ref!r}: no disk has that id or name")
+
+    def _locate_id(self, disk_id: str, pool: str | None,
+                   reg: Mapping[str, tuple[Claim, Held]]) -> Located | None:
         rec = self.record(disk_id)
+        entry = reg.get(disk_id)
+        held = entry[1] if entry is not None else None
         if rec is not None:
-            return rec.pool, rec.image, rec
+            return Located(disk_id, rec.pool, rec.image, rec, held)
+        if held is not None and held.value is not None:
+            return Located(disk_id, held.value.pool, held.value.image, None, held)
         p = pool or self.cfg.ceph.pool
-        image = image_name(disk_id)
-        if not self.ceph.image_exists(p, image):
-            raise DiskNotFound(f"no disk {disk_id}: no image {p}/{image} and it is not started")
-        return p, image, None
+        if self.ceph.image_exists(p, image_name(disk_id)):
+            return Located(disk_id, p, image_name(disk_id), None, None)
+        return None
 
-    def load(self, disk_id: str, pool: str, image: str) -> Disk:
-        """The validated definition stored on ``pool/image``; ``DefinitionError`` when invalid or absent."""
-        info = self._info(disk_id, pool, image, False, self.ceph.get_meta(pool, image, schema.META_KEY))
-        if info.disk is None:
-            assert info.error is not None
-            raise info.error
-        return info.disk
+    def _document(self, pool: str, image: str) -> str | None:
+        try:
+            return self.ceph.get_meta(pool, image, schema.META_KEY)
+        except CephNotFound:
+            return None
 
-    def show(self, disk_id: str, pool: str | None = None) -> DiskInfo:
-        p, image, rec = self.locate(disk_id, pool)
-        return self._info(disk_id, p, image, rec is not None, self.ceph.get_meta(p, image, schema.META_KEY))
+    def load(self, loc: Located) -> Disk:
+        """The validated definition of a located disk: ``DefinitionError`` when it is invalid,
+        ``DiskStateError`` when it was never finished (an interrupted create or import)."""
+        info = self._info(loc.id, loc.pool, loc.image, loc.record is not None, self._document(loc.pool, loc.image))
+        if info.disk is not None:
+            return info.disk
+        if info.undefined and loc.claim is not None and loc.record is None:
+            raise DiskStateError(self._unfinished(loc.id, loc.claim))
+        assert info.error is not None
+        raise info.error
 
-    def list(self, pools: Sequence[str] = ()) -> list[DiskInfo]:
-        """Every disk: the images carrying ``pathagent.disk`` in ``pools`` (default ``[ceph] pool``) and
-        in the pools of started disks, plus started disks whose image is gone (with the error)."""
+    def _unfinished(self, disk_id: str, held: Held) -> str:
+        v = held.value
+        assert v is not None
+        return (f"disk {label(disk_id, v.name)} is unfinished: its `disk {v.op or 'create'}` was interrupted "
+                f"before {v.pool}/{v.image} got its definition; run the same command again to finish it, "
+                f"or `pathagent disk delete {disk_id}` to drop it")
+
+    def show(self, ref: str, pool: str | None = None) -> DiskInfo:
+        loc = self.resolve(ref, pool)
+        info = self._info(loc.id, loc.pool, loc.image, loc.record is not None, self._document(loc.pool, loc.image))
+        if info.undefined and loc.claim is not None and loc.claim.value is not None and loc.record is None:
+            return dataclasses.replace(info, error=DefinitionError(loc.id, "(document)",
+                                                                   self._unfinished(loc.id, loc.claim)),
+                                       name=loc.claim.value.name)
+        return info
+
+    def list(self, pools: Sequence[str] = (), held: Mapping[Claim, Held] | None = None) -> list[DiskInfo]:
+        """Every disk: the images carrying ``pathagent.disk`` in ``pools`` (default: ``[ceph] pool``, the
+        pools of started disks and of claimed ones), started disks whose image is gone, and unfinished
+        disks (claims without a definition), each with its error."""
         recs = self.records()
-        scan = list(dict.fromkeys([*(pools or [self.cfg.ceph.pool]), *(r.pool for r in recs.values())]))
+        held = self.claims() if held is None else held
+        reg = claims.registry(held)
+        asked = list(pools) or [self.cfg.ceph.pool]
+        scan = list(dict.fromkeys([*asked, *(r.pool for r in recs.values()),
+                                   *(() if pools else (h.value.pool for _, h in reg.values() if h.value))]))
         located: dict[tuple[str, str], str] = {(r.pool, r.image): d for d, r in recs.items()}
+        located.update({(h.value.pool, h.value.image): d for d, (_, h) in reg.items() if h.value})
         images: list[tuple[str, str]] = []
         for p in scan:
             try:
                 images += [(p, i) for i in self.ceph.list_images(p)]
             except CephError:
-                if p in (pools or [self.cfg.ceph.pool]):
+                if p in asked:
                     raise
 
-        def read(pool_image: tuple[str, str]) -> str | None:
-            try:
-                return self.ceph.get_meta(*pool_image, schema.META_KEY)
-            except CephNotFound:  # removed since it was listed
-                return None
-
         with ThreadPoolExecutor(LIST_WORKERS) as ex:
-            docs = list(ex.map(read, images))
+            docs = list(ex.map(lambda pi: self._document(*pi), images))
         out: dict[str, DiskInfo] = {}
         for (p, image), doc in zip(images, docs):
             disk_id = located.get((p, image)) or (_id_of(image, doc) if doc is not None else None)
-            if disk_id is None:
+            if disk_id is None or (doc is None and (p, image) not in located):
                 continue
-            info = self._info(disk_id, p, image, (p, image) in located, doc)
+            info = self._info(disk_id, p, image, disk_id in recs, doc)
             if disk_id not in out or info.started:
                 out[disk_id] = info
         for disk_id, r in recs.items():
             if disk_id not in out:
                 out[disk_id] = DiskInfo(disk_id, r.pool, r.image, True, error=DefinitionError(
                     disk_id, "(document)", f"started, but image {r.pool}/{r.image} does not exist"))
+        for disk_id, (_, h) in reg.items():
+            v = h.value
+            assert v is not None
+            if (pools and v.pool not in pools) or (disk_id in out and not out[disk_id].undefined):
+                continue
+            sess = self.store.session_info(h.session) if h.session is not None else None
+            if sess is not None and not holder_is_gone(sess):
+                why = f"being {'imported' if v.op == 'import' else 'created'} by another command"
+            else:
+                why = self._unfinished(disk_id, h)
+            out[disk_id] = DiskInfo(disk_id, v.pool, v.image, disk_id in recs, name=v.name,
+                                    error=DefinitionError(disk_id, "(document)", why))
         return [out[d] for d in sorted(out)]
 
     @staticmethod
     def _info(disk_id: str, pool: str, image: str, started: bool, doc: str | None) -> DiskInfo:
         """``DiskInfo`` of a stored document (``None``: the image has no definition)."""
         if doc is None:
-            return DiskInfo(disk_id, pool, image, started, error=DefinitionError(
+            return DiskInfo(disk_id, pool, image, started, undefined=True, error=DefinitionError(
                 disk_id, "(document)", f"image {pool}/{image} has no {schema.META_KEY} metadata"))
         try:
             disk = dataclasses.replace(schema.parse(doc, disk_id), pool=pool, image=image)
@@ -192,86 +353,306 @@ class Disks:
         except DefinitionError as e:
             return DiskInfo(disk_id, pool, image, started, error=e)
 
-    # --- create, delete ----------------------------------------------------------------------------------
-    def new_id(self, pool: str) -> str:
-        """8 random lowercase hex digits naming neither an image in ``pool`` nor a started disk."""
+    # --- claims -------------------------------------------------------------------------------------------
+    def _definitions(self, held: Mapping[Claim, Held]) -> dict[str, frozenset[Claim]]:
+        """The claims every valid definition implies (disks without claim keys included)."""
+        return {i.id: claims.of_disk(i.disk) for i in self.list(held=held) if i.disk is not None}
+
+    def _claim(self, disk_id: str, want: frozenset[Claim], value: ClaimValue, held: Mapping[Claim, Held],
+               name: str, lock: str | None = None, definitions: Mapping[str, frozenset[Claim]] = {}) -> None:
+        """Make ``disk_id``'s claim keys exactly ``want``, all or nothing (the drops, ours anyway, in a
+        second transaction). The name claim carries ``value``'s name and op and is locked by ``lock``
+        when given. ``DiskConflict`` naming every value another disk holds."""
+        for _ in range(CLAIM_ATTEMPTS):
+            found = claims.conflicts(disk_id, want, held, definitions)
+            if found:
+                raise DiskConflict(f"disk {label(disk_id, name)}: " + "; ".join(c.message() for c in found))
+            plan = claims.plan(disk_id, want, held)
+            name_c = claims.name_claim(name)
+            plain = dataclasses.replace(value, name="", op="").encode()
+            ops = TxnOps()
+            for c, index in [*((c, 0) for c in plan.create), *plan.keep]:
+                k = keys.claim_key(self.prefix, *c)
+                if c == name_c:
+                    if lock is not None:
+                        (ops.check_not_exists(k) if index == 0 else ops.check_index(k, index)).lock(
+                            k, value.encode(), lock)
+                    else:
+                        ops.cas(k, value.encode(), index)
+                elif index == 0 or (held[c].value != dataclasses.replace(value, name="", op="")):
+                    ops.cas(k, plain, index)
+                else:
+                    ops.check_index(k, index)
+            if len(ops.ops) > MAX_TXN_OPS:
+                raise DiskError(f"disk {disk_id}: too many values to claim in one transaction")
+            if not ops.ops or self.store.txn(ops).ok:
+                drops = TxnOps()
+                for c, index in plan.drop:
+                    drops.delete_cas(keys.claim_key(self.prefix, *c), index)
+                for i in range(0, len(drops.ops), MAX_TXN_OPS):
+                    self.store.txn(TxnOps(drops.ops[i:i + MAX_TXN_OPS]))   # ours: a refusal is a later change
+                return
+            held = self.claims()     # something changed meanwhile: look again
+        raise DiskError(f"disk {disk_id}: its claims keep changing; run the command again")
+
+    def _release(self, disk_id: str, held: Mapping[Claim, Held]) -> None:
+        ops = TxnOps()
+        for c, h in sorted(held.items()):
+            if h.disk == disk_id:
+                ops.delete_cas(keys.claim_key(self.prefix, *c), h.modify_index)
+        for i in range(0, len(ops.ops), MAX_TXN_OPS):
+            self.store.txn(TxnOps(ops.ops[i:i + MAX_TXN_OPS]))
+
+    def _unlock(self, disk_id: str, name: str, value: ClaimValue, sid: str) -> None:
+        k = keys.claim_key(self.prefix, *claims.name_claim(name))
+        self.store.txn(TxnOps().unlock(k, value.encode(), sid))  # refused only if no longer ours: fine
+
+    def _wait_free(self, h: Held, name: str) -> None:
+        """The name claim ``h`` is locked: refuse while its command runs; end the session of a command
+        on this host that was killed (it would hold the claim for up to twice its TTL)."""
+        assert h.session is not None
+        info = self.store.session_info(h.session)
+        if info is not None and holder_is_gone(info):
+            self.store.destroy_session(h.session)
+            return
+        if info is not None:
+            v = h.value
+            raise DiskBusy(f"disk {label(h.disk or '?', name)} is being {'imported' if v and v.op == 'import' else 'created'} "
+                           f"by another pathagent command ({info.name.partition(': ')[2] or info.id}); if that "
+                           f"command was killed on another host, its session ends within {2 * TTL:g}s: run "
+                           "this again then")
+
+    # --- create, import ------------------------------------------------------------------------------------
+    def new_id(self, pool: str, held: Mapping[Claim, Held]) -> str:
+        """8 random lowercase hex digits naming no image in ``pool``, no started disk and no claimed one."""
         taken = set(self.ceph.list_images(pool))
+        reg = claims.registry(held)
         for _ in range(20):
             disk_id = secrets.token_hex(4)
-            if image_name(disk_id) not in taken and self.record(disk_id) is None:
+            if image_name(disk_id) not in taken and disk_id not in reg and self.record(disk_id) is None:
                 return disk_id
         raise DiskError("could not find an unused disk id")
 
-    def create(self, name: str, size: int, paths: Sequence[tuple[str, int]], pool: str | None = None,
-               iqn: str | None = None, initiators: Sequence[str] = (), open_: bool = False,
-               chap: Chap | None = None, mutual_chap: Chap | None = None) -> Disk:
-        """Create the image and its definition; returns the new ``Disk``. Raises ``DefinitionError`` for an
-        invalid definition (nothing is created then), ``DiskError`` for an unusable size."""
-        if size <= 0 or size % SECTOR:
-            raise DiskError(f"size {size}: must be a positive multiple of {SECTOR} bytes")
-        p = pool or self.cfg.ceph.pool
-        disk_id = self.new_id(p)
-        if open_ and initiators:
-            raise DefinitionError(disk_id, "open", "an open disk takes no initiator list")
-        disk = validated(Disk(
-            id=disk_id, name=name, iqn=iqn or default_iqn(disk_id), serial=str(uuid.uuid4()),
-            paths=tuple(PathSpec(index=i, ip=ip, prefix=prefix) for i, (ip, prefix) in enumerate(paths, 1)),
-            pool=p, image=image_name(disk_id), size=size,
-            initiators=None if open_ else tuple(initiators), chap=chap, mutual_chap=mutual_chap))
-        self.ceph.create_image(p, disk.image, size)
-        try:
-            self.ceph.set_meta(p, disk.image, schema.META_KEY, schema.dump(disk))
-        except BaseException:
-            try:
-                self.ceph.remove_image(p, disk.image)
-            except CephError:
-                pass
-            raise
-        return disk
+    def _build(self, req: NewDisk, disk_id: str, pool: str, image: str, size: int,
+               serial: str | None = None) -> Disk:
+        a = req.access
+        return validated(Disk(
+            id=disk_id, name=req.name, iqn=req.iqn or default_iqn(disk_id),
+            serial=req.serial or serial or str(uuid.uuid4()), paths=path_specs(req.paths), pool=pool, image=image,
+            size=size, initiators=a.initiators, chap=a.chap, mutual_chap=a.mutual_chap))
 
-    def delete(self, disk_id: str, pool: str | None = None, wait: float = 10.0) -> tuple[str, str]:
-        """Remove the disk's image. Refused while the disk is started. Retries for up to ``wait`` seconds
-        while a gateway still has the image open. Returns ``(pool, image)``."""
-        p, image, rec = self.locate(disk_id, pool)
-        if rec is not None:
-            raise DiskStateError(f"disk {disk_id} is started; stop it first (pathagent disk stop {disk_id})")
+    @staticmethod
+    def _same(req: NewDisk, disk: Disk) -> builtins.list[str]:
+        """The fields where ``disk`` differs from what ``req`` asks for ([] = the same disk)."""
+        a = req.access
+        diff = []
+        if req.op == "create" and disk.size != req.size:
+            diff.append(f"size {human_size(disk.size)}")
+        if tuple((p.ip, p.prefix) for p in disk.paths) != req.paths:
+            diff.append("paths " + " ".join(f"{p.ip}/{p.prefix}" for p in disk.paths))
+        if req.iqn and disk.iqn != req.iqn:
+            diff.append(f"iqn {disk.iqn}")
+        if req.serial and disk.serial != req.serial:
+            diff.append(f"serial {disk.serial}")
+        if (disk.initiators is None) != (a.initiators is None) or set(disk.initiators or ()) != set(a.initiators or ()):
+            diff.append("initiators")
+        if disk.chap != a.chap or disk.mutual_chap != a.mutual_chap:
+            diff.append("CHAP")
+        return diff
+
+    def _existing(self, req: NewDisk, held: Mapping[Claim, Held]) -> tuple[str | None, Disk | None]:
+        """What the name claim of ``req.name`` says: ``(None, None)`` free; ``(id, disk)`` a finished disk
+        with that name; ``(id, None)`` an interrupted ``req.op`` of the same target this command finishes.
+        Raises when the name is another disk's or another command's."""
+        h = held.get(claims.name_claim(req.name))
+        if h is None:
+            return None, None
+        if h.value is None:
+            raise DiskConflict(f"the name {req.name} is claimed by an unreadable key "
+                               f"{keys.claim_key(self.prefix, *claims.name_claim(req.name))}")
+        if h.session is not None:
+            self._wait_free(h, req.name)
+        v = h.value
+        doc = self._document(v.pool, v.image)
+        if doc is not None:
+            info = self._info(v.disk, v.pool, v.image, False, doc)
+            if info.disk is None:
+                raise DiskConflict(f"the name {req.name} is disk {v.disk}'s (its definition is invalid: "
+                                   f"{info.error})")
+            return v.disk, info.disk
+        want = req.image if req.image is not None else (req.pool or self.cfg.ceph.pool, image_name(v.disk))
+        if (v.op or "create") != req.op or (v.pool, v.image) != want:
+            raise DiskConflict(self._unfinished(v.disk, h) + f"; it is not this {req.op}")
+        return v.disk, None
+
+    def create(self, req: NewDisk) -> tuple[Disk, bool]:
+        """Create the image and its definition. Returns ``(disk, False)``, or ``(disk, True)`` when a disk
+        with this name and this definition exists already (nothing changed). ``DiskConflict`` when the
+        name, IQN or an IP is another disk's; ``DefinitionError`` cannot happen for checked arguments."""
+        pool = req.pool or self.cfg.ceph.pool
+        for _ in range(CLAIM_ATTEMPTS):
+            held = self.claims()
+            disk_id, done = self._existing(req, held)
+            if done is not None:
+                diff = self._same(req, done)
+                if diff:
+                    raise DiskConflict(f"a disk named {req.name} exists already ({done.id}), with another "
+                                       f"definition ({', '.join(diff)})")
+                return done, True
+            disk_id = disk_id or self.new_id(pool, held)
+            image = image_name(disk_id)
+            disk = self._build(req, disk_id, pool, image, req.size)
+            value = ClaimValue(disk_id, pool, image, req.name, "create")
+            with cli_session(self.store, f"create disk {req.name}", behavior="release") as sid:
+                try:
+                    self._claim(disk_id, claims.of_disk(disk), value, held, req.name, sid,
+                                self._definitions(held))
+                except DiskConflict:
+                    if claims.name_claim(req.name) in self.claims() and claims.name_claim(req.name) not in held:
+                        continue        # another command took the name meanwhile: look at it again
+                    raise
+                self.step("create:claimed")
+                self._make_image(pool, image, req.size)
+                self.step("create:image")
+                self.ceph.set_meta(pool, image, schema.META_KEY, schema.dump(disk))
+                self.step("create:defined")
+                self._unlock(disk_id, req.name, value, sid)
+            return disk, False
+        raise DiskError(f"the name {req.name} keeps changing hands; run the command again")
+
+    def _make_image(self, pool: str, image: str, size: int) -> None:
+        """Create ``pool/image`` of ``size``; one left by an interrupted create (no definition, so never
+        served) of another size is made again."""
+        try:
+            self.ceph.create_image(pool, image, size)
+            return
+        except ImageExists:
+            pass
+        if self.ceph.image_size(pool, image) != size:
+            self.ceph.remove_image(pool, image)
+            self.ceph.create_image(pool, image, size)
+
+    def import_(self, req: NewDisk) -> tuple[Disk, bool]:
+        """Make the existing image ``req.image`` a disk: its definition is written as metadata, its data is
+        not touched, its size is what it is. ``(disk, True)`` when it is this disk already."""
+        assert req.image is not None
+        pool, image = req.image
+        if not self.ceph.image_exists(pool, image):
+            raise DiskNotFound(f"--image {pool}/{image}: no such image")
+        for _ in range(CLAIM_ATTEMPTS):
+            held = self.claims()
+            mine = held.get(claims.name_claim(req.name))
+            if mine is not None and mine.session is not None:
+                self._wait_free(mine, req.name)      # a killed import of ours: end its session first
+            doc = self._document(pool, image)
+            if doc is not None:
+                other = _id_of(image, doc)
+                info = self._info(other, pool, image, False, doc) if other else None
+                if info is None or info.disk is None:
+                    raise DiskStateError(f"image {pool}/{image} carries a {schema.META_KEY} definition that is "
+                                         f"not valid ({info.error if info else 'no disk id'}); remove it first "
+                                         f"(rbd image-meta remove {pool}/{image} {schema.META_KEY})")
+                diff = self._same(req, info.disk)
+                if info.disk.name != req.name or diff:
+                    raise DiskStateError(f"image {pool}/{image} is disk {label(info.disk.id, info.disk.name)} "
+                                         f"already" + (f" (differing in {', '.join(diff)})" if diff else ""))
+                return info.disk, True
+            for c, h in held.items():
+                if h.value is not None and (h.value.pool, h.value.image) == (pool, image) and c[0] == "name" \
+                        and c != claims.name_claim(req.name):
+                    raise DiskConflict(f"image {pool}/{image} is being imported as disk "
+                                       f"{label(h.value.disk, h.value.name)}: " + self._unfinished(h.value.disk, h))
+            disk_id, done = self._existing(req, held)
+            if done is not None:
+                raise DiskConflict(f"a disk named {req.name} exists already ({done.id}, {done.pool}/{done.image})")
+            disk_id = disk_id or self.new_id(pool, held)
+            disk = self._build(req, disk_id, pool, image, self.ceph.image_size(pool, image))
+            value = ClaimValue(disk_id, pool, image, req.name, "import")
+            with cli_session(self.store, f"import disk {req.name}", behavior="release") as sid:
+                try:
+                    self._claim(disk_id, claims.of_disk(disk), value, held, req.name, sid,
+                                self._definitions(held))
+                except DiskConflict:
+                    if claims.name_claim(req.name) in self.claims() and claims.name_claim(req.name) not in held:
+                        continue
+                    raise
+                self.step("import:claimed")
+                self.ceph.set_meta(pool, image, schema.META_KEY, schema.dump(disk))
+                self.step("import:defined")
+                self._unlock(disk_id, req.name, value, sid)
+            return disk, False
+        raise DiskError(f"the name {req.name} keeps changing hands; run the command again")
+
+    # --- delete -------------------------------------------------------------------------------------------
+    def delete(self, ref: str, pool: str | None = None, wait: float = 10.0, force: bool = False,
+               timeout: float = 60.0, progress: Callable[[str], None] = lambda msg: None) -> tuple[Located, str]:
+        """Remove the disk: the image and its data for a disk ``create`` made; only the definition for an
+        imported image (its data stays). Then its claims. Refused while started, unless ``force`` (then it
+        is stopped first, cutting off its initiators). Retries for up to ``wait`` seconds while a gateway
+        still has the image open. Returns where it was and what was removed."""
+        held = self.claims()
+        loc = self.resolve(ref, pool, held)
+        if loc.record is not None:
+            if not force:
+                raise DiskStateError(f"disk {loc.id} is started; stop it first (pathagent disk stop {loc.id}), "
+                                     "or add --force to stop and delete it")
+            self.stop(loc.id, timeout=timeout, force=True, progress=progress)
+        if loc.imported:
+            try:
+                self.ceph.remove_meta(loc.pool, loc.image, schema.META_KEY)
+                what = f"definition removed from {loc.pool}/{loc.image}; the image and its data are kept"
+            except ImageNotFound:
+                what = f"image {loc.pool}/{loc.image} was gone already"
+        else:
+            what = self._remove_image(loc, wait)
+        self.step("delete:removed")
+        self._release(loc.id, self.claims())
+        return loc, what
+
+    def _remove_image(self, loc: Located, wait: float) -> str:
         end = time.monotonic() + wait
         while True:
             try:
-                self.ceph.remove_image(p, image)
-                return p, image
+                self.ceph.remove_image(loc.pool, loc.image)
+                return f"{loc.pool}/{loc.image} removed"
             except ImageNotFound:
-                raise DiskNotFound(f"no disk {disk_id}: image {p}/{image} is gone") from None
+                if loc.claim is None:
+                    raise DiskNotFound(f"no disk {loc.id}: image {loc.pool}/{loc.image} is gone") from None
+                return f"image {loc.pool}/{loc.image} was gone already"
             except ImageBusy:
                 if time.monotonic() >= end:
                     raise
                 time.sleep(0.5)
 
     # --- start, stop ---------------------------------------------------------------------------------
-    def start(self, disk_id: str, pool: str | None = None) -> Disk:
-        """Create the disk key and its path keys in one transaction. Refuses an invalid disk, a started one
-        and one that is still stopping (its owners have not all let go)."""
-        if not keys.DISK_ID_RE.fullmatch(disk_id):
-            raise DiskNotFound(f"{disk_id!r} is not a disk id")
-        rec = self.record(disk_id)               # Consul first: a started or stopping disk needs no Ceph call
+    def start(self, ref: str, pool: str | None = None) -> Disk:
+        """Claim the disk's values again (refused when another disk holds one), then create the disk key
+        and its path keys in one transaction. Refuses an invalid or unfinished disk, a started one and one
+        that is still stopping (its owners have not all let go)."""
+        held = self.claims()
+        loc = self.resolve(ref, pool, held)
+        disk_id, rec = loc.id, loc.record
         if rec is not None:
             if rec.stopping:
                 raise DiskStateError(f"disk {disk_id} is still stopping (an owner has not released its paths "
                                      f"yet); run `pathagent disk stop {disk_id}` to finish the stop first")
             raise DiskStateError(f"disk {disk_id} is already started")
-        p, image, rec = self.locate(disk_id, pool)
-        if rec is not None:
-            raise DiskStateError(f"disk {disk_id} is already started")
-        disk = self.load(disk_id, p, image)
+        disk = self.load(loc)
+        if loc.claim is not None and loc.claim.session is not None:
+            self._wait_free(loc.claim, disk.name)
+        self._claim(disk_id, claims.of_disk(disk), ClaimValue(disk_id, loc.pool, loc.image, disk.name,
+                                                              loc.claim.value.op if loc.claim and loc.claim.value
+                                                              else ""), held, disk.name)
+        self.step("start:claimed")
         dkey = keys.disk_key(self.prefix, disk_id)
         index, entries = self.store.read_tree()
         view = parse_tree(self.prefix, entries, index)
-        held = sorted(str(k) for k, st in view.paths.items() if k.disk == disk_id and st.session)
-        if held:
-            raise DiskStateError(f"disk {disk_id}: path keys {', '.join(held)} are still locked without a disk "
-                                 "key (written by something else?); they must be released first")
+        locked = sorted(str(k) for k, st in view.paths.items() if k.disk == disk_id and st.session)
+        if locked:
+            raise DiskStateError(f"disk {disk_id}: path keys {', '.join(locked)} are still locked without a "
+                                 "disk key (written by something else?); they must be released first")
         ops = (TxnOps().check_not_exists(dkey).delete_tree(keys.paths_prefix(self.prefix, disk_id))
-               .set(dkey, disk_value(p, image)))
+               .set(dkey, disk_value(loc.pool, loc.image)))
         for path in disk.paths:
             ops.set(keys.path_key(self.prefix, PathKey(disk_id, path.index)), b"")
         res = self.store.txn(ops)
@@ -279,10 +660,11 @@ class Disks:
             raise DiskStateError(f"disk {disk_id} is already started ({res.reason()})")
         return disk
 
-    def stop(self, disk_id: str, timeout: float = 60.0,
-             progress: Callable[[str], None] = lambda msg: None) -> bool:
-        """Stop a disk with its owners' acknowledgement; returns whether it was started. Idempotent (a stop
-        that timed out is finished by running it again).
+    def stop(self, ref: str, timeout: float = 60.0, force: bool = False,
+             progress: Callable[[str], None] = lambda msg: None) -> tuple[str, bool]:
+        """Stop a disk with its owners' acknowledgement; returns ``(id, whether it was started)``.
+        Idempotent (a stop that timed out is finished by running it again). Refused (``DiskBusy``) while
+        the owners report initiators logged in to it, unless ``force``.
 
         1. The disk key is marked ``stopping``: owners take the addresses down, unexport and release their
            paths explicitly, and nobody acquires them any more.
@@ -294,12 +676,21 @@ class Disks:
 
         ``DiskStateError`` (naming the paths and their holders) when owners have not let go within
         ``timeout`` seconds: the disk stays stopping (nobody serves it anew, ``disk start`` refuses)."""
-        if not keys.DISK_ID_RE.fullmatch(disk_id):
-            raise DiskNotFound(f"{disk_id!r} is not a disk id")
-        dkey = keys.disk_key(self.prefix, disk_id)
-        rec = self.record(disk_id)
+        disk_id = ref
+        rec = self.record(ref) if keys.DISK_ID_RE.fullmatch(ref) else None
         if rec is None:
-            return False
+            loc = self.resolve(ref)
+            disk_id, rec = loc.id, loc.record
+        if rec is None:
+            return disk_id, False
+        dkey = keys.disk_key(self.prefix, disk_id)
+        if not rec.stopping and not force:
+            who = self.logins(disk_id)
+            if who:
+                where = "; ".join(f"{', '.join(sorted(inits))} on {node}" for node, inits in sorted(who.items()))
+                n = len({i for inits in who.values() for i in inits})
+                raise DiskBusy(f"disk {disk_id}: {n} initiator(s) logged in ({where}); stopping cuts them off "
+                               "mid-I/O: log them out first, or add --force")
         for _ in range(5):
             if rec.stopping:
                 break
@@ -310,11 +701,13 @@ class Disks:
                 break
             rec = self.record(disk_id)
             if rec is None:
-                return False
+                return disk_id, False
         if not rec.stopping:
             raise DiskError(f"disk {disk_id}: its Consul key keeps changing; not stopped (run the command again)")
+        self.step("stop:marked")
         end = time.monotonic() + timeout
         index = 0
+        checked: set[str] = set()
         with cli_session(self.store, f"stop disk {disk_id}") as sid:
             while True:
                 got, entries = self.store.read_tree(index, wait=1.0) if index else self.store.read_tree()
@@ -331,54 +724,119 @@ class Disks:
                 held = {p: st for p, st in mine.items() if st.session not in (None, sid)}
                 if not held and all(st.session == sid for st in mine.values()):
                     break
+                self._end_dead_stops({st.session for st in held.values() if st.session} - set(view.nodes.values()),
+                                     checked)
                 if time.monotonic() >= end:
                     names = {s: s_node for s_node, s in view.nodes.items()}
-                    who = ", ".join(f"{p} by {st.node or names.get(st.session or '', 'an unknown session')}"
-                                    for p, st in sorted(held.items())) or \
+                    who_ = ", ".join(f"{p} by {st.node or names.get(st.session or '', 'an unknown session')}"
+                                     for p, st in sorted(held.items())) or \
                         ", ".join(f"{p} (in its lock-delay)" for p in free)
                     raise DiskStateError(f"disk {disk_id} is stopping, but not every owner has let go within "
-                                         f"{timeout:g}s: {who}. A frozen or cut-off owner loses its session "
+                                         f"{timeout:g}s: {who_}. A frozen or cut-off owner loses its session "
                                          f"and then the lock-delay runs out; run `pathagent disk stop "
                                          f"{disk_id}` again to finish")
+            self.step("stop:locked")
             ops = (TxnOps().delete_tree(keys.paths_prefix(self.prefix, disk_id))
                    .delete_tree(keys.disk_moves_prefix(self.prefix, disk_id)).delete(dkey))
             res = self.store.txn(ops)
             if not res.ok:
                 raise DiskError(f"disk {disk_id}: stop failed ({res.reason()})")
-        return True
+        return disk_id, True
 
-    # --- update ----------------------------------------------------------------------------------------
-    def update(self, disk_id: str, pool: str | None = None, name: str | None = None,
-               initiators: Sequence[str] | None = None, add_initiators: Sequence[str] = (),
-               remove_initiators: Sequence[str] = (), open_: bool | None = None,
-               chap: Chap | None | bool = True, mutual_chap: Chap | None | bool = True) -> Disk:
-        """Change the name or access control of a disk, started or not. ``initiators`` replaces the list;
-        ``open_=True`` admits any initiator, ``False`` only the list. ``chap``/``mutual_chap``: a ``Chap``
-        sets it, ``None`` removes it, ``True`` (default) keeps it. A started disk's owners apply the change
-        without a stop (the disk key is touched)."""
-        p, image, rec = self.locate(disk_id, pool)
-        old = self.load(disk_id, p, image)
-        current = list(old.initiators or ())
-        if initiators is not None:
-            current = list(initiators)
-        current += [i for i in add_initiators if i not in current]
-        current = [i for i in current if i not in set(remove_initiators)]
+    def _end_dead_stops(self, sessions: set[str], checked: set[str]) -> None:
+        """Path keys locked by a session that is no agent's: an earlier ``disk stop`` of this disk. If
+        that command was killed on this host, end its session now (``Behavior=delete``: its path keys go,
+        which is what it was about to do) rather than wait up to twice its TTL."""
+        for s in sorted(sessions - checked):
+            checked.add(s)
+            info = self.store.session_info(s)
+            if info is not None and holder_is_gone(info):
+                self.store.destroy_session(s)
+
+    # --- update, resize ------------------------------------------------------------------------------
+    def update(self, ref: str, pool: str | None = None, name: str | None = None,
+               access: AccessChange = AccessChange()) -> tuple[Disk, builtins.list[str]]:
+        """Change a disk's name or access, started or not; returns the new definition and notes for the
+        admin. A change of access that does more than its options say needs its flag (``NeedsFlag``):
+        closing an open disk (``--closed``), leaving no initiator admitted (``--admit-none``). A started
+        disk's owners apply the change at once (the disk key is touched)."""
+        held = self.claims()
+        loc = self.resolve(ref, pool, held)
+        old = self.load(loc)
+        notes: builtins.list[str] = []
         was_open = old.initiators is None
-        is_open = was_open if open_ is None else open_
-        if is_open and (initiators or add_initiators):
-            if open_:
-                raise DefinitionError(disk_id, "open", "an open disk takes no initiator list")
-            is_open = False  # giving initiators to an open disk closes it to everyone else
+        current = list(old.initiators or ())
+        if access.initiators is not None:
+            current = list(access.initiators)
+        for i in access.add:
+            if i in current:
+                notes.append(f"{i} was admitted already")
+            else:
+                current.append(i)
+        for i in access.remove:
+            if i in current:
+                current.remove(i)
+            else:
+                notes.append(f"{i} was not admitted; nothing to remove")
+        listed = access.initiators is not None or bool(access.add)
+        if access.open_ is True:
+            is_open = True
+            if current and not was_open:
+                notes.append(f"the list of {len(old.initiators or ())} initiator(s) is dropped: any initiator "
+                             "may log in now")
+        elif access.open_ is False:
+            is_open = False
+        elif was_open and listed:
+            raise NeedsFlag(f"disk {label(old.id, old.name)} admits any initiator; admitting a list closes it to "
+                            "every other initiator: add --closed to confirm")
+        else:
+            is_open = was_open
+        if not is_open and not current and not (not was_open and not old.initiators):
+            if not access.admit_none:
+                raise NeedsFlag(f"disk {label(old.id, old.name)}: this leaves no initiator admitted (every "
+                                "initiator is locked out): add --admit-none to confirm")
         new = validated(dataclasses.replace(
             old, name=name if name is not None else old.name,
             initiators=None if is_open else tuple(current),
-            chap=old.chap if chap is True else (chap or None),
-            mutual_chap=old.mutual_chap if mutual_chap is True else (mutual_chap or None)))
+            chap=old.chap if access.chap is True else (access.chap or None),
+            mutual_chap=old.mutual_chap if access.mutual_chap is True else (access.mutual_chap or None)))
+        if new.name != old.name:
+            self._claim(old.id, claims.of_disk(new), ClaimValue(old.id, loc.pool, loc.image, new.name,
+                                                                loc.claim.value.op if loc.claim and
+                                                                loc.claim.value else ""),
+                        held, new.name, definitions=self._definitions(held))
+            self.step("update:claimed")
+        if new == old:
+            notes.append("nothing changed")
+            return new, notes
+        self.ceph.set_meta(loc.pool, loc.image, schema.META_KEY, schema.dump(new))
+        self.step("update:defined")
+        if loc.record is not None:
+            self.touch(old.id, loc.record)
+        return new, notes
+
+    def resize(self, ref: str, size: int, pool: str | None = None) -> tuple[Disk, int]:
+        """Grow the disk to ``size`` bytes: the image first, then its definition, then the owners are woken
+        (they make the LUN report the new size). Shrinking is refused (``DiskStateError``): the end of the
+        disk would be lost under a filesystem that still uses it. Returns ``(disk, old size)``; the same
+        size again changes nothing."""
+        loc = self.resolve(ref, pool)
+        old = self.load(loc)
+        actual = self.ceph.image_size(loc.pool, loc.image)
+        was = max(old.size, actual)
+        if size < was:
+            raise DiskStateError(f"disk {label(old.id, old.name)} is {human_size(was)}; shrinking it to "
+                                 f"{human_size(size)} is refused (the data past the new end would be lost)")
+        if actual < size:
+            self.ceph.grow_image(loc.pool, loc.image, size)
+            self.step("resize:grown")
+        new = dataclasses.replace(old, size=size)
         if new != old:
-            self.ceph.set_meta(p, image, schema.META_KEY, schema.dump(new))
-        if rec is not None:
-            self.touch(disk_id, rec)
-        return new
+            self.ceph.set_meta(loc.pool, loc.image, schema.META_KEY, schema.dump(new))
+            self.step("resize:defined")
+            if loc.record is not None:
+                self.touch(old.id, loc.record)
+        return new, old.size
 
     def touch(self, disk_id: str, rec: DiskRecord, attempts: int = 5) -> None:
         """Rewrite the disk key with ``rev`` + 1 (check-and-set), waking every watcher and changing the
@@ -399,7 +857,7 @@ class Disks:
 
 def _id_of(image: str, doc: str) -> str | None:
     """The disk id of an image carrying a definition: from the image name ``pathagent-<id>``, else from the
-    document's ``id`` (images named otherwise, e.g. created by other tools)."""
+    document's ``id`` (images named otherwise: imported, or created by other tools)."""
     if image.startswith(IMAGE_PREFIX) and keys.DISK_ID_RE.fullmatch(image[len(IMAGE_PREFIX):]):
         return image[len(IMAGE_PREFIX):]
     try:

@@ -3,9 +3,7 @@ cluster and a real Consul server. Checks outputs (text and ``--json``), Consul k
 exit codes, and that the CHAP secrets never appear in any output."""
 from __future__ import annotations
 
-import base64
 import json
-import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -15,66 +13,10 @@ import pytest
 import requests
 
 from agent.core import schema
-from agent.adapters.ceph import CephClient
+from diskcli import INIT1, INIT2, MUTUAL, PATHAGENT, SECRET, Cli
 from lab.ceph import MicroCeph
 
 pytestmark = pytest.mark.ceph
-
-REPO = Path(__file__).resolve().parents[2]
-PATHAGENT = REPO / ".venv" / "bin" / "pathagent"
-SECRET = "Chap-Secret-0123"
-MUTUAL = "Mutual-Secret-4567"
-INIT1 = "iqn.1993-08.org.debian:01:host1"
-INIT2 = "iqn.1993-08.org.debian:01:host2"
-
-
-class Cli:
-    """Runs ``pathagent --config FILE ...``; every call asserts that no secret is printed."""
-
-    def __init__(self, tmp: Path, ceph: MicroCeph, consul: str, prefix: str) -> None:
-        self.consul = consul
-        self.prefix = prefix
-        self.config = tmp / "pathagent.toml"
-        self.config.write_text(self.config_text(ceph.conf_path, 3))
-        self.secret_file = tmp / "chap.pw"
-        self.secret_file.write_text(SECRET + "\n")
-        self.mutual_file = tmp / "mutual.pw"
-        self.mutual_file.write_text(MUTUAL)
-        self.ceph = CephClient(ceph.conf_path, "admin", 5.0)
-
-    def config_text(self, ceph_conf: str, timeout: float) -> str:
-        return (f'[consul]\naddress = "{self.consul}"\nprefix = "{self.prefix}"\n'
-                f'[ceph]\nconf = "{ceph_conf}"\npool = "rbd"\ntimeout = {timeout}\n'
-                '[target]\nbackend = "fake"\n[network]\nbackend = "none"\n')
-
-    def run(self, *args: str, config: Path | None = None) -> tuple[int, str, str]:
-        p = subprocess.run([str(PATHAGENT), "--config", str(config or self.config), *args],
-                           capture_output=True, text=True, timeout=60)
-        for secret in (SECRET, MUTUAL):
-            assert secret not in p.stdout and secret not in p.stderr, (args, p.stdout, p.stderr)
-        return p.returncode, p.stdout, p.stderr
-
-    def ok(self, *args: str) -> str:
-        rc, out, err = self.run(*args)
-        assert rc == 0, (args, rc, out, err)
-        return out
-
-    def json(self, *args: str) -> Any:
-        return json.loads(self.ok(*args, "--json"))
-
-    def create(self, name: str, *extra: str) -> str:
-        out = self.ok("disk", "create", name, "--size", "4M", "--path", "198.18.0.10/24",
-                      "--path", "198.18.1.10/24", *extra)
-        return out.strip().splitlines()[-1]
-
-    def kv(self) -> dict[str, Any]:
-        r = requests.get(f"http://{self.consul}/v1/kv/{self.prefix}/?recurse=true", timeout=5)
-        if r.status_code == 404:
-            return {}
-        r.raise_for_status()
-        return {e["Key"]: {"value": base64.b64decode(e["Value"]) if e.get("Value") else b"",
-                           "index": e["ModifyIndex"]} for e in r.json()}
-
 
 @pytest.fixture(scope="module")
 def cli(micro_ceph: MicroCeph, consul_http: str, tmp_path_factory: pytest.TempPathFactory) -> Any:
@@ -100,7 +42,8 @@ def test_create_show_list(cli: Cli) -> None:
     assert shown["id"] == disk_id and shown["name"] == "vm1" and shown["started"] is False
     assert shown["size"] == 4 << 20 and shown["initiators"] == [INIT1] and shown["open"] is False
     assert shown["chap"] == {"user": "alice", "password": "***"}
-    assert [(p["index"], p["ip"], p["prefix"]) for p in shown["paths"]] == [(1, "198.18.0.10", 24), (2, "198.18.1.10", 24)]
+    assert [(p["index"], p["ip"], p["prefix"]) for p in shown["paths"]] == [(1, f"198.19.{cli.n}.10", 24),
+                                                                           (2, f"198.19.{cli.n}.11", 24)]
     text = cli.ok("disk", "show", disk_id)
     assert "password ***" in text and INIT1 in text and "stopped" in text
     listed = {d["id"]: d for d in cli.json("disk", "list")}
@@ -121,11 +64,11 @@ def test_create_json_and_options(cli: Cli) -> None:
     (["--size", "10X", "--path", "198.18.0.1/24"], "--size"),
     (["--size", "1000", "--path", "198.18.0.1/24"], "multiple of 512"),
     (["--size", "1M", "--path", "198.18.0.1"], "IP/PREFIX"),
-    (["--size", "1M", "--path", "198.18.0.999/24"], "paths[0].ip"),
-    (["--size", "1M", "--path", "198.18.0.1/24", "--path", "198.18.0.1/24"], "paths[1].ip"),
-    (["--size", "1M", "--path", "198.18.0.1/24", "--iqn", "not-an-iqn"], "'iqn'"),
-    (["--size", "1M", "--path", "198.18.0.1/24", "--initiator", "bad iqn"], "initiators[0]"),
-    (["--size", "1M", "--path", "198.18.0.1/24", "--open", "--initiator", INIT1], "open"),
+    (["--size", "1M", "--path", "198.18.0.999/24"], "--path '198.18.0.999/24' (path 1)"),
+    (["--size", "1M", "--path", "198.18.0.1/24", "--path", "198.18.0.1/24"], "(path 2): the same IP as path 1"),
+    (["--size", "1M", "--path", "198.18.0.1/24", "--iqn", "not-an-iqn"], "--iqn"),
+    (["--size", "1M", "--path", "198.18.0.1/24", "--initiator", "bad iqn"], "--initiator"),
+    (["--size", "1M", "--path", "198.18.0.1/24", "--open", "--initiator", INIT1], "--open"),
     (["--size", "1M", "--path", "198.18.0.1/24", "--chap-user", "alice"], "go together"),
     (["--size", "1M", "--path", "198.18.0.1/24", "--chap-user", "alice", "--chap-password-file", "/nonexistent"],
      "No such file"),
@@ -143,13 +86,13 @@ def test_short_chap_secret_refused_without_echo(cli: Cli, tmp_path: Path) -> Non
     pw.write_text("tooShort9")
     rc, out, err = cli.run("disk", "create", "x", "--size", "1M", "--path", "198.18.0.1/24",
                            "--chap-user", "alice", "--chap-password-file", str(pw))
-    assert rc == 2 and "chap.password" in err and "tooShort9" not in out + err
+    assert rc == 2 and "--chap-password-file" in err and "12-255" in err and "tooShort9" not in out + err
 
 
 def test_start_stop_delete_lifecycle(cli: Cli) -> None:
     disk_id = cli.create("life", "--open")
     dkey = f"{cli.prefix}/disks/{disk_id}"
-    assert cli.json("disk", "start", disk_id) == {"id": disk_id, "started": True, "paths": [1, 2]}
+    assert cli.json("disk", "start", disk_id) == {"id": disk_id, "name": "life", "started": True, "paths": [1, 2]}
     kv = cli.kv()
     assert json.loads(kv[dkey]["value"]) == {"pool": "rbd", "image": f"pathagent-{disk_id}"}
     assert kv[f"{dkey}/1"]["value"] == b"" and kv[f"{dkey}/2"]["value"] == b""
@@ -215,7 +158,9 @@ def test_update_a_started_disk_wakes_watchers(cli: Cli) -> None:
     assert out["initiators"] == [INIT2] and out["chap"] is None
     assert json.loads(cli.kv()[dkey]["value"])["rev"] == 2
     assert cli.json("disk", "update", disk_id, "--open")["open"] is True
-    closed = cli.json("disk", "update", disk_id, "--closed")
+    rc, _, err = cli.run("disk", "update", disk_id, "--closed")          # would lock everyone out
+    assert rc == 1 and "--admit-none" in err
+    closed = cli.json("disk", "update", disk_id, "--closed", "--admit-none")
     assert closed["open"] is False and closed["initiators"] == []
     rc, _, err = cli.run("disk", "update", disk_id, "--open", "--initiator", INIT1)
     assert rc == 2 and "open" in err
