@@ -117,7 +117,9 @@ def _catalog(cfg: Config) -> Catalog:
 
 
 def path_rows(cfg: Config) -> list[dict[str, Any]]:
-    """Every path key with its owner, IP and state (``held``, ``free``, ``stopping``, ``invalid``)."""
+    """Every path key with its owner, IP and state (``held``, ``free``, ``stopping``, ``invalid``): the
+    keys ``disk``, ``index``, ``ip``, ``node``, ``state`` (a fixed contract), ``name`` (the disk's display
+    name; ``None`` when its definition cannot be read) and ``error`` for an invalid disk."""
     from agent.adapters.consul_store import ConsulStore
     store = ConsulStore(cfg.consul)
     try:
@@ -147,7 +149,7 @@ def path_rows(cfg: Config) -> list[dict[str, Any]]:
         state = ("invalid" if p.disk in errors else "stopping" if stopping
                  else "held" if st.session else "free")
         row: dict[str, Any] = {"disk": p.disk, "index": p.index, "ip": spec.ip if spec else None,
-                               "node": node, "state": state}
+                               "node": node, "state": state, "name": disk.name if disk else None}
         if p.disk in errors:
             row["error"] = errors[p.disk]
         rows.append(row)
@@ -166,16 +168,18 @@ def cmd_paths(args: argparse.Namespace, cfg: Config) -> int:
         rows = [r for r in rows if r["node"] == me]
     if args.node:
         rows = [r for r in rows if r["node"] == args.node]
-    lines = [f"{'PATH':<24} {'IP':<16} {'NODE':<16} STATE"]
+    w = max([16] + [len(r["name"] or "-") for r in rows])
+    lines = [f"{'PATH':<24} {'NAME':<{w}} {'IP':<16} {'NODE':<16} STATE"]
     for r in rows:
-        lines.append(f"{r['disk'] + '/' + str(r['index']):<24} {r['ip'] or '-':<16} {r['node'] or '-':<16} "
-                     f"{r['state']}" + (f" ({r['error']})" if "error" in r else ""))
+        lines.append(f"{r['disk'] + '/' + str(r['index']):<24} {r['name'] or '-':<{w}} {r['ip'] or '-':<16} "
+                     f"{r['node'] or '-':<16} {r['state']}" + (f" ({r['error']})" if "error" in r else ""))
     emit(args, rows, "\n".join(lines))
     return EXIT_OK
 
 
 def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
     from agent.adapters.consul_store import ConsulStore
+    from agent.runtime.report import label
     from agent.runtime.statedir import read_status
     store = ConsulStore(cfg.consul)
     try:
@@ -191,6 +195,9 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
     held = sum(1 for st in tree.paths.values() if st.session in sids)
     local = read_status(cfg.state_dir)
     running = bool(local.get("pid")) and os.path.exists(f"/proc/{local.get('pid')}")
+    names: dict[str, Any] = local.get("disk_names") or {}       # of the bad disks, where the agent knows it
+    if not isinstance(names, dict):
+        names = {}
     data = {
         "node": node, "consul_leader": leader or None, "leader": cluster_leader,
         "is_leader": cluster_leader == node, "drained": node in tree.drained,
@@ -202,6 +209,7 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
         "live_nodes": sorted(tree.nodes), "backend": cfg.target.backend,
         "exported": local.get("exported") if running else None,
         "bad_disks": local.get("bad_disks", {}) if running else {},
+        "disk_names": {d: n for d, n in names.items() if isinstance(n, str)} if running else {},
         "waiting_fence": bool(local.get("waiting_fence")) if running else None,
         "fence_error": (local.get("fence_error") or None) if running else None,
     }
@@ -219,7 +227,7 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
         f"paths:     {held} held here of {len(tree.paths)} ({len(tree.disks)} disks started, "
         f"{len(tree.nodes)} live nodes)",
         f"backend:   {cfg.target.backend}",
-    ] + [f"bad disk:  {d}: {m}" for d, m in sorted(data["bad_disks"].items())]
+    ] + [f"bad disk:  {label(d, data['disk_names'])}: {m}" for d, m in sorted(data["bad_disks"].items())]
       + (["fencing:   waiting for the leader to fence this node's previous session (it takes no path before)"]
          if data["waiting_fence"] else [])
       + ([f"fencing:   {data['fence_error']}"] if data["fence_error"] else []))

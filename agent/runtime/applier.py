@@ -12,6 +12,9 @@ Rules on top of the plan's order (agent.core.planner):
   is retried one path at a time; a refusal because of a lock-delay asks for another look in a second;
 - applying stops after ``budget`` seconds so that a long plan never runs on a stale snapshot: the loop
   plans again at once.
+
+Every log line names its path through ``label`` (``d15c0001/1 (vm)``: with the disk's display name where
+its definition is known).
 """
 from __future__ import annotations
 
@@ -21,8 +24,7 @@ from typing import Any, Callable, Mapping
 
 from agent.backend import NetworkBackend, TargetBackend
 from agent.core.model import (Acquire, AcquireLeader, Action, AddressDown, AddressUp, CleanUp, Disk, EndMove,
-                              Export,
-                              FenceNode, LockNodeRecord, PathKey, Plan, Release, RequestMove, Unexport)
+                              Export, FenceNode, LockNodeRecord, PathKey, Plan, Release, RequestMove, Unexport)
 from agent.core.store import CoordinationStore
 from agent.core.tree import leader_value, lock_value, move_value, node_value
 from agent.errors import CoordinationError, TransientBackendError
@@ -113,7 +115,9 @@ class Applier:
                  clock: Clock, node: str, backend_name: str, backoff: PathBackoff,
                  beat: Callable[[], None] = lambda: None, budget: float = 1.0,
                  fence_node: Callable[[FenceNode, str], None] | None = None,
-                 record: Callable[[], tuple[float, Mapping[str, Any]]] = lambda: (1.0, {})) -> None:
+                 record: Callable[[], tuple[float, Mapping[str, Any]]] = lambda: (1.0, {}),
+                 label: Callable[[PathKey], str] = str) -> None:
+        """``label``: how log lines name a path (``DefinitionCache.label``: with its disk's name)."""
         self.store = store
         self.target = target
         self.network = network
@@ -126,6 +130,7 @@ class Applier:
         self.budget = budget
         self.fence_node = fence_node
         self.record = record            # (weight, identity) that our node record publishes
+        self.label = label
 
     def apply(self, plan: Plan, session: str | None, current: Callable[[], str | None],
               stopping: bool = False) -> Effects:
@@ -155,7 +160,7 @@ class Applier:
                         self._acquire_one(a, session, fx)
                 elif isinstance(a, Release):
                     if a.path in not_down:
-                        log.error("keeping %s locked: it may still be served here", a.path)
+                        log.error("keeping %s locked: it may still be served here", self.label(a.path))
                         continue
                     if session is not None:
                         self._release(a.path, session, fx)
@@ -174,9 +179,9 @@ class Applier:
                     if res.ok:
                         fx.moves += 1
                         fx.moved[a.path] = a.node
-                        log.info("leader: moving %s to %s (balance)", a.path, a.node)
+                        log.info("leader: moving %s to %s (balance)", self.label(a.path), a.node)
                     else:
-                        log.info("leader: move of %s refused: %s", a.path, res.reason())
+                        log.info("leader: move of %s refused: %s", self.label(a.path), res.reason())
                 elif isinstance(a, CleanUp):
                     if session is not None and self.store.clean_up(a.key, a.modify_index, session).ok:
                         fx.moves += 1
@@ -185,35 +190,37 @@ class Applier:
                     if session is not None and self.store.end_move(a.path, session).ok:
                         fx.moves += 1
                         fx.moved[a.path] = None
-                        log.info("leader: move request of %s ended", a.path)
+                        log.info("leader: move request of %s ended", self.label(a.path))
                 elif isinstance(a, AddressDown):
                     if not self._guarded(a, lambda: self.network.down(a.path, a.spec), fx):
                         not_down.add(a.path)
                     else:
                         fx.down.add(a.path)
-                        log.info("address of %s down%s", a.path, f" ({a.spec.ip})" if a.spec else "")
+                        log.info("address of %s down%s", self.label(a.path), f": {a.spec.ip}" if a.spec else "")
                 elif isinstance(a, Unexport):
                     if not self._guarded(a, lambda: self.target.unexport(a.path), fx):
                         not_down.add(a.path)
                     else:
                         fx.unexported.add(a.path)
-                        log.info("unexported %s", a.path)
+                        log.info("unexported %s", self.label(a.path))
                 elif isinstance(a, Export):
                     if self._guarded(a, lambda: self.target.export(a.path, a.disk), fx, backoff=True):
                         fx.exported[a.path] = a.disk
                         self.backoff.ok(a.path)
                         spec = a.disk.path(a.path.index)
-                        log.info("exported %s (%s%s)", a.path, a.disk.iqn, f", {spec.ip}/{spec.prefix}" if spec else "")
+                        log.info("exported %s as %s%s", self.label(a.path), a.disk.iqn,
+                                 f" on {spec.ip}/{spec.prefix}" if spec else "")
                 elif isinstance(a, AddressUp):
                     try:
                         if self._guarded(a, lambda: self.fencer.bring_up(a.path, a.spec), fx, backoff=True):
                             fx.up.add(a.path)
-                            log.info("address of %s up (%s/%d)", a.path, a.spec.ip, a.spec.prefix)
+                            log.info("address of %s up: %s/%d", self.label(a.path), a.spec.ip, a.spec.prefix)
                     except Fenced as e:
                         fx.interrupted, fx.replan = str(e), True
                         break
             except CoordinationError as e:
-                log.warning("%s %s: %s", type(a).__name__, getattr(a, "path", ""), e)
+                p = getattr(a, "path", None)
+                log.warning("%s %s: %s", type(a).__name__, self.label(p) if isinstance(p, PathKey) else "", e)
                 fx.failed += 1
                 fx.interrupted = "Consul did not answer"
                 fx.retry_at = self.clock.now() + 1.0     # not at once: it would only hammer an absent Consul
@@ -231,7 +238,7 @@ class Applier:
             fx.failed += 1
             p = getattr(a, "path")
             wait = self.backoff.fail(p, self.clock.now(), e) if backoff else 0.0
-            log.error("%s %s failed (%s)%s: %s", _verb(a), p, type(e).__name__,
+            log.error("%s %s failed (%s)%s: %s", _verb(a), self.label(p), type(e).__name__,
                       f", retrying in {wait:.0f}s" if backoff else "", e)
             return False
 
@@ -249,29 +256,30 @@ class Applier:
                 fx.acquired[a.path] = r.modify_index
                 fx.acquired_from.add(a.modify_index)
                 done.add(a.path)
-            log.info("acquired %d paths in one transaction: %s", len(batch), " ".join(str(a.path) for a in batch))
+            log.info("acquired %d paths in one transaction: %s", len(batch),
+                     ", ".join(self.label(a.path) for a in batch))
         return done
 
     def _acquire_one(self, a: Acquire, session: str, fx: Effects) -> None:
         res = self.store.acquire_many([(a.path, a.modify_index)], session,
                                       lock_value(self.node, session, self.clock.wall()))
         if not res.ok:
-            log.info("acquire %s refused: %s", a.path, res.reason())
+            log.info("acquire %s refused: %s", self.label(a.path), res.reason())
             if res.lock_delay():
                 fx.retry_at = self.clock.now() + LOCK_DELAY_RETRY
             return
         fx.acquired[a.path] = res.results[-1].modify_index if res.results else a.modify_index
         fx.acquired_from.add(a.modify_index)
-        log.info("acquired %s", a.path)
+        log.info("acquired %s", self.label(a.path))
 
     def _release(self, path: PathKey, session: str, fx: Effects) -> None:
         res = self.store.release(path, session)
         if res.ok:
             fx.released[path] = res.results[-1].modify_index if res.results else 0
-            log.info("released %s", path)
+            log.info("released %s", self.label(path))
             if path in self.backoff.surrendering(self.clock.now()):
                 self.backoff.surrendered(path, self.clock.now())
-                log.warning("gave up %s; not taking it back for %.0fs", path, SURRENDER_BLOCK)
+                log.warning("gave up %s; not taking it back for %.0fs", self.label(path), SURRENDER_BLOCK)
 
     def _acquire_leader(self, session: str, fx: Effects) -> None:
         res = self.store.acquire_leader(session, leader_value(self.node, session, self.clock.wall()))

@@ -75,7 +75,8 @@ class Agent:
         self.duties = Duties(fencing, store, self.clock, wake=self.wakeup.wake)
         self.applier = Applier(store, target, network, self.fencer, self.clock, node, cfg.target.backend,
                                self.backoff, beat=self._beat, fence_node=self.duties.submit,
-                               record=lambda: (cfg.node_weight, self.duties.identity()))
+                               record=lambda: (cfg.node_weight, self.duties.identity()),
+                               label=self.definitions.label)
         self.report = CycleReport(node=node, backend=cfg.target.backend)
         self._stop_mode: str | None = None          # "release" | "detach"
         self._threads_running = False
@@ -252,7 +253,8 @@ class Agent:
             lease_left=None if session is None else self.fencer.serve_until - self.clock.now(),
             held=len(snap.held()), exported=frozenset(str(p) for p in self._exported),
             addresses=len(self._addresses), free=len(view.free()), paths=len(view.paths), nodes=len(view.nodes),
-            disks=len(view.disks), bad_disks=bad, target_known=known, planned=planned, applied=applied,
+            disks=len(view.disks), bad_disks=bad, target_known=known,
+            disk_names={d: defs[d].name for d in bad if d in defs}, planned=planned, applied=applied,
             failed=fx.failed, interrupted=fx.interrupted, backing_off=len(planner.blocked(snap)),
             fence_events=self.fencer.events, fence_reason=self.fencer.last_reason, takeovers=self.takeovers,
             watchdog_error=self.keeper.watchdog_error, backend=self.cfg.target.backend, wall=self.clock.wall(),

@@ -1,9 +1,20 @@
 """``CycleReport``: one frozen value per loop cycle, rendered as the cycle's log line, the status file and
-the metrics (so the three always agree, and ``/metrics`` never reads state the loop is changing)."""
+the metrics (so the three always agree, and ``/metrics`` never reads state the loop is changing); and
+``label``, how every log line and CLI text names a disk or a path: its id with the disk's display name."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Mapping
+
+from agent.core.model import PathKey
+
+
+def label(what: PathKey | str, names: Mapping[str, str]) -> str:
+    """``d15c0001/1 (vm)`` for a path, ``d15c0001 (vm)`` for a disk id: the id with the display name of its
+    disk (``Disk.name``) where ``names`` (disk id -> name) knows it, else the id alone."""
+    disk = what.disk if isinstance(what, PathKey) else what
+    name = names.get(disk)
+    return f"{what} ({name})" if name else str(what)
 
 
 @dataclass(frozen=True)
@@ -21,6 +32,7 @@ class CycleReport:
     nodes: int = 0
     disks: int = 0
     bad_disks: Mapping[str, str] = field(default_factory=dict)
+    disk_names: Mapping[str, str] = field(default_factory=dict)    # of the bad disks, where known
     target_known: bool = True
     planned: Mapping[str, int] = field(default_factory=dict)
     applied: int = 0
@@ -61,6 +73,7 @@ class CycleReport:
                 "lease_left": None if self.lease_left is None else round(self.lease_left, 3),
                 "held": self.held, "exported": len(self.exported), "addresses": self.addresses,
                 "target_known": self.target_known, "backend": self.backend, "bad_disks": dict(self.bad_disks),
+                "disk_names": dict(self.disk_names),
                 "fence_events": self.fence_events, "last_fence": self.fence_reason,
                 "watchdog_error": self.watchdog_error, "cycle": self.cycle, "updated": self.wall,
                 "leader": self.leader, "drained": self.drained, "fences_done": self.fences_done,

@@ -4,6 +4,7 @@ separate process with the ``fake`` target and network backends (state files samp
 timing and processes are checked here; the decision paths are in tests/unit/test_loop.py."""
 from __future__ import annotations
 
+import base64
 import json
 import re
 import signal
@@ -16,7 +17,7 @@ from typing import Any, Callable, Iterator
 import pytest
 import requests
 
-from lab.agents import AgentProc, Catalog, definition, path_owners, start_disks, stop_disk, wait_for
+from lab.agents import AgentProc, Catalog, definition, path_owners, start_disks, stop_disk, txn, wait_for
 
 pytestmark = pytest.mark.consul
 
@@ -473,12 +474,30 @@ def test_bad_items_are_named_and_skipped(lab_factory: Callable[..., Lab]) -> Non
     wait_for(lambda: a.addresses() == expected, 15, what="every good path served")
     time.sleep(1.5)
     log = a.log_text()
-    assert "disk d03 skipped" in log and "paths[1].ip" in log
-    assert "export d01/2 failed" in log
+    assert "disk d03 skipped" in log and "paths[1].ip" in log, "no definition was ever read: the id alone"
+    assert "export d01/2 (disk-d01) failed" in log, "a path is named with its disk's display name"
+    assert "exported d00/1 (disk-d00) as iqn.2016-05.io.pathagent:d00" in log
     assert a.running()
     # the catalog is fixed: the disk is picked up without a restart
     lab.catalog.add("d03", definition("d03", 2))
     wait_for(lambda: {"d03/1", "d03/2"} <= a.addresses(), 35, what="the fixed disk to be served")
+    # a served disk's definition goes bad: named with the name of its last good definition, in the log
+    # and in `pathagent status`
+    broken = definition("d00", 2)
+    broken["paths"][0]["ip"] = "300.1.2.3"
+    lab.catalog.add("d00", broken)
+    edit = json.dumps({"pool": "rbd", "image": "pathagent-d00", "rev": 1}).encode()   # what a CLI edit does
+    txn(lab.http, [{"KV": {"Verb": "set", "Key": "pathagent/disks/d00", "Value": base64.b64encode(edit).decode()}}]
+        ).raise_for_status()                         # the watchers wake: the agent reads it again now
+    wait_for(lambda: "disk d00 (disk-d00) skipped" in a.log_text(), 10, what="the bad definition named")
+
+    def status() -> Any:
+        st = a.cli("status", "--json")
+        assert st.returncode == 0, st.stderr
+        return json.loads(st.stdout)
+    wait_for(lambda: "d00" in status()["bad_disks"], 10, what="status to name the bad disk")
+    assert status()["disk_names"] == {"d00": "disk-d00"}
+    assert "bad disk:  d00 (disk-d00): " in a.cli("status").stdout
 
 
 def test_unreachable_consul_and_bad_config(tmp_path: Path) -> None:

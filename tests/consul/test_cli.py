@@ -47,6 +47,8 @@ def test_paths_json_and_filters(two_agents: Any) -> None:
     rows = json.loads(r.stdout)
     assert len(rows) == 6
     assert all(set(row) >= {"disk", "index", "ip", "node", "state"} for row in rows)
+    assert {row["disk"]: row["name"] for row in rows} == {d: f"disk-{d}" for d in ("d1", "d2", "d3")}, \
+        "the display name beside the id"
     assert {row["node"] for row in rows} <= {"gwa", "gwb"}
     assert all(row["state"] == "held" for row in rows)
     d1 = {row["index"]: row["ip"] for row in rows if row["disk"] == "d1"}
@@ -56,7 +58,10 @@ def test_paths_json_and_filters(two_agents: Any) -> None:
     other = json.loads(cli(agents["gwa"].config, "paths", "--node", "gwb", "--json").stdout)
     assert {f"{r['disk']}/{r['index']}" for r in other} == agents["gwb"].exported()
     text = cli(agents["gwa"].config, "paths").stdout
-    assert text.splitlines()[0].split() == ["PATH", "IP", "NODE", "STATE"] and len(text.splitlines()) == 7
+    assert text.splitlines()[0].split() == ["PATH", "NAME", "IP", "NODE", "STATE"] and len(text.splitlines()) == 7
+    by_path = {ln.split()[0]: ln.split() for ln in text.splitlines()[1:]}
+    assert {p: (cols[1], cols[2], cols[4]) for p, cols in by_path.items()} == \
+        {f"{r['disk']}/{r['index']}": (r["name"], r["ip"], r["state"]) for r in rows}, "NAME beside PATH"
 
 
 def test_status(two_agents: Any) -> None:

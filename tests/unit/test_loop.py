@@ -4,15 +4,20 @@ in-memory store and a fake clock, driven step by step. Each test names the findi
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from agent.core import keys
 from agent.core.model import PathKey
+from agent.errors import DefinitionError
 from agent.runtime.applier import SURRENDER_BLOCK, UNSERVICEABLE_AFTER
 from agent.runtime.loop import TARGET_UNKNOWN_FENCE
+from agent.runtime.report import label
 from agent.runtime.session import CHECK_ID
+from agent.runtime.statedir import read_status
 from doubles import Node, config, disk, make_node
 from memstore import FakeClock, MemoryStore
 
@@ -572,3 +577,49 @@ def test_the_loop_pings_systemd_while_consul_keeps_refusing_a_session(tmp_path: 
     n.agent.shutdown = lambda: None              # type: ignore[method-assign]
     n.agent.run()
     assert sent.count("WATCHDOG=1") >= 10 and "READY=1" not in sent
+
+
+# --- names beside ids: every log line about a disk or a path, and the status ------------------------------
+
+def test_label_names_the_disk_where_known() -> None:
+    names = {"d15c0001": "vm"}
+    assert label(PathKey("d15c0001", 1), names) == "d15c0001/1 (vm)"
+    assert label("d15c0001", names) == "d15c0001 (vm)"
+    assert label(PathKey("other", 2), names) == "other/2"
+    assert label("other", {}) == "other"
+
+
+def test_log_lines_about_a_path_carry_the_disk_name(tmp_path: Path, store: MemoryStore, clock: FakeClock,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    store.start_disk("d1", 1)
+    n = make_node(tmp_path, store, clock, "gwa", disks={"d1": dataclasses.replace(disk("d1", 1), name="vm")})
+    n.start()
+    for _ in range(3):
+        n.step()
+    text = [r.getMessage() for r in caplog.records]
+    for what in ("acquired d1/1 (vm)", "exported d1/1 (vm) as iqn.2016-05.io.pathagent:d1",
+                 "address of d1/1 (vm) up: "):
+        assert any(line.startswith(what) for line in text), (what, text)
+
+
+def test_a_bad_disk_is_named_in_the_log_and_the_status(tmp_path: Path, store: MemoryStore, clock: FakeClock,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    store.start_disk("d1", 1)
+    n = make_node(tmp_path, store, clock, "gwa", disks={"d1": dataclasses.replace(disk("d1", 1), name="vm")})
+    n.start()
+    n.step()
+    caplog.set_level(logging.INFO)
+    good = n.catalog.get
+
+    def bad(disk_id: str, pool: str, image: str, version: int) -> Any:
+        raise DefinitionError(disk_id, "paths[0].ip", "not an IPv4 address")
+    n.catalog.get = bad  # type: ignore[method-assign]
+    n.step()
+    assert any(r.getMessage().startswith("disk d1 (vm) skipped: field 'paths[0].ip'") for r in caplog.records)
+    st = read_status(n.agent.cfg.state_dir)
+    assert st["bad_disks"] == {"d1": "field 'paths[0].ip': not an IPv4 address"} and st["disk_names"] == {"d1": "vm"}
+    n.catalog.get = good  # type: ignore[method-assign]
+    n.step()
+    assert any(r.getMessage() == "disk d1 (vm): definition readable again" for r in caplog.records)
+    assert read_status(n.agent.cfg.state_dir)["disk_names"] == {}
