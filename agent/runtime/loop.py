@@ -7,6 +7,9 @@ Threads (each body guarded: a bug in one pass is logged and the thread carries o
   reports liveness;
 - *watch* (``agent.runtime.watcher``): blocking queries on the prefix, posting ``ClusterView``s;
 - *catalog* (``agent.runtime.definitions``): disk definitions from the catalog (Ceph may block);
+- *duties* (``agent.runtime.duties``): the leader's fences of failed nodes, this node's fencing identity;
+- *logins* (``agent.runtime.logins``): who is logged in here, published every ``LOGINS_EVERY`` seconds
+  when it changed (only with a ``logins_store``);
 - *main*: ``cycle()`` = local facts (what the target exports, which addresses are up) + the view +
   definitions -> ``Snapshot`` -> ``planner.plan`` -> ``Applier`` -> ``CycleReport`` (one log line), then
   it sleeps until the plan's ``wake_at``, a wake-up (new view, lease change, fence, signal) or the
@@ -35,6 +38,7 @@ from agent.runtime.clock import Clock, SystemClock, boot_id
 from agent.runtime.definitions import DefinitionCache
 from agent.runtime.duties import Duties
 from agent.runtime.fencer import Fencer
+from agent.runtime.logins import LoginsPublisher, SupportsTxn
 from agent.runtime.notify import Notifier
 from agent.runtime.report import CycleReport
 from agent.runtime.session import SessionKeeper
@@ -55,7 +59,10 @@ class Agent:
 
     def __init__(self, cfg: Config, store: CoordinationStore, catalog: Catalog, target: TargetBackend,
                  network: NetworkBackend, watchdog: Watchdog, node: str, clock: Clock | None = None,
-                 notifier: Notifier | None = None, fencing: Fencing | None = None) -> None:
+                 notifier: Notifier | None = None, fencing: Fencing | None = None,
+                 logins_store: SupportsTxn | None = None) -> None:
+        """``logins_store``: where the initiator logins are published (the Consul store; ``None``: they
+        are not, as in tests and tools on a store without transactions)."""
         self.cfg = cfg
         self.store = store
         self.target = target
@@ -73,6 +80,8 @@ class Agent:
         self.keeper = SessionKeeper(cfg, store, node, self.clock, self.fencer, watchdog, self.state,
                                     healthy=self.healthy, wake=self.wakeup.wake)
         self.duties = Duties(fencing, store, self.clock, wake=self.wakeup.wake)
+        self.logins = LoginsPublisher(target, logins_store, store.prefix, self.clock, node=lambda: self.node,
+                                      session=lambda: self.keeper.session)
         self.applier = Applier(store, target, network, self.fencer, self.clock, node, cfg.target.backend,
                                self.backoff, beat=self._beat, fence_node=self.duties.submit,
                                record=lambda: (cfg.node_weight, self.duties.identity()),
@@ -241,6 +250,7 @@ class Agent:
         fx = self.applier.apply(plan, session, lambda: self.keeper.session, stopping)
         if not self._threads_running:
             self.duties.run_pending()               # single-threaded use (tests, tools): fence inline
+            self.logins.run_due()                   # and publish the logins inline
         self._absorb(fx, session)
         self.cycles += 1
         planned: dict[str, int] = {}
@@ -356,7 +366,8 @@ class Agent:
                    self._guarded("liveness", lambda: self.keeper.run_liveness(self._halt)),
                    self._guarded("watch", lambda: self.watcher.run(self._halt)),
                    self._guarded("catalog", lambda: self.definitions.run(self._halt)),
-                   self._guarded("duties", lambda: self.duties.run(self._halt))]
+                   self._guarded("duties", lambda: self.duties.run(self._halt)),
+                   self._guarded("logins", lambda: self.logins.run(self._halt))]
         self._threads_running = True
         for t in threads:
             t.start()
@@ -430,10 +441,11 @@ class Agent:
             self.state.unlock()
 
     def shutdown(self) -> None:
-        """Take every address down and unexport everything, release every lock, destroy the session, and
-        disarm the watchdog. If something may still be served, the data path is fenced first; if even then
-        the backends cannot confirm that nothing is served, the session and its locks are kept (Consul's
-        lock-delay then protects the paths once it expires) and the watchdog stays armed."""
+        """Take every address down and unexport everything, release every lock, delete our logins report,
+        destroy the session, and disarm the watchdog. If something may still be served, the data path is
+        fenced first; if even then the backends cannot confirm that nothing is served, the session, its
+        locks and the logins report are kept (Consul's lock-delay then protects the paths once it expires)
+        and the watchdog stays armed."""
         log.info("stopping: taking every address down, unexporting everything, releasing every lock")
         for attempt in range(3):
             try:
@@ -451,6 +463,7 @@ class Agent:
                       "and its locks, and the watchdog armed", len(self._exported), len(self._addresses),
                       (self.keeper.session or self.state.session() or "none")[:8])
             return
+        self.logins.withdraw()          # nothing is served: nobody is logged in here any more
         try:
             self.keeper.destroy()
         except AgentError as e:

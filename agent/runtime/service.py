@@ -69,7 +69,8 @@ def build(cfg: Config, notifier: Notifier) -> tuple[Agent, list[Callable[[], Non
     watchdog = plugins.load_watchdog(cfg.watchdog.backend, plugins.context(cfg, "watchdog", node, wake))
     fencing = plugins.load_fencing(cfg.fencing.backend, plugins.context(cfg, "fencing", node, wake,
                                                                         node_name=node_name))
-    agent = Agent(cfg, store, catalog, target, network, watchdog, node="", notifier=notifier, fencing=fencing)
+    agent = Agent(cfg, store, catalog, target, network, watchdog, node="", notifier=notifier, fencing=fencing,
+                  logins_store=store)
     agent_box.append(agent)
     wake_box.append(agent.wakeup.wake)
     allowed_box.append(agent.fencer.allowed)

@@ -464,6 +464,8 @@ def test_systemd_notify_ready_and_watchdog_stop_when_the_loop_stalls(lab_factory
 
 def test_bad_items_are_named_and_skipped(lab_factory: Callable[..., Lab]) -> None:
     lab = lab_factory(NODES[:1], extra='[target.fake]\nfail = ["d01/2"]\n')
+    stale = {"KV": {"Verb": "set", "Key": "pathagent/logins/gwa", "Value": base64.b64encode(b"stale").decode()}}
+    txn(lab.http, [stale]).raise_for_status()        # an earlier process's report, unlocked
     lab.add_disks({f"d{i:02d}": 2 for i in range(4)})
     bad = definition("d03", 2)
     bad["paths"][1]["ip"] = "300.1.2.3"
@@ -478,6 +480,13 @@ def test_bad_items_are_named_and_skipped(lab_factory: Callable[..., Lab]) -> Non
     assert "export d01/2 (disk-d01) failed" in log, "a path is named with its disk's display name"
     assert "exported d00/1 (disk-d00) as iqn.2016-05.io.pathagent:d00" in log
     assert a.running()
+
+    def report() -> Any:
+        r = requests.get(f"http://{lab.http}/v1/kv/pathagent/logins/gwa", timeout=5)
+        return None if r.status_code == 404 else r.json()[0]
+    # the stale report is deleted (a backend that cannot tell) or replaced by one locked by the session
+    wait_for(lambda: report() is None or report().get("Session") == a.session(), 10,
+             what="the stale logins report to go")
     # the catalog is fixed: the disk is picked up without a restart
     lab.catalog.add("d03", definition("d03", 2))
     wait_for(lambda: {"d03/1", "d03/2"} <= a.addresses(), 35, what="the fixed disk to be served")
@@ -498,6 +507,62 @@ def test_bad_items_are_named_and_skipped(lab_factory: Callable[..., Lab]) -> Non
     wait_for(lambda: "d00" in status()["bad_disks"], 10, what="status to name the bad disk")
     assert status()["disk_names"] == {"d00": "disk-d00"}
     assert "bad disk:  d00 (disk-d00): " in a.cli("status").stdout
+
+
+def test_logins_report_is_locked_by_the_agent_session(consul_cluster_factory: Callable[..., Any],
+                                                      tmp_path: Path) -> None:
+    """The publisher against real Consul: the report is locked by the session (``ConsulStore.txn``),
+    ``logins_by_disk`` counts it; once the session is gone it is unlocked and counts for nothing; an
+    orderly stop deletes it."""
+    from agent import config
+    from agent.adapters.consul_store import ConsulStore
+    from agent.core import keys
+    from agent.core.tree import logins_by_disk
+    from agent.runtime.clock import SystemClock
+    from agent.backend import TargetBackend
+    from agent.runtime.logins import LoginsPublisher
+
+    class Answering(TargetBackend):
+        def exported(self) -> Any:
+            return frozenset()
+
+        def export(self, path: Any, disk: Any) -> None: ...
+
+        def unexport(self, path: Any) -> None: ...
+
+        def fence(self) -> None: ...
+
+        def logged_in(self) -> Any:
+            return answer
+
+    cluster = consul_cluster_factory(clients=["gwa"])
+    cfg = config.parse({"consul": {"address": cluster.http_address("gwa"), "agent_check_ttl": 0,
+                                   "session_ttl": 0}, "state": {"dir": str(tmp_path / "state")}})
+    store = ConsulStore(cfg.consul)
+    try:
+        sid = store.create_session("gwa", "iSCSITarget", ["serfHealth"], 1.0)
+        answer = {"d1": frozenset({"iqn.1993-08.org.debian:01:aaa"})}
+        pub = LoginsPublisher(Answering(), store, store.prefix, SystemClock(), node=lambda: "gwa",
+                              session=lambda: sid)
+        pub.poll()
+        key = keys.logins_key(store.prefix, "gwa")
+        e = store.get(key)
+        assert e is not None and e.session == sid
+        _, entries = store.read_tree()
+        assert logins_by_disk(store.prefix, entries) == {"d1": {"gwa": answer["d1"]}}
+        index = e.modify_index
+        pub.poll()
+        again = store.get(key)
+        assert again is not None and again.modify_index == index, "unchanged: not written again"
+        store.destroy_session(sid)
+        gone = store.get(key)
+        assert gone is not None and gone.session is None
+        _, entries = store.read_tree()
+        assert logins_by_disk(store.prefix, entries) == {}, "an unlocked report says nothing"
+        pub.withdraw()
+        assert store.get(key) is None
+    finally:
+        store.close()
 
 
 def test_unreachable_consul_and_bad_config(tmp_path: Path) -> None:

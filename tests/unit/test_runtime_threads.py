@@ -103,6 +103,30 @@ def test_agent_run_fences_when_cut_off_and_recovers(tmp_path: Path) -> None:
         runner.join(10)
 
 
+def test_agent_run_publishes_the_logins_on_their_own_thread_and_withdraws_them(tmp_path: Path) -> None:
+    from test_logins import KEY, Logins, MemTxn
+    clock = RealClock()
+    store = MemoryStore(clock, block=True)   # type: ignore[arg-type]
+    store.start_disk("d1", 1)
+    cfg = config(tmp_path / "gwa", lock_delay=3.0, fence_after=1.6, confirm_interval=0.2, timeout=0.3,
+                 election_stall=0.5, agent_check_ttl=5.0, session_ttl=10.0)
+    a = make_node(tmp_path, store, clock, "gwa", cfg=cfg, disks={"d1": disk("d1")})   # type: ignore[arg-type]
+    a.target.logged_in = Logins({"d1": frozenset({"iqn.1993-08.org.debian:01:aaa"})})  # type: ignore[method-assign]
+    a.agent.logins.kv = MemTxn(a.agent.store)
+    runner = threading.Thread(target=a.agent.run, daemon=True)
+    runner.start()
+    try:
+        until(lambda: KEY in store.kv and store.kv[KEY].session == a.session is not None, 10,
+              "the report, locked by the session")
+        assert any(t.name == "logins" for t in threading.enumerate())
+    finally:
+        a.agent.stop()
+        runner.join(10)
+    assert not runner.is_alive()
+    assert KEY not in store.kv, "an orderly stop deletes the report"
+    until(lambda: not any(t.name == "logins" for t in threading.enumerate()), 3, "the logins thread to end")
+
+
 def test_metrics_endpoint_renders_the_last_report() -> None:
     report = CycleReport(cycle=3, node="gwa", session="s1", fenced=False, held=2, exported=frozenset({"d1/1"}))
     m = MetricsServer("127.0.0.1:0", report.metrics)
