@@ -101,7 +101,7 @@ def test_agent_never_locks_a_key_replaced_after_observation(consul_cluster_facto
     store.before_acquire = swap
     with caplog.at_level(logging.INFO):
         agent.cycle()
-    assert "acquire d1/1 refused" in caplog.text
+    assert "acquire d1/1 (disk-d1) refused" in caplog.text
     assert target.exported() == frozenset()
     owners = path_owners(http)
     assert owners == ({"d1/1": None} if recreate else {}), "never locked, never resurrected"
