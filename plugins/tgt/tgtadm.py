@@ -29,6 +29,23 @@ class TgtLun:
 
 
 @dataclass
+class TgtConnection:
+    cid: int
+    address: str = ""        # the initiator's IP address as tgt prints it ("" when not shown)
+
+
+@dataclass
+class TgtSession:
+    """One I_T nexus: an iSCSI session. ``sid`` is tgt's session id (the TSIH, what ``--sid`` takes). tgt
+    prints the connection the session was created with (its text is written once, at login); with tgt's
+    default ``MaxConnections=1`` that is the session's only connection."""
+
+    sid: int
+    initiator: str = ""
+    connections: list[TgtConnection] = field(default_factory=list)
+
+
+@dataclass
 class TgtTarget:
     tid: int
     name: str
@@ -36,7 +53,12 @@ class TgtTarget:
     accounts_in: set[str] = field(default_factory=set)
     accounts_out: set[str] = field(default_factory=set)
     acl: set[str] = field(default_factory=set)
-    sessions: int = 0
+    it_nexus: list[TgtSession] = field(default_factory=list)
+
+    @property
+    def sessions(self) -> int:
+        """How many sessions (I_T nexuses) the target has."""
+        return len(self.it_nexus)
 
 
 @dataclass
@@ -60,11 +82,13 @@ _LUN_FIELDS = {"Type": "kind", "SCSI ID": "scsi_id", "SCSI SN": "scsi_sn", "Back
 
 
 def parse_targets(text: str) -> dict[str, TgtTarget]:
-    """Parse ``tgtadm --mode target --op show`` (sections by indentation: 0 target, 4 section, 8 item)."""
+    """Parse ``tgtadm --mode target --op show`` (sections by indentation: 0 target, 4 section, 8 item; a
+    session's ``Initiator:``/``Connection:`` at 12 and a connection's ``IP Address:`` at 16)."""
     targets: dict[str, TgtTarget] = {}
     cur: TgtTarget | None = None
     section = ""
     lun: TgtLun | None = None
+    nexus: TgtSession | None = None
     for raw in text.splitlines():
         if not raw.strip():
             continue
@@ -74,12 +98,12 @@ def parse_targets(text: str) -> dict[str, TgtTarget]:
             head, _, name = line.partition(":")
             cur = TgtTarget(tid=int(head.split()[1]), name=name.strip())
             targets[cur.name] = cur
-            section, lun = "", None
+            section, lun, nexus = "", None, None
             continue
         if cur is None:
             continue
         if indent == 4:
-            section, lun = line.rstrip(":"), None
+            section, lun, nexus = line.rstrip(":"), None, None
             continue
         if section == "LUN information":
             if indent == 8 and line.startswith("LUN:"):
@@ -97,9 +121,26 @@ def parse_targets(text: str) -> dict[str, TgtTarget]:
                 cur.accounts_in.add(line)
         elif section == "ACL information" and indent == 8:
             cur.acl.add(line)
-        elif section == "I_T nexus information" and indent == 8 and line.startswith("I_T nexus:"):
-            cur.sessions += 1
+        elif section == "I_T nexus information":
+            if indent == 8 and line.startswith("I_T nexus:"):
+                nexus = TgtSession(sid=int(line.split(":", 1)[1]))
+                cur.it_nexus.append(nexus)
+            elif nexus is not None and indent > 8:
+                _nexus_line(nexus, line)
     return targets
+
+
+def _nexus_line(nexus: TgtSession, line: str) -> None:
+    """``Initiator: <name> alias: <alias>``, ``Connection: <cid>``, ``IP Address: <ip>`` (the last one
+    belongs to the connection above it)."""
+    k, _, v = line.partition(":")
+    v = v.strip()
+    if k == "Initiator":
+        nexus.initiator = v.split(" alias: ", 1)[0].strip()
+    elif k == "Connection" and v.isdigit():
+        nexus.connections.append(TgtConnection(cid=int(v)))
+    elif k == "IP Address" and nexus.connections:
+        nexus.connections[-1].address = v
 
 
 def parse_portals(text: str) -> set[str]:
@@ -179,3 +220,7 @@ class Tgtadm:
         if accounts:
             st.accounts = parse_accounts(self.run("show accounts", ["--mode", "account", "--op", "show"], left()))
         return st
+
+    def show_targets(self, timeout: float | None = None) -> dict[str, TgtTarget]:
+        """tgtd's targets (with their sessions), one read-only call within ``timeout`` seconds."""
+        return parse_targets(self.run("show targets", ["--mode", "target", "--op", "show"], timeout))

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from plugins.tgt.tgtadm import TgtLun, parse_accounts, parse_portals, parse_targets, portal_of
+from plugins.tgt.tgtadm import (TgtConnection, TgtLun, TgtSession, parse_accounts, parse_portals, parse_targets,
+                                portal_of)
 
 SHOW = Path(__file__).parent / "tgt-show"
 
@@ -44,6 +45,32 @@ def test_sessions_are_counted_per_target() -> None:
     a = ts["iqn.2016-05.io.pathagent:disk-a"]
     assert a.luns[1].path == "rbd/capimg" and a.acl == {"iqn.2016-05.io.pathagent.test:ini-a",
                                                         "iqn.2016-05.io.pathagent.test:ini-b"}
+
+
+def test_sessions_carry_sid_initiator_and_connections() -> None:
+    ts = parse_targets(show("targets-sessions.txt"))
+    ini_a, ini_b = "iqn.2016-05.io.pathagent.test:ini-a", "iqn.2016-05.io.pathagent.test:ini-b"
+    assert ts["iqn.2016-05.io.pathagent:disk-a"].it_nexus == [
+        TgtSession(sid=3, initiator=ini_a, connections=[TgtConnection(0, "127.0.0.1")])]
+    assert ts["iqn.2016-05.io.pathagent:disk-b"].it_nexus == [
+        TgtSession(sid=1, initiator=ini_a, connections=[TgtConnection(0, "127.0.0.1")]),
+        TgtSession(sid=2, initiator=ini_b, connections=[TgtConnection(0, "127.0.0.1")])]
+    assert ts["iqn.2016-05.io.pathagent:disk-d"].it_nexus == []
+
+
+def test_session_lines_with_an_alias_and_ipv6() -> None:
+    text = ("Target 7: iqn.x:t\n"
+            "    I_T nexus information:\n"
+            "        I_T nexus: 65535\n"
+            "            Initiator: iqn.1993-08.org.debian:01:abc alias: host one\n"
+            "            Connection: 2\n"
+            "                IP Address: fd00::5\n"
+            "    LUN information:\n"
+            "        LUN: 0\n"
+            "            Type: controller\n")
+    t = parse_targets(text)["iqn.x:t"]
+    assert t.it_nexus == [TgtSession(65535, "iqn.1993-08.org.debian:01:abc", [TgtConnection(2, "fd00::5")])]
+    assert t.sessions == 1 and t.luns[0].kind == "controller"
 
 
 def test_fresh_tgtd_prints_nothing() -> None:
