@@ -7,6 +7,7 @@ cannot hold. Pure except ``RecordFile``. See docs/backend-tgt.md.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -20,7 +21,9 @@ RECORD_VERSION = 2
 
 @dataclass(frozen=True)
 class Entry:
-    """One recorded disk: what its target must look like and which of its paths are exported here."""
+    """One recorded disk: what its target must look like and which of its paths are exported here.
+    ``size``: the disk's size in bytes when its LUN was (last) opened; 0 = unknown (a record written before
+    sizes were recorded)."""
 
     disk: str
     iqn: str
@@ -31,16 +34,16 @@ class Entry:
     chap: Chap | None
     mutual_chap: Chap | None
     paths: Mapping[int, str]   # index -> ip
+    size: int = 0
 
     @classmethod
     def of(cls, disk: Disk, paths: Mapping[int, str]) -> "Entry":
         return cls(disk=disk.id, iqn=disk.iqn, pool=disk.pool, image=disk.image, serial=disk.serial,
                    initiators=disk.initiators, chap=disk.chap, mutual_chap=disk.mutual_chap,
-                   paths=dict(paths))
+                   paths=dict(paths), size=disk.size)
 
     def with_paths(self, paths: Mapping[int, str]) -> "Entry":
-        return Entry(self.disk, self.iqn, self.pool, self.image, self.serial, self.initiators, self.chap,
-                     self.mutual_chap, dict(paths))
+        return dataclasses.replace(self, paths=dict(paths))
 
     def to_json(self) -> dict[str, Any]:
         def chap(c: Chap | None) -> dict[str, str] | None:
@@ -48,7 +51,7 @@ class Entry:
         return {"iqn": self.iqn, "pool": self.pool, "image": self.image, "serial": self.serial,
                 "initiators": None if self.initiators is None else list(self.initiators),
                 "chap": chap(self.chap), "mutual_chap": chap(self.mutual_chap),
-                "paths": {str(i): ip for i, ip in sorted(self.paths.items())}}
+                "paths": {str(i): ip for i, ip in sorted(self.paths.items())}, "size": self.size}
 
     @classmethod
     def from_json(cls, disk: str, d: Mapping[str, Any]) -> "Entry":
@@ -58,7 +61,7 @@ class Entry:
         return cls(disk=disk, iqn=str(d["iqn"]), pool=str(d["pool"]), image=str(d["image"]),
                    serial=str(d["serial"]), initiators=None if inits is None else tuple(str(i) for i in inits),
                    chap=chap(d.get("chap")), mutual_chap=chap(d.get("mutual_chap")),
-                   paths={int(i): str(ip) for i, ip in d.get("paths", {}).items()})
+                   paths={int(i): str(ip) for i, ip in d.get("paths", {}).items()}, size=int(d.get("size") or 0))
 
     def accounts(self) -> list[tuple[Chap, bool]]:
         """(credentials, outgoing) pairs this target binds."""

@@ -36,6 +36,21 @@ def test_the_record_is_bound_to_one_tgtd(tmp_path: Path) -> None:
     assert f.load().disks_for("123 456") == {}
 
 
+def test_the_size_is_recorded_and_an_old_entry_without_it_reads_as_unknown(tmp_path: Path) -> None:
+    from agent.core.model import Disk, PathSpec
+    d = Disk(id="d1", name="d1", iqn="iqn.x:d1", serial="s", paths=(PathSpec(1, "10.0.0.1", 24),), pool="rbd",
+             image="img-d1", size=96 << 20)
+    e = Entry.of(d, {1: "10.0.0.1"})
+    assert e.size == 96 << 20 and e.with_paths({2: "10.0.0.2"}).size == 96 << 20
+    f = RecordFile(str(tmp_path / "exports.json"))
+    f.save("1 2", "", {"d1": e})
+    assert f.load().disks["d1"] == e
+    old = e.to_json()
+    del old["size"]
+    assert Entry.from_json("d1", old).size == 0
+    assert Entry.from_json("d1", {**old, "size": None}).size == 0
+
+
 def test_a_version_1_record_is_adopted_by_the_running_tgtd(tmp_path: Path) -> None:
     path = tmp_path / "exports.json"
     path.write_text(json.dumps({"version": 1, "disks": {"d1": entry().to_json()}}))
