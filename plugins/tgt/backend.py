@@ -1,9 +1,9 @@
 """``TgtBackend``: the ``tgt`` target backend (one userspace tgtd per node, LUNs on RBD through bs_rbd).
 
 Options and orchestration: ``export``/``unexport`` record the intent, then run the ops of
-``plugins.tgt.converge`` under one lock; ``exported`` reads tgtd without the lock and never starts it;
-``fence`` SIGKILLs tgtd without the lock, from any thread or process. A tgtd that died is restarted empty
-and the agent is woken to re-export. The full description is docs/backend-tgt.md.
+``plugins.tgt.converge`` under one lock; ``exported`` and ``logged_in`` read tgtd without the lock and never
+start it; ``fence`` SIGKILLs tgtd without the lock, from any thread or process. A tgtd that died is restarted
+empty and the agent is woken to re-export. The full description is docs/backend-tgt.md.
 """
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ from agent.core.model import Disk, PathKey
 from agent.errors import BackendError, PermanentBackendError, TransientBackendError
 from plugins.options import Options
 from plugins.tgt import converge
-from plugins.tgt.converge import (AddPortal, Call, DeletePortal, DeleteTarget, NewAccount, Op, Probe, Settings,
-                                  ops_for, prune_ops)
+from plugins.tgt.converge import (AddPortal, Call, CloseConnection, DeletePortal, DeleteTarget, NewAccount, Op, Probe,
+                                  Settings, ops_for, prune_ops)
 from plugins.tgt.record import Entry, Record, RecordFile, check_conflicts
 from plugins.tgt.tgtadm import Tgtadm, TgtadmError, parse_portals, portal_of
 from plugins.tgt.tgtd import Tgtd, TgtdConfig, TgtdSupervisor
@@ -32,10 +32,13 @@ log = logging.getLogger(__name__)
 #: how long ``fence`` waits for the killed tgtd to be gone (a SIGKILL takes effect in milliseconds)
 FENCE_WAIT = 1.0
 
+#: tgtadm's words for a connection that is already gone (closing it again is fine)
+GONE = ("can't find the connection", "can't find the session", "can't find the target")
+
 
 class TgtBackend(TargetBackend):
     """See docs/backend-tgt.md. ``export``/``unexport`` are idempotent and serialised by one lock;
-    ``exported`` and ``fence`` never take it."""
+    ``exported``, ``logged_in`` and ``fence`` never take it."""
 
     config_keys: Mapping[str, str] = {
         "tgtd": "path of the tgtd binary (default: tgtd on PATH, else /usr/sbin/tgtd)",
@@ -136,9 +139,28 @@ class TgtBackend(TargetBackend):
             raise
         return converge.served(record, state, self.port)
 
+    def logged_in(self) -> Mapping[str, frozenset[str]]:
+        """Initiator names with a session on each recorded disk's target of the running tgtd, by disk id
+        (one ``tgtadm --op show`` of the targets, without the lock). No tgtd: nobody. Never starts tgtd;
+        ``TransientBackendError`` when it does not answer within ``show_timeout``."""
+        t = self.tgtd.current()
+        if t is None:
+            return {}
+        record = self.records.load().disks_for(t.ident)
+        if not record:
+            return {}
+        try:
+            targets = self.tgtadm.show_targets(timeout=self.show_timeout)
+        except TgtadmError:
+            if self.tgtd.current() != t:       # it ended under the call: nobody is logged in to it
+                return {}
+            raise
+        return converge.logins(record, targets)
+
     def export(self, path: PathKey, disk: Disk) -> None:
-        """Create or update the disk's target (LUN, identity, ACL, CHAP) and the path's portal.
-        Idempotent; on failure the path is left unexported (and the target removed if it was new)."""
+        """Create or update the disk's target (LUN, identity, ACL, CHAP) and the path's portal; sessions of
+        initiators the new ACL does not admit are closed. Idempotent; on failure the path is left unexported (and the
+        target removed if it was new)."""
         spec = disk.path(path.index)
         if spec is None:
             raise PermanentBackendError(f"disk {disk.id} has no path {path.index}")
@@ -165,6 +187,10 @@ class TgtBackend(TargetBackend):
             try:
                 for op in ops:
                     self._run(op)
+                if converge.narrowed(entry, state):
+                    # a login that passed the old ACL while it changed and completed after our show
+                    for op in converge.revoke_ops(entry, self.tgtadm.show_targets().get(entry.iqn)):
+                        self._run(op)
                 if prev is not None and prev.iqn != entry.iqn:     # the disk was renamed: drop the old target
                     for op in prune_ops(self.tgtadm.show(accounts=True), new, self.settings):
                         self._run(op)
@@ -175,6 +201,9 @@ class TgtBackend(TargetBackend):
                 # a fence ran meanwhile and may have missed this tgtd (it was starting): nothing may stay served
                 self._kill("a fence ran during the export")
                 raise TransientBackendError(f"tgt: fenced while exporting {path}", retry_after=0.5)
+            dropped = sorted({op.initiator for op in ops if isinstance(op, CloseConnection)})
+            if dropped:
+                log.info("tgt: %s: closed the sessions of %s (no longer admitted)", disk.id, ", ".join(dropped))
             log.info("tgt: exported %s (%s, portal %s)", path, disk.iqn, portal_of(spec.ip, self.port))
 
     def unexport(self, path: PathKey) -> None:
@@ -363,6 +392,12 @@ class TgtBackend(TargetBackend):
         elif isinstance(op, DeleteTarget):
             self._delete_target(op)
             log.info("tgt: removed target %s (tid %d)", op.name, op.tid)
+        elif isinstance(op, CloseConnection):
+            try:
+                self.tgtadm.run(op.what, op.args)
+            except TgtadmError as e:
+                if not any(m in e.detail for m in GONE):
+                    raise
 
     def _delete_target(self, op: DeleteTarget) -> None:
         """tgt refuses to delete a target for a moment after I/O ("still active"): retry for up to ~2 s."""

@@ -1,12 +1,15 @@
 """What to tell tgtd, as data: pure functions from (intent, tgtd's state) to a list of operations.
 
-``ops_for`` makes one disk's target match its ``Entry``; ``prune_ops`` removes what the record no longer
-needs; ``served`` and ``applied`` compare the record with tgtd's state. No function here has a side
-effect: the backend runs the ops in order (``TgtBackend._run``). See docs/backend-tgt.md.
+``ops_for`` makes one disk's target match its ``Entry`` (dropping the sessions its ACL no longer admits);
+``revoke_ops`` closes the sessions an ACL does not admit;
+``prune_ops`` removes what the record no longer needs; ``served``, ``applied`` and ``logins`` compare the
+record with tgtd's state. No function here has a side effect: the backend runs the ops in order
+(``TgtBackend._run``). See docs/backend-tgt.md.
 """
 from __future__ import annotations
 
 import copy
+import ipaddress
 from dataclasses import dataclass, field
 from typing import Mapping, Union
 
@@ -115,7 +118,28 @@ class DeleteTarget:
         return ("--mode", "target", "--op", "delete", "--force", "--tid", str(self.tid))
 
 
-Op = Union[Probe, Call, NewAccount, AddPortal, DeletePortal, DeleteTarget]
+@dataclass(frozen=True)
+class CloseConnection:
+    """Close one connection of a session (``--mode conn --op delete``), which ends a session of one
+    connection. tgt checks its ACL only at login: unbinding an initiator leaves its sessions running. A
+    connection, session or target that is already gone is fine."""
+
+    tid: int
+    sid: int
+    cid: int
+    initiator: str
+
+    @property
+    def what(self) -> str:
+        return f"close session {self.sid} ({self.initiator}) on tid {self.tid}"
+
+    @property
+    def args(self) -> tuple[str, ...]:
+        return ("--mode", "conn", "--op", "delete", "--tid", str(self.tid), "--sid", str(self.sid),
+                "--cid", str(self.cid))
+
+
+Op = Union[Probe, Call, NewAccount, AddPortal, DeletePortal, DeleteTarget, CloseConnection]
 
 
 # ---------------------------------------------------------------------------------------------- comparing
@@ -135,7 +159,8 @@ def served(record: Mapping[str, Entry], state: TgtState, port: int) -> frozenset
 
 
 def applied(entry: Entry, state: TgtState, port: int) -> bool:
-    """Whether tgtd already has ``entry`` exactly (secrets are trusted to the record)."""
+    """Whether tgtd already has ``entry`` exactly (secrets are trusted to the record), with no session its
+    ACL does not admit (one left by an export interrupted between the unbind and the close)."""
     t = state.targets.get(entry.iqn)
     if t is None or not lun_ok(entry, t):
         return False
@@ -143,7 +168,20 @@ def applied(entry: Entry, state: TgtState, port: int) -> bool:
     return (lun.scsi_sn == entry.serial and lun.scsi_id == entry.serial and t.acl == entry.acl()
             and t.accounts_in == {c.user for c, out in entry.accounts() if not out}
             and t.accounts_out == {c.user for c, out in entry.accounts() if out}
-            and all(portal_of(ip, port) in state.portals for ip in entry.paths.values()))
+            and all(portal_of(ip, port) in state.portals for ip in entry.paths.values())
+            and not revoke_ops(entry, t))
+
+
+def logins(record: Mapping[str, Entry], targets: Mapping[str, TgtTarget]) -> dict[str, frozenset[str]]:
+    """Initiator names with a session on each recorded disk's target, by disk id; disks without one (or
+    without a target) are left out."""
+    out: dict[str, frozenset[str]] = {}
+    for d, e in record.items():
+        t = targets.get(e.iqn)
+        names = frozenset(n.initiator for n in t.it_nexus if n.initiator) if t is not None else frozenset()
+        if names:
+            out[d] = names
+    return out
 
 
 def wanted_portals(record: Mapping[str, Entry], s: Settings) -> set[str]:
@@ -159,13 +197,59 @@ def _acl_kind(who: str) -> str:
     return "--initiator-address" if who == "ALL" or not who.startswith(_NAME_PREFIXES) else "--initiator-name"
 
 
+def _address_matches(rule: str, address: str) -> bool:
+    """tgt's ``ip_match``: an address rule is one address or ``addr/prefix`` (IPv6 optionally in
+    brackets), compared with the connection's peer address. Unparsable: no match."""
+    r = rule.strip()
+    if r.startswith("["):
+        host, _, rest = r[1:].partition("]")
+        r = host + rest
+    try:
+        peer = ipaddress.ip_address(address.strip("[]"))
+        net = ipaddress.ip_network(r, strict=False)
+    except ValueError:
+        return False
+    return peer.version == net.version and peer in net
+
+
+def admits(acl: set[str], initiator: str, address: str) -> bool:
+    """Whether tgt would admit a login of ``initiator`` from ``address`` under ``acl``, as its login does
+    (``ip_acl || iqn_acl``): ``ALL``, the initiator's name, or an address rule matching ``address``."""
+    if "ALL" in acl:
+        return True
+    for who in acl:
+        if _acl_kind(who) == "--initiator-name":
+            if who == initiator:
+                return True
+        elif _address_matches(who, address):
+            return True
+    return False
+
+
+def revoke_ops(entry: Entry, t: TgtTarget | None) -> list[Op]:
+    """Close every connection of target ``t`` that ``entry``'s ACL does not admit (its initiator would be
+    refused if it logged in now); the sessions of admitted initiators are left alone. Pure."""
+    if t is None:
+        return []
+    acl = entry.acl()
+    return [CloseConnection(t.tid, n.sid, c.cid, n.initiator) for n in sorted(t.it_nexus, key=lambda n: n.sid)
+            for c in n.connections if not admits(acl, n.initiator, c.address)]
+
+
+def narrowed(entry: Entry, state: TgtState) -> bool:
+    """Whether exporting ``entry`` takes an ACL rule away from its existing target (sessions may then have
+    to go, including one whose login completed while the ACL changed)."""
+    t = state.targets.get(entry.iqn)
+    return t is not None and bool(t.acl - entry.acl())
+
+
 def ops_for(entry: Entry, state: TgtState, prev: Entry | None, record: Mapping[str, Entry],
             s: Settings = Settings()) -> list[Op]:
     """The ops that make tgtd's target for ``entry`` match it. ``state``: tgtd's state now (with the
-    account list); ``prev``: the entry the record held before (it tells whether a CHAP password changed);
-    ``record``: every recorded disk, ``entry`` included. Order: Ceph probe, target, LUN, identity, ACL
-    (allow before disallow), CHAP, portals. ``PermanentBackendError`` when the target's LUN 1 is another
-    image. Pure: ``state`` is not modified."""
+    account list and the sessions); ``prev``: the entry the record held before (it tells whether a CHAP
+    password changed); ``record``: every recorded disk, ``entry`` included. Order: Ceph probe, target, LUN,
+    identity, ACL (allow before disallow), closing the connections the ACL no longer admits, CHAP (applies
+    at the next login), portals. ``PermanentBackendError`` when the target's LUN 1 is another image. Pure: ``state`` is not modified."""
     st = copy.deepcopy(state)
     ops: list[Op] = []
     t = st.targets.get(entry.iqn)
@@ -201,6 +285,7 @@ def ops_for(entry: Entry, state: TgtState, prev: Entry | None, record: Mapping[s
         ops.append(Call(f"disallow {who} on {entry.iqn}", ("--mode", "target", "--op", "unbind", "--tid", tid,
                                                            _acl_kind(who), who)))
     t.acl = set(want)
+    ops += revoke_ops(entry, t)
     ops += _account_ops(entry, t, st, prev, record)
     for ip in sorted(set(entry.paths.values())):
         p = portal_of(ip, s.port)

@@ -1,5 +1,6 @@
-"""The tgt backend's op lists, table-tested without tgtd: ``ops_for`` (target, LUN, identity, ACL, CHAP,
-portals), ``prune_ops``, ``served`` and ``applied``."""
+"""The tgt backend's op lists, table-tested without tgtd: ``ops_for`` (target, LUN, identity, ACL, closing
+revoked sessions, CHAP, portals), ``prune_ops``, ``served``,
+``applied``, ``admits`` and ``logins``."""
 from __future__ import annotations
 
 import copy
@@ -10,30 +11,44 @@ import pytest
 
 from agent.core.model import Chap, PathKey
 from agent.errors import PermanentBackendError
-from plugins.tgt.converge import (AddPortal, Call, DeletePortal, DeleteTarget, NewAccount, Op, Probe, Settings,
-                                  applied, ops_for, prune_ops, served)
+from plugins.tgt.converge import (AddPortal, Call, CloseConnection, DeletePortal, DeleteTarget, NewAccount, Op, Probe,
+                                  Settings, admits, applied, logins, narrowed, ops_for, prune_ops,
+                                  revoke_ops, served)
 from plugins.tgt.record import Entry
-from plugins.tgt.tgtadm import TgtLun, TgtState, TgtTarget, parse_portals, parse_targets
+from plugins.tgt.tgtadm import (TgtConnection, TgtLun, TgtSession, TgtState, TgtTarget, parse_portals,
+                                parse_targets)
 
 INI = "iqn.2016-05.io.pathagent.test:ini-a"
 OTHER = "iqn.2016-05.io.pathagent.test:ini-b"
 S = Settings(port=3260, bsopts="conf=/etc/ceph/ceph.conf;id=admin")
 IQN = "iqn.2016-05.io.pathagent:d1"
 SERIAL = "5f0c1e2a-0000-4000-8000-00000000000a"
+OLD = 64 << 20
 
 
 def entry(disk: str = "d1", iqn: str = IQN, initiators: tuple[str, ...] | None = (INI,), chap: Chap | None = None,
-          mutual: Chap | None = None, paths: dict[int, str] | None = None, image: str = "img-d1") -> Entry:
+          mutual: Chap | None = None, paths: dict[int, str] | None = None, image: str = "img-d1",
+          size: int = OLD) -> Entry:
     return Entry(disk=disk, iqn=iqn, pool="rbd", image=image, serial=SERIAL, initiators=initiators, chap=chap,
-                 mutual_chap=mutual, paths={1: "10.0.0.1"} if paths is None else paths)
+                 mutual_chap=mutual, paths={1: "10.0.0.1"} if paths is None else paths, size=size)
+
+
+def sess(sid: int, initiator: str, ip: str = "198.18.3.1", cid: int = 0) -> TgtSession:
+    return TgtSession(sid=sid, initiator=initiator, connections=[TgtConnection(cid, ip)])
 
 
 def target(tid: int = 1, iqn: str = IQN, acl: Iterable[str] = (INI,), ins: Iterable[str] = (),
-           outs: Iterable[str] = (), image: str | None = "rbd/img-d1", serial: str = SERIAL) -> TgtTarget:
+           outs: Iterable[str] = (), image: str | None = "rbd/img-d1", serial: str = SERIAL,
+           sessions: Iterable[TgtSession] = ()) -> TgtTarget:
     luns = {0: TgtLun(0, "controller", bstype="null", path="None")}
     if image is not None:
         luns[1] = TgtLun(1, "disk", scsi_id=serial, scsi_sn=serial, bstype="rbd", path=image)
-    return TgtTarget(tid=tid, name=iqn, luns=luns, acl=set(acl), accounts_in=set(ins), accounts_out=set(outs))
+    return TgtTarget(tid=tid, name=iqn, luns=luns, acl=set(acl), accounts_in=set(ins), accounts_out=set(outs),
+                     it_nexus=list(sessions))
+
+
+def close(sid: int, initiator: str, tid: int = 1, cid: int = 0) -> CloseConnection:
+    return CloseConnection(tid, sid, cid, initiator)
 
 
 def state(*targets: TgtTarget, portals: Iterable[str] = ("10.0.0.1:3260",),
@@ -154,6 +169,33 @@ CASES: list[tuple[str, Entry, TgtState, Entry | None, dict[str, Entry], list[Op]
     ("a wrong identity is set again",
      entry(), state(target(serial="beaf11")), entry(), {},
      [new_target_ops(1)[3]]),
+    # revocation: tgt checks the ACL only at login, so the sessions it no longer admits are closed
+    ("revoked: the sessions of the initiator no longer admitted are closed after the unbind; the other's stay",
+     entry(initiators=(INI,)), state(target(acl=(INI, OTHER), sessions=[sess(1, INI), sess(2, OTHER)])),
+     entry(initiators=(INI, OTHER)), {},
+     [disallow(OTHER), close(2, OTHER)]),
+    ("revoked: closed to everyone closes every session",
+     entry(initiators=()), state(target(acl=(INI, OTHER), sessions=[sess(4, OTHER), sess(1, INI)])), entry(), {},
+     [disallow(INI), disallow(OTHER), close(1, INI), close(4, OTHER)]),
+    ("opened to everyone: no session is closed",
+     entry(initiators=None), state(target(sessions=[sess(1, INI), sess(2, OTHER)])), entry(), {},
+     [allow("ALL", "--initiator-address"), disallow(INI)]),
+    ("from open to a list: every session of an unlisted initiator is closed",
+     entry(initiators=(INI,)),
+     state(target(acl=("ALL",), sessions=[sess(1, INI), sess(2, OTHER), sess(3, OTHER, cid=1)])),
+     entry(initiators=None), {},
+     [allow(INI), disallow("ALL", "--initiator-address"), close(2, OTHER), close(3, OTHER, cid=1)]),
+    ("an address rule keeps the sessions from its addresses (tgt admits by name or by address)",
+     entry(initiators=("198.18.3.0/24",)),
+     state(target(acl=(INI,), sessions=[sess(1, INI, "198.18.3.7"), sess(2, OTHER, "198.18.4.7")])), entry(), {},
+     [allow("198.18.3.0/24", "--initiator-address"), disallow(INI), close(2, OTHER, cid=0)]),
+    ("a session the ACL already refuses (its close was interrupted) is closed at the next export",
+     entry(), state(target(sessions=[sess(1, INI), sess(2, OTHER)])), entry(), {},
+     [close(2, OTHER)]),
+    ("a CHAP change keeps the sessions: it applies at the next login",
+     entry(chap=Chap("alice", "pw-2")), state(target(ins=("alice",), sessions=[sess(1, INI)]), accounts=("alice",)),
+     entry(chap=Chap("alice", "pw-1")), {},
+     [delete_account("alice"), NewAccount("alice", "pw-2"), bind("alice")]),
 ]
 
 
@@ -164,6 +206,37 @@ def test_ops_for(name: str, e: Entry, st: TgtState, prev: Entry | None, others: 
     record = {**others, e.disk: e}
     assert ops_for(e, st, prev, record, S) == want
     assert st == before                                   # pure: the state given is not touched
+
+
+def test_narrowed() -> None:
+    st = state(target(acl=(INI, OTHER)))
+    assert narrowed(entry(), st) and not narrowed(entry(initiators=(INI, OTHER)), st)
+    assert not narrowed(entry(), state())
+
+
+@pytest.mark.parametrize("acl,initiator,address,want", [
+    ({"ALL"}, OTHER, "", True),
+    ({INI}, INI, "198.18.3.1", True),
+    ({INI}, OTHER, "198.18.3.1", False),
+    (set(), INI, "198.18.3.1", False),
+    ({"198.18.3.1"}, OTHER, "198.18.3.1", True),
+    ({"198.18.3.1"}, OTHER, "198.18.3.2", False),
+    ({"198.18.3.0/24"}, OTHER, "198.18.3.200", True),
+    ({"[fd00::]/64"}, OTHER, "fd00::9", True),
+    ({"fd00::9"}, OTHER, "fd00::9", True),
+    ({"198.18.3.0/24"}, OTHER, "fd00::9", False),
+    ({"198.18.3.0/24"}, OTHER, "", False),            # no address shown: only a name or ALL admits it
+    ({"not-an-address"}, OTHER, "198.18.3.1", False),
+])
+def test_admits_like_tgts_login(acl: set[str], initiator: str, address: str, want: bool) -> None:
+    assert admits(acl, initiator, address) is want
+
+
+def test_closing_a_connection_names_tid_sid_and_cid() -> None:
+    op = close(7, OTHER, tid=3, cid=2)
+    assert op.args == ("--mode", "conn", "--op", "delete", "--tid", "3", "--sid", "7", "--cid", "2")
+    assert OTHER in op.what
+    assert revoke_ops(entry(), None) == []
 
 
 def test_lun_on_another_image_is_permanent_before_any_op() -> None:
@@ -229,6 +302,8 @@ def test_applied_compares_everything_but_secrets() -> None:
     assert applied(e, state(target(ins=("alice",))), 3260)
     assert not applied(e, state(target(ins=("alice",)), portals=()), 3260)
     assert not applied(e, state(target(ins=("alice",), acl=(INI, OTHER))), 3260)
+    assert applied(e, state(target(ins=("alice",), sessions=[sess(1, INI)])), 3260)
+    assert not applied(e, state(target(ins=("alice",), sessions=[sess(1, INI), sess(2, OTHER)])), 3260)
 
 
 def test_ops_from_a_real_show() -> None:
@@ -254,3 +329,27 @@ def test_ops_from_a_real_show() -> None:
     # d's LUN 1 still has tgt's default serial: served (the identity is export's business, not exported's)
     assert served(record, st, port) == {PathKey("a", 1), PathKey("d", 1)}
     assert not applied(d, st, port)
+
+
+def test_revocation_and_logins_from_a_real_show() -> None:
+    """disk-a of the capture with ini-a logged in (sid 3): admitting ini-b alone closes ini-a's session."""
+    show = Path(__file__).parent / "tgt-show"
+    st = TgtState(targets=parse_targets((show / "targets-sessions.txt").read_text()),
+                  portals=parse_portals((show / "portals-mixed.txt").read_text()),
+                  accounts={"alice", "bob", "target-a"})
+    a = Entry(disk="a", iqn="iqn.2016-05.io.pathagent:disk-a", pool="rbd", image="capimg", serial=SERIAL,
+              initiators=(INI, OTHER), chap=Chap("alice", "alice-secret-1"),
+              mutual_chap=Chap("target-a", "target-secret-1"), paths={1: "127.0.0.2"})
+    d = Entry(disk="d", iqn="iqn.2016-05.io.pathagent:disk-d", pool="rbd", image="capimg2", serial="beaf31",
+              initiators=("127.0.0.1",), chap=None, mutual_chap=None, paths={1: "127.0.0.1"})
+    s = Settings(port=13260)
+    assert ops_for(a, st, a, {"a": a, "d": d}, s) == []
+    only_b = Entry(**{**a.__dict__, "initiators": (OTHER,)})
+    assert ops_for(only_b, st, a, {"a": only_b, "d": d}, s) == [
+        Call(f"disallow {INI} on iqn.2016-05.io.pathagent:disk-a",
+             ("--mode", "target", "--op", "unbind", "--tid", "1", "--initiator-name", INI)),
+        CloseConnection(1, 3, 0, INI)]
+    b = Entry(disk="b", iqn="iqn.2016-05.io.pathagent:disk-b", pool="rbd", image="x", serial="serial-b",
+              initiators=None, chap=None, mutual_chap=None, paths={})
+    assert logins({"a": a, "b": b, "d": d}, st.targets) == {"a": frozenset({INI}), "b": frozenset({INI, OTHER})}
+    assert logins({"d": d}, st.targets) == {} and logins({"a": a}, {}) == {}
