@@ -159,7 +159,8 @@ class TgtBackend(TargetBackend):
 
     def export(self, path: PathKey, disk: Disk) -> None:
         """Create or update the disk's target (LUN, identity, ACL, CHAP) and the path's portal; sessions of
-        initiators the new ACL does not admit are closed. Idempotent; on failure the path is left unexported (and the
+        initiators the new ACL does not admit are closed; a changed size re-creates the target (its
+        sessions on this node reconnect once). Idempotent; on failure the path is left unexported (and the
         target removed if it was new)."""
         spec = disk.path(path.index)
         if spec is None:
@@ -183,11 +184,13 @@ class TgtBackend(TargetBackend):
             new = dict(record)
             new[disk.id] = entry
             ops = ops_for(entry, state, prev, new, self._settings_now())
+            reopen = prev is not None and converge.needs_reopen(entry, state, prev)
             self.records.save(t.ident, mark, new)
+            t0 = time.monotonic()
             try:
                 for op in ops:
                     self._run(op)
-                if converge.narrowed(entry, state):
+                if not reopen and converge.narrowed(entry, state):
                     # a login that passed the old ACL while it changed and completed after our show
                     for op in converge.revoke_ops(entry, self.tgtadm.show_targets().get(entry.iqn)):
                         self._run(op)
@@ -201,8 +204,12 @@ class TgtBackend(TargetBackend):
                 # a fence ran meanwhile and may have missed this tgtd (it was starting): nothing may stay served
                 self._kill("a fence ran during the export")
                 raise TransientBackendError(f"tgt: fenced while exporting {path}", retry_after=0.5)
+            if reopen and prev is not None:
+                log.info("tgt: %s: re-created target %s for the new size (%d -> %d bytes) in %.0f ms; its "
+                         "sessions on this node reconnect", disk.id, disk.iqn, prev.size, entry.size,
+                         (time.monotonic() - t0) * 1000)
             dropped = sorted({op.initiator for op in ops if isinstance(op, CloseConnection)})
-            if dropped:
+            if dropped and not reopen:
                 log.info("tgt: %s: closed the sessions of %s (no longer admitted)", disk.id, ", ".join(dropped))
             log.info("tgt: exported %s (%s, portal %s)", path, disk.iqn, portal_of(spec.ip, self.port))
 

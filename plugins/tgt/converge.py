@@ -1,7 +1,7 @@
 """What to tell tgtd, as data: pure functions from (intent, tgtd's state) to a list of operations.
 
-``ops_for`` makes one disk's target match its ``Entry`` (dropping the sessions its ACL no longer admits);
-``revoke_ops`` closes the sessions an ACL does not admit;
+``ops_for`` makes one disk's target match its ``Entry`` (dropping the sessions its ACL no longer admits, and
+reopening the LUN when the disk's size changed); ``revoke_ops`` closes the sessions an ACL does not admit;
 ``prune_ops`` removes what the record no longer needs; ``served``, ``applied`` and ``logins`` compare the
 record with tgtd's state. No function here has a side effect: the backend runs the ops in order
 (``TgtBackend._run``). See docs/backend-tgt.md.
@@ -243,13 +243,44 @@ def narrowed(entry: Entry, state: TgtState) -> bool:
     return t is not None and bool(t.acl - entry.acl())
 
 
+def needs_reopen(entry: Entry, state: TgtState, prev: Entry | None) -> bool:
+    """The target serves the disk's image, and the size it was opened with (``prev.size``) is known and is
+    not ``entry.size``: bs_rbd reads the image's size only when it opens the LUN."""
+    t = state.targets.get(entry.iqn)
+    return (prev is not None and prev.size > 0 and entry.size > 0 and prev.size != entry.size
+            and t is not None and lun_ok(entry, t))
+
+
+def _reopen_ops(entry: Entry, st: TgtState, prev: Entry, record: Mapping[str, Entry], s: Settings) -> list[Op]:
+    """Open the LUN again (so that tgt reports the new size) by re-creating the target. tgt has no safe
+    in-place reopen of a non-removable LU: ``--params path=`` closes the image while worker threads may
+    still use it, and deleting/re-adding LUN 1 lets commands meet LUN-not-supported. So: the probe; the
+    portals of this disk's paths (a reconnect is refused, and retried, rather than logging in to a target
+    without its LUN); every connection of the target (no new command, so its in-flight ones drain); the
+    target (``--force``); then the target as new; its portals last."""
+    t = st.targets[entry.iqn]
+    probe = Probe(entry.pool, entry.image)
+    listen = {portal_of(s.listen, s.port)} if s.listen else set()
+    mine = {portal_of(ip, s.port) for ip in set(prev.paths.values()) | set(entry.paths.values())}
+    gone = sorted((mine & st.portals) - listen)
+    ops: list[Op] = [probe, *(DeletePortal(p) for p in gone)]
+    ops += [CloseConnection(t.tid, n.sid, c.cid, n.initiator) for n in sorted(t.it_nexus, key=lambda n: n.sid)
+            for c in n.connections]
+    ops.append(DeleteTarget(t.tid, entry.iqn))
+    del st.targets[entry.iqn]
+    st.portals -= set(gone)
+    again = ops_for(entry, st, prev, record, s)
+    return ops + [op for op in again if op != probe]
+
+
 def ops_for(entry: Entry, state: TgtState, prev: Entry | None, record: Mapping[str, Entry],
             s: Settings = Settings()) -> list[Op]:
     """The ops that make tgtd's target for ``entry`` match it. ``state``: tgtd's state now (with the
     account list and the sessions); ``prev``: the entry the record held before (it tells whether a CHAP
-    password changed); ``record``: every recorded disk, ``entry`` included. Order: Ceph probe, target, LUN,
-    identity, ACL (allow before disallow), closing the connections the ACL no longer admits, CHAP (applies
-    at the next login), portals. ``PermanentBackendError`` when the target's LUN 1 is another image. Pure: ``state`` is not modified."""
+    password or the size changed); ``record``: every recorded disk, ``entry`` included. Order: Ceph probe,
+    target, LUN, identity, ACL (allow before disallow), closing the connections the ACL no longer admits,
+    CHAP (applies at the next login), portals. A changed size re-creates the target (``_reopen_ops``).
+    ``PermanentBackendError`` when the target's LUN 1 is another image. Pure: ``state`` is not modified."""
     st = copy.deepcopy(state)
     ops: list[Op] = []
     t = st.targets.get(entry.iqn)
@@ -257,6 +288,8 @@ def ops_for(entry: Entry, state: TgtState, prev: Entry | None, record: Mapping[s
     if lun is not None and not lun_ok(entry, t):
         raise PermanentBackendError(f"disk {entry.disk}: target {entry.iqn} serves {lun.path or lun.kind} "
                                     f"as LUN {LUN}, not {entry.pool}/{entry.image}; unexport it first")
+    if prev is not None and needs_reopen(entry, st, prev):
+        return _reopen_ops(entry, st, prev, record, s)
     if t is None or lun is None:
         # before anything else: bs_rbd would block tgtd's event loop while Ceph does not answer
         ops.append(Probe(entry.pool, entry.image))

@@ -1,5 +1,5 @@
 """The tgt backend's op lists, table-tested without tgtd: ``ops_for`` (target, LUN, identity, ACL, closing
-revoked sessions, CHAP, portals), ``prune_ops``, ``served``,
+revoked sessions, CHAP, portals, re-creating the target for a new size), ``prune_ops``, ``served``,
 ``applied``, ``admits`` and ``logins``."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from agent.core.model import Chap, PathKey
 from agent.errors import PermanentBackendError
 from plugins.tgt.converge import (AddPortal, Call, CloseConnection, DeletePortal, DeleteTarget, NewAccount, Op, Probe,
-                                  Settings, admits, applied, logins, narrowed, ops_for, prune_ops,
+                                  Settings, admits, applied, logins, narrowed, needs_reopen, ops_for, prune_ops,
                                   revoke_ops, served)
 from plugins.tgt.record import Entry
 from plugins.tgt.tgtadm import (TgtConnection, TgtLun, TgtSession, TgtState, TgtTarget, parse_portals,
@@ -23,7 +23,7 @@ OTHER = "iqn.2016-05.io.pathagent.test:ini-b"
 S = Settings(port=3260, bsopts="conf=/etc/ceph/ceph.conf;id=admin")
 IQN = "iqn.2016-05.io.pathagent:d1"
 SERIAL = "5f0c1e2a-0000-4000-8000-00000000000a"
-OLD = 64 << 20
+OLD, NEW = 64 << 20, 96 << 20
 
 
 def entry(disk: str = "d1", iqn: str = IQN, initiators: tuple[str, ...] | None = (INI,), chap: Chap | None = None,
@@ -196,6 +196,38 @@ CASES: list[tuple[str, Entry, TgtState, Entry | None, dict[str, Entry], list[Op]
      entry(chap=Chap("alice", "pw-2")), state(target(ins=("alice",), sessions=[sess(1, INI)]), accounts=("alice",)),
      entry(chap=Chap("alice", "pw-1")), {},
      [delete_account("alice"), NewAccount("alice", "pw-2"), bind("alice")]),
+    # a new size: bs_rbd reads it only at open, so the target is made again
+    ("a larger size re-creates the target: portals, sessions and target go, it comes back, portals last",
+     entry(size=NEW, paths={1: "10.0.0.1", 2: "10.0.0.2"}),
+     state(target(sessions=[sess(1, INI), sess(2, INI, cid=3)]),
+           portals=("10.0.0.1:3260", "10.0.0.2:3260", "10.0.0.9:3260")),
+     entry(paths={1: "10.0.0.1", 2: "10.0.0.2"}), {},
+     [Probe("rbd", "img-d1"), DeletePortal("10.0.0.1:3260"), DeletePortal("10.0.0.2:3260"), close(1, INI),
+      close(2, INI, cid=3), DeleteTarget(1, IQN)] + new_target_ops(1)[1:]
+     + [allow(INI), AddPortal("10.0.0.1:3260"), AddPortal("10.0.0.2:3260")]),
+    ("a smaller size re-creates it too; a path exported with it gets its portal with the others",
+     entry(size=OLD - (16 << 20), paths={1: "10.0.0.1", 2: "10.0.0.2"}), state(target()), entry(), {},
+     [Probe("rbd", "img-d1"), DeletePortal("10.0.0.1:3260"), DeleteTarget(1, IQN)] + new_target_ops(1)[1:]
+     + [allow(INI), AddPortal("10.0.0.1:3260"), AddPortal("10.0.0.2:3260")]),
+    ("a re-created target gets its CHAP accounts bound again (they stay in tgtd)",
+     entry(chap=Chap("alice", "pw-1"), size=NEW), state(target(ins=("alice",)), accounts=("alice",)),
+     entry(chap=Chap("alice", "pw-1")), {},
+     [Probe("rbd", "img-d1"), DeletePortal("10.0.0.1:3260"), DeleteTarget(1, IQN)] + new_target_ops(1)[1:]
+     + [allow(INI), bind("alice"), AddPortal("10.0.0.1:3260")]),
+    ("a re-created target takes the smallest free tid",
+     entry(size=NEW), state(target(tid=3)), entry(), {},
+     [Probe("rbd", "img-d1"), DeletePortal("10.0.0.1:3260"), DeleteTarget(3, IQN)] + new_target_ops(1)[1:]
+     + [allow(INI), AddPortal("10.0.0.1:3260")]),
+    ("an unknown recorded size (a record from before sizes) does not re-create",
+     entry(size=NEW), state(target()), entry(size=0), {}, []),
+    ("an unknown new size does not re-create",
+     entry(size=0), state(target()), entry(), {}, []),
+    ("a new size for a target without its LUN: the LUN is added (it opens with the new size)",
+     entry(size=NEW), state(target(image=None)), entry(), {},
+     [new_target_ops(1)[0]] + new_target_ops(1)[2:]),
+    ("a new size for a disk not exported here: a plain new target",
+     entry(size=NEW), state(portals=()), entry(), {},
+     new_target_ops(1) + [allow(INI), AddPortal("10.0.0.1:3260")]),
 ]
 
 
@@ -208,8 +240,23 @@ def test_ops_for(name: str, e: Entry, st: TgtState, prev: Entry | None, others: 
     assert st == before                                   # pure: the state given is not touched
 
 
-def test_narrowed() -> None:
+def test_a_reopen_keeps_the_listen_portal_and_ends_with_the_disks_portals() -> None:
+    s = Settings(port=3260, listen="10.0.0.1", bsopts=S.bsopts)
+    ops = ops_for(entry(size=NEW, paths={1: "10.0.0.1", 2: "10.0.0.2"}),
+                  state(target(), portals=("10.0.0.1:3260", "10.0.0.2:3260")),
+                  entry(paths={1: "10.0.0.1", 2: "10.0.0.2"}), {}, s)
+    assert [op for op in ops if isinstance(op, (DeletePortal, AddPortal))] == [
+        DeletePortal("10.0.0.2:3260"), AddPortal("10.0.0.2:3260")]
+    assert isinstance(ops[0], Probe) and ops[-1] == AddPortal("10.0.0.2:3260")
+    assert sum(isinstance(op, Probe) for op in ops) == 1      # one probe, before anything is taken away
+
+
+def test_needs_reopen_and_narrowed() -> None:
     st = state(target(acl=(INI, OTHER)))
+    assert needs_reopen(entry(size=NEW), st, entry())
+    assert not needs_reopen(entry(), st, entry())
+    assert not needs_reopen(entry(size=NEW), st, None)
+    assert not needs_reopen(entry(size=NEW), state(), entry())
     assert narrowed(entry(), st) and not narrowed(entry(initiators=(INI, OTHER)), st)
     assert not narrowed(entry(), state())
 
