@@ -42,7 +42,9 @@ from lab.netns import GatewayLab, NetnsThread, ip
 
 T = TypeVar("T")
 _ids = itertools.count(1)
-_vips = itertools.count(0)
+_vips = itertools.count(0)          # lab vip indexes (the session's one lab), below VIP_LIMIT
+_fake_vips = itertools.count(0)
+VIP_LIMIT = 140                     # test_fencing_tgt's VIP_BASE: its addresses are above
 INI = "iqn.2016-05.io.pathagent.test:ini-a"
 OTHER_INI = "iqn.2016-05.io.pathagent.test:ini-b"
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -103,8 +105,11 @@ class Harness:
                     mutual_chap=mutual)
 
     def vip(self) -> str:
+        if self.lab is None:
+            return f"198.18.250.{next(_fake_vips) % 250 + 1}"
         n = next(_vips)
-        return self.lab.vip(n) if self.lab else f"198.18.250.{n % 250 + 1}"
+        assert n < VIP_LIMIT, "this module uses more lab vips than it has (test_fencing_tgt uses the next ones)"
+        return self.lab.vip(n)
 
     def woken(self) -> None:
         self.wakes.append(time.monotonic())
