@@ -8,9 +8,12 @@
 
 The first group holds for every backend (idempotency, ``exported`` after a restart, read-only ``exported``,
 ``fence``: at once, from a second instance and from another process, bounded while the daemon is wedged,
-export again afterwards); the second for backends with a data path (I/O, identity, ACL, CHAP, a fence
-drops the sessions); the last for tgt alone (tgtd death: restarted empty and the agent woken, the
-zero-length READ crash, Ceph outage, rollback, the child environment).
+export again afterwards; a changed definition in place: a revoked initiator loses its session and another
+keeps its, a larger size is what the LUN reports, ``logged_in`` lists the initiators with a session: for
+the fake through its ``login``/``logout``, for real backends with libiscsi sessions); the second for
+backends with a data path (I/O, identity, ACL, CHAP, a fence drops the sessions); the last for tgt alone
+(tgtd death: restarted empty and the agent woken, the zero-length READ crash, Ceph outage, rollback, the
+child environment, a resize under I/O).
 """
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ from agent.backend import PluginContext, TargetBackend
 from agent.config import CephConfig
 from agent.core.model import Chap, Disk, PathKey, PathSpec
 from agent.errors import PermanentBackendError, TransientBackendError
-from lab import iscsi
+from lab import failover, iscsi
 from lab.gwtools import RbdImages, stop_tgtd, tgt_missing
 from lab.netns import GatewayLab, NetnsThread, ip
 
@@ -110,6 +113,74 @@ class Harness:
         n = next(_vips)
         assert n < VIP_LIMIT, "this module uses more lab vips than it has (test_fencing_tgt uses the next ones)"
         return self.lab.vip(n)
+
+    def up(self, b: TargetBackend, d: Disk, index: int = 1) -> str:
+        """Export path ``index``; with a data path bring its IP up too (``_serve``). Returns the portal
+        (``""`` for the fake)."""
+        if not self.real:
+            self.call(b.export, PathKey(d.id, index), d)
+            return ""
+        return _serve(self, b, d, index)
+
+    @contextlib.contextmanager
+    def session(self, b: TargetBackend, d: Disk, initiator: str, portal: str) -> Iterator[Callable[[], bool]]:
+        """``initiator`` logged in to ``d`` for the block; yields ``alive()``: whether its session still
+        works (fake: ``login``/``logout``; real: a libiscsi session without automatic reconnect, so that a
+        dropped session stays dropped, and alive = a TEST UNIT READY answered)."""
+        if not self.real:
+            from plugins.fake import FakeBackend
+            assert isinstance(b, FakeBackend)
+            b.login(d.id, initiator)
+            try:
+                yield lambda: initiator in b.logged_in().get(d.id, frozenset())
+            finally:
+                b.logout(d.id, initiator)
+            return
+        assert self.lab is not None
+        with iscsi.Session(portal, d.iqn, initiator=initiator, netns=self.lab.ns("ini"), reconnect=False,
+                           timeout=2) as s:
+            def alive() -> bool:
+                try:
+                    s.test_unit_ready()
+                    return True
+                except iscsi.IscsiError:
+                    return False
+            yield alive
+
+    def can_log_in(self, b: TargetBackend, d: Disk, initiator: str, portal: str) -> bool:
+        """Whether a new login of ``initiator`` (not logged in now) to ``d`` is accepted."""
+        if not self.real:
+            from plugins.fake import FakeBackend, LoginRefused
+            assert isinstance(b, FakeBackend)
+            try:
+                b.login(d.id, initiator)
+            except LoginRefused:
+                return False
+            b.logout(d.id, initiator)
+            return True
+        assert self.lab is not None
+        return iscsi.inq(portal, d.iqn, self.lab.ns("ini"), initiator=initiator, timeout=3) is not None
+
+    def size(self, b: TargetBackend, d: Disk, portal: str) -> int:
+        """The size the disk's LUN reports (real: READ CAPACITY(16) through a fresh session)."""
+        if not self.real:
+            from plugins.fake import FakeBackend
+            assert isinstance(b, FakeBackend)
+            n = b.reported_size(d.id)
+            assert n is not None
+            return n
+        assert self.lab is not None
+        with iscsi.Session(portal, d.iqn, initiator=INI, netns=self.lab.ns("ini"), timeout=5) as s:
+            blocks, bs = s.capacity()
+        return blocks * bs
+
+    def grow(self, d: Disk) -> None:
+        """Resize the disk's image to ``d.size`` (what the CLI does before it edits the definition)."""
+        if self.images is None:
+            return
+        import rbd
+        with rbd.Image(self.images.ioctx, d.image) as img:
+            img.resize(d.size)
 
     def woken(self) -> None:
         self.wakes.append(time.monotonic())
@@ -303,10 +374,103 @@ def test_changed_definition_is_updated_in_place(harness: Harness) -> None:
     assert harness.call(b.exported) == {p}
 
 
+@pytest.mark.parametrize("before", [(INI, OTHER_INI), None], ids=["listed", "open"])
+def test_a_revoked_initiator_loses_its_session_and_another_keeps_its(harness: Harness,
+                                                                      before: tuple[str, ...] | None) -> None:
+    b = harness.new()
+    d = harness.disk(initiators=before)
+    portal = harness.up(b, d)
+    p = PathKey(d.id, 1)
+    with harness.session(b, d, INI, portal) as ini_alive, harness.session(b, d, OTHER_INI, portal) as other_alive:
+        assert harness.call(b.logged_in) == {d.id: frozenset({INI, OTHER_INI})}
+        harness.call(b.export, p, _with(d, initiators=(INI,)))
+        _wait(lambda: harness.call(b.logged_in).get(d.id) == frozenset({INI}), 5, "the revoked session gone")
+        assert not other_alive() and ini_alive()
+        assert harness.call(b.logged_in) == {d.id: frozenset({INI})}
+        assert not harness.can_log_in(b, d, OTHER_INI, portal)
+        assert harness.call(b.exported) == {p}
+        harness.call(b.export, p, _with(d, initiators=()))          # nobody: the last session goes too
+        _wait(lambda: d.id not in harness.call(b.logged_in), 5, "every session gone")
+        assert not ini_alive()
+        assert harness.call(b.exported) == {p}
+
+
+def test_a_chap_change_keeps_the_sessions(harness: Harness) -> None:
+    """A CHAP change applies to the next login: a logged-in initiator keeps its session."""
+    b = harness.new()
+    d = harness.disk(initiators=(INI,))
+    portal = harness.up(b, d)
+    with harness.session(b, d, INI, portal) as alive:
+        harness.call(b.export, PathKey(d.id, 1), _with(d, chap=Chap("carol", "carol-secret-1")))
+        time.sleep(0.3)
+        assert alive() and harness.call(b.logged_in) == {d.id: frozenset({INI})}
+    if harness.real:
+        assert not harness.can_log_in(b, d, INI, portal)          # without the new secret: refused
+
+
+def test_a_larger_size_is_what_the_lun_reports(harness: Harness) -> None:
+    b = harness.new()
+    d = harness.disk(size=64 << 20)
+    portal = harness.up(b, d)
+    p1, p2 = PathKey(d.id, 1), PathKey(d.id, 2)
+    harness.call(b.export, p2, d)
+    assert harness.size(b, d, portal) == 64 << 20
+    bigger = _with(d, size=96 << 20)
+    harness.grow(bigger)
+    harness.call(b.export, p1, bigger)
+    assert harness.call(b.exported) == {p1, p2}
+    assert harness.size(b, d, portal) == 96 << 20
+    harness.call(b.export, p2, bigger)                  # the planner re-exports every path it holds
+    assert harness.call(b.exported) == {p1, p2}
+    assert harness.size(b, d, portal) == 96 << 20
+    again = harness.new()                               # an agent restart keeps it
+    assert harness.call(again.exported) == {p1, p2}
+
+
+def test_logged_in_lists_the_initiators_with_a_session(harness: Harness) -> None:
+    b = harness.new()
+    assert harness.call(b.logged_in) == {}
+    d, quiet = harness.disk(initiators=None), harness.disk()
+    portal = harness.up(b, d)
+    harness.up(b, quiet)
+    assert harness.call(b.logged_in) == {}              # exported, nobody logged in: left out
+    with harness.session(b, d, INI, portal):
+        assert harness.call(b.logged_in) == {d.id: frozenset({INI})}
+        assert harness.call(harness.new().logged_in) == {d.id: frozenset({INI})}   # a second instance too
+        # read-only and safe beside export/unexport running in another thread
+        errors: list[BaseException] = []
+        seen: list[Any] = []
+        stop = threading.Event()
+
+        def reader() -> None:
+            while not stop.is_set():
+                try:
+                    seen.append(b.logged_in())
+                except BaseException as e:  # handed to the test thread
+                    errors.append(e)
+                    return
+        th = threading.Thread(target=reader)
+        th.start()
+        try:
+            more = harness.disk()
+            for _ in range(2):
+                harness.call(b.export, PathKey(more.id, 1), more)
+                harness.call(b.unexport, PathKey(more.id, 1))
+        finally:
+            stop.set()
+            th.join(10)
+        assert not errors and seen and all(x == {d.id: frozenset({INI})} for x in seen), (errors, seen[:3])
+    _wait(lambda: harness.call(b.logged_in) == {}, 5, "the logout seen")
+    with harness.session(b, d, OTHER_INI, portal):
+        b.fence()
+        assert harness.call(b.logged_in) == {}          # a fence drops every session
+
+
 def test_exported_never_starts_a_daemon(harness: Harness) -> None:
     b = harness.new()
     assert harness.call(b.exported) == frozenset()
     assert harness.call(harness.new().exported) == frozenset()
+    assert harness.call(b.logged_in) == {}
     time.sleep(0.2)
     assert harness.daemons() == []
     assert not os.path.exists(os.path.join(harness.state_dir, "tgt", "tgtd.pid"))
@@ -393,6 +557,43 @@ def test_export_works_again_after_a_fence(harness: Harness) -> None:
     assert harness.call(b.exported) == {p}
     harness.call(b.unexport, p)
     assert harness.call(b.exported) == frozenset()
+
+
+def test_fake_login_api(tmp_path: Any) -> None:
+    """The fake's sessions, as tier-1 tests use them: refused like a real target refuses a login, shared
+    through the state file with another instance (another process), dropped by a narrower ACL, the last
+    unexport and a fence."""
+    from plugins.fake import FakeBackend, LoginRefused
+    ctx = PluginContext(node="gwa", state_dir=str(tmp_path))
+    b, other = FakeBackend(ctx), FakeBackend(ctx)
+    d = Disk(id="d1", name="d1", iqn="iqn.2016-05.io.pathagent:d1", serial="s1", size=1 << 30, initiators=(INI,),
+             paths=(PathSpec(1, "198.18.250.1", 24), PathSpec(2, "198.18.250.2", 24)))
+    with pytest.raises(LoginRefused, match="not exported"):
+        b.login("d1", INI)
+    assert b.reported_size("d1") is None and b.logged_in() == {}
+    b.export(PathKey("d1", 1), d)
+    b.export(PathKey("d1", 2), d)
+    with pytest.raises(LoginRefused, match="does not admit"):
+        b.login("d1", OTHER_INI)
+    b.login("d1", INI)
+    b.login("d1", INI)                                       # one session per initiator and disk
+    assert other.logged_in() == {"d1": frozenset({INI})}     # the state file is shared
+    other.logout("d1", INI)
+    other.logout("d1", INI)
+    assert b.logged_in() == {}
+    b.export(PathKey("d1", 1), _with(d, initiators=None))    # a definition is per disk: both paths get it
+    b.login("d1", INI)
+    b.login("d1", OTHER_INI)
+    b.export(PathKey("d1", 2), _with(d, initiators=(OTHER_INI,), size=2 << 30))
+    assert b.logged_in() == {"d1": frozenset({OTHER_INI})} and b.reported_size("d1") == 2 << 30
+    b.unexport(PathKey("d1", 1))
+    assert b.logged_in() == {"d1": frozenset({OTHER_INI})}   # a path is left: the target stays
+    b.unexport(PathKey("d1", 2))
+    assert b.logged_in() == {} and b.reported_size("d1") is None
+    b.export(PathKey("d1", 1), d)
+    b.login("d1", INI)
+    b.fence()
+    assert b.logged_in() == {} and b.exported() == frozenset()
 
 
 # ------------------------------------------------------------------------------------------------ data path
@@ -568,6 +769,55 @@ def test_tgt_same_identity_on_two_gateways(tgt: Harness, tmp_path: Any) -> None:
         finally:
             tb.call(b.close)
             stop_tgtd(str(tmp_path / "gwb"))
+
+
+def test_tgt_resize_under_io_costs_one_reconnect_and_loses_nothing(tgt: Harness) -> None:
+    """A new size re-creates the disk's target (bs_rbd reads the size only at open): a writer on it loses
+    its session once, finds the portal refused while the target is made again, logs in again and goes on;
+    every acknowledged write reads back from RBD; another disk's session on the same tgtd is untouched."""
+    h = tgt
+    assert h.lab is not None and h.images is not None
+    ns = h.lab.ns("ini")
+    b = h.new()
+    d, other = h.disk(initiators=None, size=64 << 20), h.disk(initiators=(INI,))
+    portal, other_portal = _serve(h, b, d), _serve(h, b, other)
+    w = failover.Writer(portal, d.iqn, ns, slots=64).start()
+    try:
+        with iscsi.Session(other_portal, other.iqn, initiator=INI, netns=ns, reconnect=False, timeout=2) as s:
+            _wait(lambda: w.acked_after(0) >= 20, 30, "the writer going")
+            before = _sids(h, d.iqn)
+            bigger = _with(d, size=96 << 20)
+            h.grow(bigger)
+            t0 = time.monotonic()
+            h.call(b.export, PathKey(d.id, 1), bigger)
+            took = time.monotonic() - t0
+            _wait(lambda: w.acked_after(t0 + took) >= 20, 30, "the writer going again")
+            after = _sids(h, d.iqn)
+            s.test_unit_ready()                      # the other disk kept its session
+            assert h.call(b.logged_in) == {d.id: frozenset({failover.WRITER_INITIATOR}), other.id: frozenset({INI})}
+        w.stop()
+    finally:
+        if w.running():
+            w.stop()
+    assert w.error is None, w.error
+    gap = w.gap(t0)
+    _, failures, logins = w.snapshot()
+    print(f"\ntgt resize under I/O: export took {took * 1000:.0f} ms, the writer's gap {gap.seconds * 1000:.0f} ms "
+          f"(sessions {before} -> {after}; {len(failures)} failed write(s), {len(logins) - 1} login(s) by the writer)")
+    assert gap.recovered and gap.seconds < 5
+    assert len(before) == len(after) == 1 and not before & after     # its one session was replaced
+    assert h.size(b, d, portal) == 96 << 20
+    images = h.images
+    v = failover.judge(w, "rbd", lambda lba, n: images.read(d.image, lba * 512, n * 512))
+    assert v.checked > 0 and v.bad == 0, v.summary()
+    assert _record(h)["disks"][d.id]["size"] == 96 << 20
+
+
+def _sids(h: Harness, iqn: str) -> set[int]:
+    """tgt's session ids on the target ``iqn`` now."""
+    from plugins.tgt.tgtadm import parse_targets
+    t = parse_targets(_show(h, "target")).get(iqn)
+    return {n.sid for n in t.it_nexus} if t is not None else set()
 
 
 def test_tgt_restart_keeps_tgtd_and_close_does_not_stop_it(tgt: Harness) -> None:
