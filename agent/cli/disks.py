@@ -448,6 +448,8 @@ class Disks:
         diff = []
         if req.op == "create" and disk.size != req.size:
             diff.append(f"size {human_size(disk.size)}")
+        if req.op == "create" and req.pool and disk.pool != req.pool:
+            diff.append(f"pool {disk.pool}")
         if tuple((p.ip, p.prefix) for p in disk.paths) != req.paths:
             diff.append("paths " + " ".join(f"{p.ip}/{p.prefix}" for p in disk.paths))
         if req.iqn and disk.iqn != req.iqn:
@@ -592,6 +594,8 @@ class Disks:
         still has the image open. Returns where it was and what was removed."""
         held = self.claims()
         loc = self.resolve(ref, pool, held)
+        if loc.claim is not None and loc.claim.session is not None:
+            self._wait_free(loc.claim, loc.claim.value.name if loc.claim.value else ref)   # a create still running
         if loc.record is not None:
             if not force:
                 raise DiskStateError(f"disk {loc.id} is started; stop it first (pathagent disk stop {loc.id}), "

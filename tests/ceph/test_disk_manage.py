@@ -473,3 +473,29 @@ def test_interrupted_lifecycle_step_is_finished_by_running_it_again(cli: Cli, st
         cli.ok("disk", "delete", disk_id)
     assert orphans(cli) == []
     assert not [k for k in cli.kv() if k.startswith(dkey)]
+
+
+def test_a_create_still_running_elsewhere_is_neither_adopted_nor_deleted(cli: Cli) -> None:
+    """A name claim locked by a live command on another host: a second create and a delete refuse (they
+    cannot tell it from a slow command), and once its session ends the rerun finishes the job."""
+    a, _ = cli.ips()
+    argv = ("disk", "create", "elsewhere", "--size", "1M", "--path", f"{a}/24")
+    killed(cli, "create:claimed", *argv)
+    base = f"http://{cli.consul}/v1"
+    for s in requests.get(f"{base}/session/list", timeout=5).json():
+        if "create disk elsewhere" in s["Name"]:
+            requests.put(f"{base}/session/destroy/{s['ID']}", timeout=5).raise_for_status()
+    node = requests.get(f"{base}/agent/self", timeout=5).json()["Config"]["NodeName"]
+    sid = requests.put(f"{base}/session/create", timeout=5, json={
+        "Node": node, "Name": "pathagent-cli: create disk elsewhere [pid 1 start 1 host another-host]",
+        "TTL": "60s", "Checks": [], "Behavior": "release", "LockDelay": "0s"}).json()["ID"]
+    key = f"{base}/kv/{cli.prefix}/claims/name/elsewhere"
+    value = requests.get(f"{key}?raw", timeout=5).content
+    assert requests.put(f"{key}?acquire={sid}", data=value, timeout=5).json() is True
+    for args in (argv, ("disk", "delete", "elsewhere")):
+        rc, _, err = cli.run(*args)
+        assert rc == 1 and "is being created by another pathagent command" in err and "another-host" in err, err
+    requests.put(f"{base}/session/destroy/{sid}", timeout=5).raise_for_status()
+    disk_id = last_line(cli.ok(*argv))
+    assert cli.json("disk", "show", "elsewhere")["id"] == disk_id and orphans(cli) == []
+    cli.ok("disk", "delete", disk_id)
