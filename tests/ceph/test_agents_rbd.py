@@ -32,6 +32,7 @@ class World:
                                     ceph_conf=ceph.conf_path) for n in nodes}
         self.cfg = self.agents["gwa"].config
         self.outputs: list[str] = []
+        self.disks = 0
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         r = subprocess.run([sys.executable, "-m", "agent.cli", "--config", str(self.cfg), *args],
@@ -42,8 +43,11 @@ class World:
         return r
 
     def create(self, name: str, *extra: str) -> str:
-        r = self.cli("disk", "create", name, "--size", "8M", "--path", "198.18.0.100/24",
-                     "--path", "198.18.0.101/24", "--open", *extra)
+        """A disk with two path IPs of its own (path IPs are unique across disks)."""
+        self.disks += 1
+        n = self.disks
+        r = self.cli("disk", "create", name, "--size", "8M", "--path", f"198.18.{n}.100/24",
+                     "--path", f"198.18.{n}.101/24", "--open", *extra)
         return r.stdout.strip().splitlines()[-1]
 
     def served(self) -> dict[str, str]:
