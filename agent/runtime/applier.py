@@ -11,7 +11,11 @@ Rules on top of the plan's order (agent.core.planner):
 - acquires run in batches of 32 per transaction; a batch that is rolled back (a path changed meanwhile)
   is retried one path at a time; a refusal because of a lock-delay asks for another look in a second;
 - applying stops after ``budget`` seconds so that a long plan never runs on a stale snapshot: the loop
-  plans again at once.
+  plans again at once;
+- every acquire that does not take effect is counted in ``Effects.acquire_failures`` under one of
+  ``ACQUIRE_FAILURE_REASONS`` (``refusal_reason``): a refused transaction once per path (a batch that is
+  rolled back is not counted: its paths are retried one by one and those retries are), a Consul call that
+  failed once.
 
 Every log line names its path through ``label`` (``d15c0001/1 (vm)``: with the disk's display name where
 its definition is known).
@@ -25,7 +29,7 @@ from typing import Any, Callable, Mapping
 from agent.backend import NetworkBackend, TargetBackend
 from agent.core.model import (Acquire, AcquireLeader, Action, AddressDown, AddressUp, CleanUp, Disk, EndMove,
                               Export, FenceNode, LockNodeRecord, PathKey, Plan, Release, RequestMove, Unexport)
-from agent.core.store import CoordinationStore
+from agent.core.store import CoordinationStore, TxnResult
 from agent.core.tree import leader_value, lock_value, move_value, node_value
 from agent.errors import CoordinationError, TransientBackendError
 from agent.runtime.clock import Clock
@@ -39,6 +43,25 @@ SURRENDER_BLOCK = 30.0       # then it does not take that path back for this lon
 UNSERVICEABLE_AFTER = 30.0   # a held path this node has no definition for is given up after this long
 MAX_BACKOFF = 30.0
 LOCK_DELAY_RETRY = 0.2       # a lock refused for its lock-delay is tried again this soon (failover time)
+
+#: why an acquire did not take effect (the ``reason`` label of ``pathagent_acquire_failures_total``):
+#: the key's lock-delay has not expired; another session holds the lock; the key changed or is gone since it
+#: was observed; our session is not valid (any more); Consul did not answer; anything else
+ACQUIRE_FAILURE_REASONS = ("lock_delay", "held", "changed", "session", "consul", "other")
+
+
+def refusal_reason(res: TxnResult) -> str:
+    """The ``ACQUIRE_FAILURE_REASONS`` entry for a refused lock transaction (Consul's error texts)."""
+    what = " ".join(w for _, w in res.errors)
+    if res.lock_delay():
+        return "lock_delay"
+    if "already held" in what:
+        return "held"
+    if "index" in what:
+        return "changed"
+    if "invalid session" in what:
+        return "session"
+    return "other"
 
 
 @dataclass
@@ -101,6 +124,7 @@ class Effects:
     moves: int = 0                      # move requests made or ended (as the leader)
     moved: dict[PathKey, str | None] = field(default_factory=dict)   # path -> target (None: ended)
     failed: int = 0
+    acquire_failures: dict[str, int] = field(default_factory=dict)   # reason -> count (ACQUIRE_FAILURE_REASONS)
     retry_at: float | None = None       # look again then (a lock-delay refusal, Consul not answering)
     interrupted: str = ""               # why the rest of the plan was dropped
     replan: bool = False                # plan again at once (the plan went stale while applying)
@@ -222,6 +246,8 @@ class Applier:
                 p = getattr(a, "path", None)
                 log.warning("%s %s: %s", type(a).__name__, self.label(p) if isinstance(p, PathKey) else "", e)
                 fx.failed += 1
+                if isinstance(a, Acquire):
+                    fx.acquire_failures["consul"] = fx.acquire_failures.get("consul", 0) + 1
                 fx.interrupted = "Consul did not answer"
                 fx.retry_at = self.clock.now() + 1.0     # not at once: it would only hammer an absent Consul
                 break
@@ -265,6 +291,8 @@ class Applier:
                                       lock_value(self.node, session, self.clock.wall()))
         if not res.ok:
             log.info("acquire %s refused: %s", self.label(a.path), res.reason())
+            why = refusal_reason(res)
+            fx.acquire_failures[why] = fx.acquire_failures.get(why, 0) + 1
             if res.lock_delay():
                 fx.retry_at = self.clock.now() + LOCK_DELAY_RETRY
             return
