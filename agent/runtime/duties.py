@@ -55,7 +55,8 @@ class Duties:
         self._identity: Mapping[str, Any] = {}
         self._identity_at: float | None = None
         self._done: dict[tuple[str, str], float] = {}     # (node, session) -> when recorded
-        self.fences = 0
+        self.fences = 0                 # fences of failed nodes recorded (metric)
+        self.failures = 0               # fences of failed nodes that failed (metric)
         self.last_error = ""
 
     # --- for the main loop (never blocks) ----------------------------------------------------------------
@@ -150,6 +151,7 @@ class Duties:
         except Exception as e:  # noqa: BLE001 - named and retried; the node's paths wait
             n = self._failures.get(a.node, 0) + 1
             self._failures[a.node] = n
+            self.failures += 1
             delay = min(2.0 ** (n - 1), MAX_BACKOFF)
             with self._cond:
                 self._retry_at[a.node] = self.clock.now() + delay

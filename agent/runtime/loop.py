@@ -11,9 +11,10 @@ Threads (each body guarded: a bug in one pass is logged and the thread carries o
 - *logins* (``agent.runtime.logins``): who is logged in here, published every ``LOGINS_EVERY`` seconds
   when it changed (only with a ``logins_store``);
 - *main*: ``cycle()`` = local facts (what the target exports, which addresses are up) + the view +
-  definitions -> ``Snapshot`` -> ``planner.plan`` -> ``Applier`` -> ``CycleReport`` (one log line), then
-  it sleeps until the plan's ``wake_at``, a wake-up (new view, lease change, fence, signal) or the
-  heartbeat. Only the main loop sends systemd's ``WATCHDOG=1``.
+  definitions -> ``Snapshot`` -> ``planner.plan`` -> ``Applier`` -> ``CycleReport`` (one log line) and
+  the metrics' published state (``agent.runtime.metrics``: a scrape reads only that, on the metrics
+  server's threads), then it sleeps until the plan's ``wake_at``, a wake-up (new view, lease change,
+  fence, signal) or the heartbeat. Only the main loop sends systemd's ``WATCHDOG=1``.
 
 Nothing one cycle meets ends the process: a failure is logged and the cycle retried after a delay;
 only a configuration error at start does (``ConfigError``).
@@ -39,6 +40,7 @@ from agent.runtime.definitions import DefinitionCache
 from agent.runtime.duties import Duties
 from agent.runtime.fencer import Fencer
 from agent.runtime.logins import LoginsPublisher, SupportsTxn
+from agent.runtime.metrics import AgentMetrics, FailoverTimer, Live
 from agent.runtime.notify import Notifier
 from agent.runtime.report import CycleReport
 from agent.runtime.session import SessionKeeper
@@ -87,6 +89,12 @@ class Agent:
                                record=lambda: (cfg.node_weight, self.duties.identity()),
                                label=self.definitions.label)
         self.report = CycleReport(node=node, backend=cfg.target.backend)
+        self.metrics = AgentMetrics(Live(session=lambda: self.keeper.session, fenced=lambda: self.fencer.fenced,
+                                         serve_until=lambda: self.fencer.serve_until,
+                                         fence_events=lambda: self.fencer.events,
+                                         beat_age=lambda: self.clock.now() - self._beat_at, now=self.clock.now))
+        self.failovers = FailoverTimer()
+        self._planned_view: ClusterView | None = None   # the view of the last cycle that planned (metrics)
         self._stop_mode: str | None = None          # "release" | "detach"
         self._threads_running = False
         self._halt = threading.Event()
@@ -180,7 +188,17 @@ class Agent:
     # --- one cycle ---------------------------------------------------------------------------------------
     def cycle(self, stopping: bool = False) -> tuple[CycleReport, float | None, bool]:
         """One snapshot -> plan -> apply pass. Returns the report, when to look again at the latest, and
-        whether something took effect (then the caller plans again at once)."""
+        whether something took effect (then the caller plans again at once). Each pass, also one that
+        fails, is timed (``pathagent_cycle_seconds``) and ends by publishing the metrics' state."""
+        started = self.clock.now()
+        try:
+            return self._cycle(stopping)
+        finally:
+            self.metrics.observe_cycle(self.clock.now() - started)
+            self.metrics.publish(self.report, self._planned_view, self._exported, self._addresses,
+                                 node_fence_failures=self.duties.failures)
+
+    def _cycle(self, stopping: bool) -> tuple[CycleReport, float | None, bool]:
         now = self.clock.now()
         self._beat()
         self.fencer.check()
@@ -232,6 +250,8 @@ class Agent:
                        self._own_leader[0] if self._own_leader else None, moves)
         self._view_index = view.index
         self._track(view, defs, session, now)
+        self.failovers.observe(view, session, now)
+        self._planned_view = view
         snap = Snapshot(node=self.node, session=session, view=view, definitions=defs, exported=self._exported,
                         addresses=self._addresses, applied=self._applied, target_known=known, fenced=fenced,
                         stopping=stopping, now=now, backoff=dict(self.backoff.until),
@@ -252,6 +272,10 @@ class Agent:
             self.duties.run_pending()               # single-threaded use (tests, tools): fence inline
             self.logins.run_due()                   # and publish the logins inline
         self._absorb(fx, session)
+        self.failovers.acquired(fx.acquired)
+        for seconds in self.failovers.served(self._exported & self._addresses, self.clock.now()):
+            self.metrics.observe_failover(seconds)
+        self.metrics.count_acquire_failures(fx.acquire_failures)
         self.cycles += 1
         planned: dict[str, int] = {}
         for a in plan.actions:

@@ -99,7 +99,7 @@ def run(cfg: Config) -> int:
     metrics = None
     if cfg.metrics_listen:
         try:
-            metrics = MetricsServer(cfg.metrics_listen, lambda: agent.report.metrics())
+            metrics = MetricsServer(cfg.metrics_listen, agent.metrics.registry)
             metrics.start()
         except OSError as e:
             raise ConfigError([("metrics.listen", f"cannot listen on {cfg.metrics_listen}: {e.strerror}")]) from None
