@@ -60,7 +60,10 @@ gateways at one sample is an **overlap** (strict: it counts a gateway whose link
 address must already be gone by the time another gateway brings it up); ``live_overlaps`` counts only
 gateways whose eth0 is up (reachable), the ones that matter while a paused gateway is cut off.
 
-**run()** does one whole measurement on a fresh one-path disk and returns an ``Outcome``.
+**run()** does one whole measurement on a fresh one-path disk and returns an ``Outcome``. It also scrapes
+every gateway's ``/metrics`` (``Gateway.metrics``: the Prometheus text parser) before the failure, once the
+new owner's metrics show the path served (a takeover), and the failed gateway's after the heal, so a test
+can check ``pathagent_path_exported`` moving and the takeover counted (``Outcome.metrics_line``).
 
 Why a crash gap is ~30 s without a Ceph-side fence (``[fencing] backend = "none"``, the default): the new
 owner's first write waits for the old tgtd's RBD exclusive lock, which librbd breaks only after the OSD
@@ -100,7 +103,7 @@ import requests
 
 from lab import iscsi, proc
 from lab.consul import MEMBER_ALIVE, ClusterError
-from lab.iscsilab import Gateway, IscsiLab
+from lab.iscsilab import Gateway, IscsiLab, Samples, path_exported, sample
 from lab.netns import NetnsThread, exec_argv, ip
 
 BLOCK = 512
@@ -882,6 +885,9 @@ class Outcome:
     move_seconds: float | None = None
     wall: float = 0.0
     writer: Writer | None = field(default=None, repr=False)
+    metrics_before: dict[str, Samples | None] = field(default_factory=dict, repr=False)   # gateway -> scrape
+    metrics_after: dict[str, Samples | None] = field(default_factory=dict, repr=False)    # after a takeover
+    metrics_healed: Samples | None = field(default=None, repr=False)    # the failed gateway's, after the heal
 
     @property
     def lost(self) -> int:
@@ -913,8 +919,33 @@ class Outcome:
             parts.append(f"path move CLI {self.move_seconds:.2f} s")
         if self.kind == "stuck-in-flight":
             parts.append(f"stuck in tgtd {self.stuck_bytes} bytes, unread after the release {self.left_bytes}")
+        if self.metrics_after:
+            parts.append(self.metrics_line())
         parts.append(f"wall {self.wall:.0f} s")
         return ", ".join(parts + self.notes)
+
+    def exported_on(self, scrapes: dict[str, Samples | None]) -> list[str]:
+        """The gateways whose scrape shows this run's path served (``pathagent_path_exported`` 1)."""
+        return sorted(n for n, s in scrapes.items() if path_exported(s).get(self.path) == 1)
+
+    def metric_delta(self, node: str, name: str) -> float | None:
+        """How much ``name`` grew on ``node`` from before the failure to after the takeover."""
+        a = sample(self.metrics_after.get(node), name)
+        b = sample(self.metrics_before.get(node), name)
+        return None if a is None or b is None else a - b
+
+    def metrics_line(self) -> str:
+        """What the scrapes showed: where the path was exported, the takeover and failover counted."""
+        taker = self.owner_after or "?"
+
+        def num(x: float | None, unit: str = "") -> str:
+            return "-" if x is None else f"{x:g}{unit}"
+        last = sample(self.metrics_after.get(taker), "pathagent_last_failover_seconds")
+        return (f"metrics: path exported on {','.join(self.exported_on(self.metrics_before)) or '-'} -> "
+                f"{','.join(self.exported_on(self.metrics_after)) or '-'}, {taker} takeovers "
+                f"+{num(self.metric_delta(taker, 'pathagent_takeovers_total'))}, failovers "
+                f"+{num(self.metric_delta(taker, 'pathagent_failover_seconds_count'))}, last failover "
+                f"{num(None if last is None else round(last, 2), ' s')}")
 
     def to_json(self) -> dict[str, Any]:
         def r(x: float | None) -> float | None:
@@ -978,6 +1009,9 @@ def run(lab: IscsiLab, kind: str, *, slots: int | None = None, size: int = 16 <<
     watch = OwnerWatch(lab, key)
     fault: Fault | None = None
     notes: list[str] = []
+    metrics_before: dict[str, Samples | None] = {}
+    metrics_after: dict[str, Samples | None] = {}
+    metrics_healed: Samples | None = None
     t_heal: float | None = None
     move_s: float | None = None
     takeover_wanted = kind in ("crash", "partition", "consul-partition", "stuck-in-flight")
@@ -988,6 +1022,7 @@ def run(lab: IscsiLab, kind: str, *, slots: int | None = None, size: int = 16 <<
         sampler.start()
         watch.start()
         time.sleep(0.3)
+        metrics_before = scrape_all(lab)
         say(f"{kind}: disk {d.id} at {p.ip} served by {victim.name}; {writer.acked_after(0)} writes so far")
         if kind == "move":
             target = next(g for g in lab.gw.values() if g is not victim)
@@ -1025,6 +1060,7 @@ def run(lab: IscsiLab, kind: str, *, slots: int | None = None, size: int = 16 <<
             if takeover_wanted:
                 base = t0 + lab.wait(taken_over, recover_timeout, f"another gateway to serve {key}")
                 say(f"{kind}: {lab.owners().get(key)} serves it {base - t0:.2f} s after the {kind}")
+                metrics_after = scrape_after_takeover(lab, key, victim)
             left = max(1.0, recover_timeout - (now() - t0))
             lab.wait(lambda: writer.acked_after(base) >= after or bool(writer.error), left,
                      f"{after} writes acknowledged after the {kind}")
@@ -1046,6 +1082,7 @@ def run(lab: IscsiLab, kind: str, *, slots: int | None = None, size: int = 16 <<
             t_heal = now()
             fault.heal()
             say(f"{kind}: healed in {now() - t_heal:.1f} s")
+            metrics_healed = victim.metrics()
         if writer.running():
             lab.wait(lambda: lab.all_served([d]), 60, f"disk {d.id} served after the heal")
             end = now() + settle
@@ -1079,12 +1116,29 @@ def run(lab: IscsiLab, kind: str, *, slots: int | None = None, size: int = 16 <<
                   live_overlaps=list(sampler.live_overlaps), samples=sampler.samples, verdicts=verdicts,
                   acks=len(acks), failures=failures, logins=logins, timeout=timeout, notes=notes,
                   freeze_for=(t_heal - t0) if kind == "freeze" and t_heal is not None else None,
-                  move_seconds=move_s, wall=now() - wall, writer=writer)
+                  move_seconds=move_s, wall=now() - wall, writer=writer, metrics_before=metrics_before,
+                  metrics_after=metrics_after, metrics_healed=metrics_healed)
     if isinstance(fault, StuckInFlight):
         out.stuck_bytes, out.left_bytes = fault.stuck_bytes, fault.left_bytes
         out.notes += [f"probe {e}" for e in fault.probe_errors[:1]]
         out.notes += [f"old tgtd after the release: {ln.strip()[:160]}" for ln in fault.tgtd_errors[-2:]]
     return out
+
+
+def scrape_all(lab: IscsiLab, timeout: float = 2.0) -> dict[str, Samples | None]:
+    """Every gateway's ``/metrics``, parsed (``None`` for one that does not answer)."""
+    return {n: g.metrics(timeout) for n, g in lab.gw.items()}
+
+
+def scrape_after_takeover(lab: IscsiLab, path: str, victim: Gateway, wait: float = 5.0) -> dict[str, Samples | None]:
+    """Every gateway's scrape once the path's new owner shows it served in its metrics (they are published
+    at the end of the cycle that brought the address up), or after ``wait`` seconds; the failed gateway is
+    given 1 s (a crashed one does not answer)."""
+    owner = lab.owners().get(path)
+    end = now() + wait
+    while owner in lab.gw and now() < end and path_exported(lab.gw[owner].metrics()).get(path) != 1:
+        time.sleep(0.05)
+    return {n: g.metrics(1.0 if g is victim else 2.0) for n, g in lab.gw.items()}
 
 
 def retire(lab: IscsiLab, disk_id: str) -> None:

@@ -9,7 +9,9 @@ the demo.
 - ``lab.consul.ConsulCluster`` in netns mode: a server in the root namespace on ``.1`` and one client
   agent inside each gateway namespace (node name = gateway name; HTTP on 127.0.0.1:8500 inside it);
 - one ``pathagent run`` per gateway namespace (``[target] backend = "tgt"``, ``[network] backend =
-  "iproute"``, catalog ``rbd``), which starts its own tgtd there.
+  "iproute"``, catalog ``rbd``), which starts its own tgtd there, with its Prometheus metrics on the
+  gateway's own address (``[metrics] listen = "IP:9120"``; ``Gateway.metrics()`` scrapes it from the root
+  namespace over the bridge and parses it with the Prometheus text parser).
 
 Disks are made the way ``pathagent disk create`` + ``disk start`` make them: an RBD image whose metadata
 ``pathagent.disk`` holds the definition (``agent.core.schema``), and the Consul keys
@@ -42,6 +44,30 @@ from lab.netns import GatewayLab, ip
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = str(REPO / ".venv" / "bin" / "python")
 PREFIX = "pathagent"
+METRICS_PORT = 9120
+
+#: one scrape: (sample name, its labels sorted) -> value
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def parse_metrics(text: str) -> Samples:
+    """A Prometheus text exposition, parsed with prometheus_client's parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def sample(samples: Samples | None, name: str, **labels: str) -> float | None:
+    """One sample's value (``None``: not in the scrape, or no scrape)."""
+    return None if samples is None else samples.get((name, tuple(sorted(labels.items()))))
+
+
+def path_exported(samples: Samples | None) -> dict[str, float]:
+    """``pathagent_path_exported`` by path ("disk/index")."""
+    if samples is None:
+        return {}
+    return {f"{dict(lb)['disk']}/{dict(lb)['index']}": v for (name, lb), v in samples.items()
+            if name == "pathagent_path_exported"}
 
 
 @dataclass
@@ -85,6 +111,19 @@ class Gateway:
             self.signal(signal.SIGKILL)
             self.p.wait(5)
             return None
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.ip}:{METRICS_PORT}/metrics"
+
+    def metrics(self, timeout: float = 2.0) -> Samples | None:
+        """The agent's ``/metrics``, parsed (``None`` when it does not answer: the agent or its link is down)."""
+        try:
+            r = requests.get(self.metrics_url, timeout=timeout)
+            r.raise_for_status()
+        except requests.RequestException:
+            return None
+        return parse_metrics(r.text)
 
     def log_text(self) -> str:
         try:
@@ -250,7 +289,9 @@ backend = "iproute"
 {catalog}
 [placement]
 grace = 2
-{self.placement_extra}[log]
+{self.placement_extra}[metrics]
+listen = "{g.ip}:{METRICS_PORT}"
+[log]
 level = "INFO"
 {self.agent_extra}
 """

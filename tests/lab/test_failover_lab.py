@@ -13,7 +13,11 @@ overwritten (both read-backs), the writer acknowledged writes again; then per fa
 - planned move: the path is on the node it was moved to;
 - stuck in flight (acceptance 2): writes really were stuck in the old tgtd and really were released
   after newer data was acknowledged at their LBAs, and none of them landed; a stale block written
-  straight into RBD afterwards is caught (the check can fail).
+  straight into RBD afterwards is caught (the check can fail);
+- crash, also (issue 10, acceptance 3): each gateway's ``/metrics``, parsed with the Prometheus text
+  parser, shows ``pathagent_path_exported`` 1 on the failed gateway before and on the taker after (and on
+  no other), the takeover and the failover counted on the taker, and the failed gateway's new agent not
+  serving the path after the heal.
 
 The lab runs the Ceph-side fence (``[fencing] backend = "ceph-blocklist"``) when that plugin is registered,
 the agent's default otherwise; each line says which. The gap bounds hold either way (without the fence
@@ -27,7 +31,7 @@ from typing import Any
 import pytest
 
 from lab import failover
-from lab.iscsilab import IscsiLab
+from lab.iscsilab import IscsiLab, path_exported, sample
 
 pytestmark = pytest.mark.lab
 
@@ -62,10 +66,25 @@ def check_taken_over(o: failover.Outcome, msg: str) -> None:
     assert o.gap.seconds < TAKEOVER_GAP, msg
 
 
+def check_metrics_moved(o: failover.Outcome, msg: str) -> None:
+    taker = o.owner_after
+    assert taker is not None, msg
+    assert o.exported_on(o.metrics_before) == [o.victim], f"before the failure; {msg}"
+    assert o.metrics_after.get(o.victim) is None, f"the crashed gateway's agent still answers; {msg}"
+    assert o.exported_on(o.metrics_after) == [taker], f"after the takeover; {msg}"
+    assert o.metric_delta(taker, "pathagent_takeovers_total") == 1, msg
+    assert o.metric_delta(taker, "pathagent_failover_seconds_count") == 1, msg
+    # the taker's clock starts when it first sees the key orphaned, after Consul noticed the crash
+    last = sample(o.metrics_after[taker], "pathagent_last_failover_seconds")
+    assert last is not None and o.takeover is not None and 0 < last < o.takeover, msg
+    assert o.metrics_healed is not None and path_exported(o.metrics_healed).get(o.path) != 1, msg
+
+
 def test_crash(lab: IscsiLab) -> None:
     o, msg = measure(lab, "crash")
     check_common(o, msg)
     check_taken_over(o, msg)
+    check_metrics_moved(o, msg)
 
 
 def test_partition(lab: IscsiLab) -> None:
