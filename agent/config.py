@@ -220,6 +220,16 @@ def _plugin_keys(kind: str, name: str) -> Mapping[str, str] | None:
 
 def parse(data: Mapping[str, Any], source: str = "") -> Config:
     """Build a ``Config`` from decoded TOML, or raise ``ConfigError`` with every problem."""
+    cfg, problems = examine(data, source)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def examine(data: Mapping[str, Any], source: str = "") -> tuple[Config, list[tuple[str, str]]]:
+    """``parse`` without raising: the ``Config`` (every bad value replaced by its default) and every
+    problem with its key. ``check-config`` uses it to run the plugins' own option checks
+    (``agent.plugins.option_problems``) on the same config even when other keys are wrong."""
     problems: list[tuple[str, str]] = []
     values: dict[str, dict[str, Any]] = {t: {} for t in SCHEMA}
     sub: dict[str, dict[str, Mapping[str, Any]]] = {t: {} for t in PLUGIN_TABLES}
@@ -305,9 +315,7 @@ def parse(data: Mapping[str, Any], source: str = "") -> Config:
             from agent import plugins
             problems.append((f"{kind}.backend", f"unknown {kind} plugin {ptable.backend!r}; available: "
                                                 f"{', '.join(plugins.available(kind))}"))
-    if problems:
-        raise ConfigError(problems)
-    return cfg
+    return cfg, problems
 
 
 PET_BUDGET = 0.25      # a confirmation's pet of the watchdog (the guard's own timeout) in inequality (2)
@@ -386,17 +394,61 @@ def config_path(explicit: str | None) -> tuple[str, bool]:
     return DEFAULT_PATH, False
 
 
-def load(explicit: str | None = None) -> Config:
-    path, named = config_path(explicit)
+FILE_KEY = "(file)"     #: the key of a problem with the file itself (missing, unreadable, not UTF-8, not TOML)
+
+
+def read(path: str, named: bool = True) -> dict[str, Any] | None:
+    """The decoded TOML of ``path``; ``None`` when it does not exist and was not ``named`` (all defaults).
+    ``ConfigError`` with one ``(file)`` problem, a single line that names the file (and the line and
+    column for bad bytes or bad TOML), when it cannot be read, is not UTF-8 or is not TOML."""
     try:
         with open(path, "rb") as f:
-            data = tomllib.load(f)
+            raw = f.read()
     except FileNotFoundError:
         if named:
-            raise ConfigError([("(file)", f"{path}: no such file")]) from None
-        data = {}
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError([("(file)", f"{path}: not valid TOML: {e}")]) from None
+            raise ConfigError([(FILE_KEY, f"{path}: no such file")]) from None
+        return None
     except OSError as e:
-        raise ConfigError([("(file)", f"{path}: {e.strerror}")]) from None
-    return parse(data, path)
+        raise ConfigError([(FILE_KEY, f"{path}: {e.strerror or e}")]) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        col = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ConfigError([(FILE_KEY, f"{path}: not UTF-8: byte 0x{raw[e.start]:02x} at line {line}, "
+                                      f"column {col} (TOML files are UTF-8)")]) from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        # tomllib's message ends with "(at line L, column C)"
+        raise ConfigError([(FILE_KEY, f"{path}: not valid TOML: {' '.join(str(e).split())}")]) from None
+
+
+def load(explicit: str | None = None) -> Config:
+    """The configuration from ``--config``, ``$PATHAGENT_CONFIG`` or the default file (missing: all
+    defaults); ``ConfigError`` with every problem (``read``, ``parse``)."""
+    path, named = config_path(explicit)
+    data = read(path, named)
+    return parse(data or {}, path)
+
+
+def show_key(key: str) -> str:
+    """A problem's key the way the file spells it: ``consul.lock_delay`` -> ``[consul] lock_delay``,
+    ``target.tgt.io_threads`` -> ``[target.tgt] io_threads``, ``target.tgt`` (a sub-table) ->
+    ``[target.tgt]``; ``(file)`` stays as it is."""
+    if key.startswith("("):
+        return key
+    parts = key.split(".")
+    table = parts[0]
+    if table in PLUGIN_TABLES and len(parts) >= 2 and parts[1] not in SCHEMA.get(table, {}):
+        table, parts = f"{table}.{parts[1]}", parts[1:]
+    rest = ".".join(parts[1:])
+    return f"[{table}] {rest}" if rest else f"[{table}]"
+
+
+def problem_line(path: str, key: str, message: str) -> str:
+    """One problem as one line: ``FILE: [table] key: message`` (a ``(file)`` problem names the file
+    itself: ``FILE: not valid TOML: ...``)."""
+    if key == FILE_KEY:
+        return message if message.startswith(path) else f"{path}: {message}"
+    return f"{path}: {show_key(key)}: {message}"

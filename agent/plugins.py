@@ -1,4 +1,5 @@
-"""Typed stevedore loading of plugins by kind and name, and the context each one is built with."""
+"""Typed stevedore loading of plugins by kind and name, the context each one is built with, and
+``option_problems``: the plugins' own checks of their config sub-tables, as ``pathagent run`` meets them."""
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -32,6 +33,39 @@ def context(cfg: Config, kind: str, node: str = "", wake: Callable[[], None] | N
         extra["node_name"] = node_name
     return PluginContext(node=node, state_dir=cfg.state_dir, options=table.own(), ceph=cfg.ceph, port=cfg.port,
                          config_file=cfg.source, ceph_probe=ceph_probe, **extra)
+
+
+def option_problems(cfg: Config) -> list[tuple[str, str]]:
+    """Every problem the configured plugins find in their own settings: each kind's configured plugin
+    (its ``backend``, the one ``pathagent run`` builds) is constructed with the context ``run`` gives it
+    and closed again. A plugin constructor validates its sub-table (``plugins.options.Options``) and must
+    touch nothing (``agent.backend``), so this starts, opens and connects nothing. ``run`` builds them in
+    turn and stops at the first ``ConfigError``; this collects the problems of all of them. A plugin
+    whose name is unknown is skipped (``config.examine`` reports it); one that fails otherwise while
+    being built (a bug in it) is reported under ``{kind}.backend``, as ``run`` would fail on it."""
+    out: list[tuple[str, str]] = []
+    for kind in NAMESPACES:
+        name = getattr(cfg, kind).backend
+        try:
+            cls = plugin_class(kind, name)
+        except ConfigError:
+            continue
+        try:
+            obj = cls(context(cfg, kind, cfg.node_name))
+        except ConfigError as e:
+            out.extend(e.problems)
+            continue
+        except Exception as e:  # noqa: BLE001 - a plugin bug: run would fail on it the same way
+            out.append((f"{kind}.backend", f"{kind} plugin {name!r} could not be built: {type(e).__name__}: {e}"))
+            continue
+        close = getattr(obj, "close", None)
+        if callable(close):
+            try:
+                close()
+            except Exception:  # noqa: BLE001 - nothing was started; a failing close changes no verdict
+                pass
+    return out
+
 
 def available(kind: str) -> list[str]:
     """Names registered for a plugin kind (``target``, ``network``, ``catalog``)."""

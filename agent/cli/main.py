@@ -1,7 +1,9 @@
 """The ``pathagent`` command line.
 
 ``--config FILE`` and ``--json`` are accepted before or after the subcommand. Exit codes: 0 success,
-1 operation failed, 2 usage or configuration error.
+1 operation failed, 2 usage or configuration error (every command: a config file that cannot be read, is
+not UTF-8 or not TOML is one line naming the file, and the line and column where that applies; a bad
+setting names the file and ``[table] key``).
 """
 from __future__ import annotations
 
@@ -61,7 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="this node: session, lease, leader, counts, backend")
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("check-config", help="list every problem in the config")
+    what = "list every problem in the config"
+    p = sub.add_parser("check-config", help=what, description=what + ", with its key, as run would refuse "
+                       "it: the core tables, the fencing inequality and every configured plugin's own "
+                       "options (exit 2 if any problem)")
     p.set_defaults(func=cmd_check_config, raw_config=True)
 
     from agent.cli import disk as cli_disk
@@ -100,15 +105,34 @@ def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
     return service.run(cfg)
 
 
-def cmd_check_config(args: argparse.Namespace, cfg: Config | None) -> int:
-    path, _ = config_mod.config_path(args.config)
+def config_problems(explicit: str | None) -> tuple[str, bool, list[tuple[str, str]]]:
+    """What ``check-config`` reports: the file, whether it exists, and every problem with its key: those
+    of ``config.examine`` (tables, keys, values, the fencing inequality) and then those the configured
+    plugins find in their own sub-tables (``plugins.option_problems``): every check ``run`` applies
+    before it asks Consul anything. A file that cannot be read or decoded is the one problem."""
+    path, named = config_mod.config_path(explicit)
     try:
-        config_mod.load(args.config)
+        data = config_mod.read(path, named)
     except ConfigError as e:
-        emit(args, {"file": path, "ok": False, "problems": [{"key": k, "problem": m} for k, m in e.problems]},
-             "\n".join(f"{path}: {k}: {m}" for k, m in e.problems))
+        return path, True, e.problems
+    cfg, problems = config_mod.examine(data or {}, path)
+    seen = set(problems)
+    for pr in plugins.option_problems(cfg):
+        if pr not in seen:
+            seen.add(pr)
+            problems.append(pr)
+    return path, data is not None, problems
+
+
+def cmd_check_config(args: argparse.Namespace, cfg: Config | None) -> int:
+    path, found, problems = config_problems(args.config)
+    if problems:
+        emit(args, {"file": path, "ok": False, "problems": [
+                 {"key": k, "where": config_mod.show_key(k), "problem": m} for k, m in problems]},
+             "\n".join(config_mod.problem_line(path, k, m) for k, m in problems))
         return EXIT_USAGE
-    emit(args, {"file": path, "ok": True, "problems": []}, f"{path}: OK")
+    emit(args, {"file": path, "ok": True, "found": found, "problems": []},
+         f"{path}: OK" if found else f"{path}: not found; every setting at its default: OK")
     return EXIT_OK
 
 
@@ -264,24 +288,30 @@ def cmd_path_move(args: argparse.Namespace, cfg: Config) -> int:
     return EXIT_OK
 
 
+def _config_failed(path: str, e: ConfigError) -> int:
+    for k, m in e.problems:
+        print(f"pathagent: {config_mod.problem_line(path, k, m)}", file=sys.stderr)
+    return EXIT_USAGE
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv``, load the config and run the command; returns the exit code. A config that cannot
+    be read, decoded or parsed gets one line per problem on stderr (the file, the key) and exit 2, for
+    every command."""
     parser = build_parser()
     args = parser.parse_args(argv)
     handler: Handler = args.func
     if getattr(args, "raw_config", False):
         return cmd_check_config(args, None)
+    path, _ = config_mod.config_path(args.config)
     try:
         cfg = config_mod.load(args.config)
     except ConfigError as e:
-        for k, m in e.problems:
-            print(f"pathagent: config: {k}: {m}", file=sys.stderr)
-        return EXIT_USAGE
+        return _config_failed(path, e)
     try:
         return handler(args, cfg)
     except ConfigError as e:
-        for k, m in e.problems:
-            print(f"pathagent: config: {k}: {m}", file=sys.stderr)
-        return EXIT_USAGE
+        return _config_failed(path, e)
     except AgentError as e:
         return fail(str(e))
     except KeyboardInterrupt:

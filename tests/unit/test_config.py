@@ -89,7 +89,8 @@ def test_check_config_cli_exit_codes(tmp_path: Path) -> None:
     exe = [sys.executable, "-m", "agent.cli"]
     r = subprocess.run([*exe, "check-config", "--config", str(bad)], capture_output=True, text=True)
     assert r.returncode == 2
-    assert "consul.lock_delay" in r.stdout and "consul.nope" in r.stdout
+    assert r.stdout.splitlines() == [f"{bad}: [consul] lock_delay: must be a number of seconds, not str",
+                                     f"{bad}: [consul] nope: unknown key"]
     good = tmp_path / "good.toml"
     good.write_text('[target]\nbackend = "fake"\n[network]\nbackend = "none"\n[catalog]\nbackend = "fake"\n')
     r = subprocess.run([*exe, "--config", str(good), "check-config", "--json"], capture_output=True, text=True)
@@ -117,3 +118,45 @@ def test_ceph_blocklist_needs_a_data_client_name_per_node() -> None:
         config.parse({"ceph": {"data_client_id": "gateways"}})
     assert any(k == "ceph.data_client_id" and "{node}" in m for k, m in e.value.problems)
     assert config.parse({"ceph": {"data_client_id": "gw-{node}"}}).ceph.data_id("a") == "gw-a"
+
+
+@pytest.mark.parametrize("key, shown", [
+    ("consul.lock_delay", "[consul] lock_delay"), ("target.tgt.io_threads", "[target.tgt] io_threads"),
+    ("target.backend", "[target] backend"), ("target.fake", "[target.fake]"), ("extra", "[extra]"),
+    ("fencing.ceph-blocklist.expire", "[fencing.ceph-blocklist] expire"),
+    ("network.iproute.interfaces.10.0.0.0/24", "[network.iproute] interfaces.10.0.0.0/24"), ("(file)", "(file)")])
+def test_problems_name_the_table_and_key_as_the_file_spells_them(key: str, shown: str) -> None:
+    assert config.show_key(key) == shown
+
+
+def test_examine_reports_every_problem_and_still_gives_a_config() -> None:
+    cfg, found = config.examine({**FAKE, "consul": {"lock_delay": "x"}, "target": {"backend": "fake", "port": 0}})
+    assert {k for k, _ in found} == {"consul.lock_delay", "target.port"}
+    assert cfg.consul.lock_delay == config.ConsulConfig.lock_delay and cfg.port == 3260, "bad values: defaults"
+    assert cfg.target.backend == "fake"
+
+
+def test_plugin_option_problems_are_those_run_meets(tmp_path: Path) -> None:
+    from agent import plugins
+    cfg = config.parse({**FAKE, "state": {"dir": str(tmp_path)},
+                        "target": {"backend": "fake", "fake": {"export_delay": -1, "fail": "x"}},
+                        "network": {"backend": "iproute", "iproute": {"label": "a b", "promote_secondaries": 1}}})
+    found = plugins.option_problems(cfg)
+    assert {k for k, _ in found} == {"target.fake.export_delay", "target.fake.fail", "network.iproute.label",
+                                     "network.iproute.promote_secondaries"}
+    with pytest.raises(ConfigError) as e:          # what `run` does with the first of them
+        plugins.load_target(cfg.target.backend, plugins.context(cfg, "target"))
+    assert set(e.value.problems) <= set(found)
+    assert plugins.option_problems(config.parse({**FAKE, "state": {"dir": str(tmp_path)}})) == []
+    assert list(tmp_path.iterdir()) == [], "checking touches nothing"
+
+
+@pytest.mark.parametrize("raw, where", [(b'[consul]\naddress = "\xff\xfe"\n', "line 2, column 12"),
+                                        (b"\xef\xbb\xbf\x80", "line 1, column 4")])
+def test_bytes_that_are_not_utf8_are_one_problem_with_line_and_column(tmp_path: Path, raw: bytes, where: str) -> None:
+    f = tmp_path / "c.toml"
+    f.write_bytes(raw)
+    with pytest.raises(ConfigError) as e:
+        config.load(str(f))
+    [(key, msg)] = e.value.problems
+    assert key == "(file)" and msg.startswith(f"{f}: not UTF-8: ") and where in msg and "\n" not in msg
