@@ -47,20 +47,37 @@ class _Parser(argparse.ArgumentParser):
         return sp
 
 
+EPILOG = """exit codes: 0 success, 1 operation failed, 2 usage or configuration error (a config file that is not
+UTF-8 or not TOML, or a bad setting, names the file and the key)"""
+
+RUN_HELP = """The node service, in the foreground (systemd runs it). SIGTERM / SIGINT: orderly stop (every
+address down, unexport, release every lock, destroy the session, disarm the watchdog: another gateway
+takes over at once). SIGUSR2: detach for a planned restart (session, locks, exports and the armed
+watchdog stay; the next agent process adopts them). Refuses to start (exit 2) on any config problem
+that check-config reports."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="pathagent", description="iSCSI gateway path agent (Ceph RBD, Consul locks)")
+    from agent.cli import version
+    parser = _Parser(prog="pathagent", description="iSCSI gateway path agent (Ceph RBD, Consul locks)",
+                     epilog=EPILOG)
     _common(parser, top=True)
+    parser.add_argument("--version", action="version", version=f"pathagent {version()}",
+                        help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("run", help="run the node service in the foreground")
+    p = sub.add_parser("run", help="run the node service in the foreground", description=RUN_HELP)
     p.set_defaults(func=cmd_run, needs_config=True)
 
-    p = sub.add_parser("paths", help="every path with its owner")
+    what = "every path with its owner"
+    p = sub.add_parser("paths", help=what, description=what + ": disk, index, name, IP, owner node, state "
+                       "(held, free, stopping, invalid)")
     p.add_argument("--mine", action="store_true", help="only this node's paths")
     p.add_argument("--node", metavar="N", help="only paths owned by node N")
     p.set_defaults(func=cmd_paths)
 
-    p = sub.add_parser("status", help="this node: session, lease, leader, counts, backend")
+    what = "this node: session, lease, leader, counts, backend"
+    p = sub.add_parser("status", help=what, description=what)
     p.set_defaults(func=cmd_status)
 
     what = "list every problem in the config"
@@ -72,23 +89,25 @@ def build_parser() -> argparse.ArgumentParser:
     from agent.cli import disk as cli_disk
     cli_disk.register(sub)
 
-    p = sub.add_parser("nodes", help="every gateway: live, drained, paths held, leader")
+    what = "every gateway: live, drained, paths held, leader"
+    p = sub.add_parser("nodes", help=what, description=what)
     p.set_defaults(func=cmd_nodes)
 
-    p = sub.add_parser("node", help="node operations")
+    p = sub.add_parser("node", help="node operations", description="node operations")
     nsub = p.add_subparsers(dest="node_command", metavar="SUBCOMMAND", required=True)
     for name, on, what in (("drain", True, "move NODE's paths away by planned moves; it takes none until undrained"),
                            ("undrain", False, "let NODE take paths again")):
-        d = nsub.add_parser(name, help=what)
+        d = nsub.add_parser(name, help=what, description=what)
         d.add_argument("node", metavar="NODE")
         if on:
             d.add_argument("--wait", action="store_true", help="return once NODE holds no path")
             d.add_argument("--timeout", type=float, default=300.0, help="seconds --wait waits (default 300)")
         d.set_defaults(func=cmd_node_drain, drain_on=on)
 
-    p = sub.add_parser("path", help="path operations")
+    p = sub.add_parser("path", help="path operations", description="path operations")
     psub = p.add_subparsers(dest="path_command", metavar="SUBCOMMAND", required=True)
-    m = psub.add_parser("move", help="move one path to a node, without lock-delay")
+    what = "move one path to a node, without lock-delay"
+    m = psub.add_parser("move", help=what, description=what)
     m.add_argument("path", metavar="DISK_ID/INDEX")
     m.add_argument("node", metavar="NODE")
     m.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the move (default 30)")

@@ -1,5 +1,6 @@
-"""Tier 1: the CLI where no Consul answers: config files that cannot be read (not UTF-8, not TOML) and bad
-plugin options (``check-config`` and ``run`` refuse the same). Real subprocesses of ``python -m agent.cli``."""
+"""Tier 1: the CLI where no Consul answers: ``--version``, config files that cannot be read (not UTF-8, not
+TOML) and bad plugin options (``check-config`` and ``run`` refuse the same). Real subprocesses of
+``python -m agent.cli``."""
 from __future__ import annotations
 
 import json
@@ -10,6 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from agent.cli import version
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -35,6 +38,15 @@ def offline_config(tmp_path: Path, extra: str = "") -> Path:
                    f'[state]\ndir = "{tmp_path / "state"}"\n[target]\nbackend = "fake"\n[network]\nbackend = "fake"\n'
                    f'[catalog]\nbackend = "fake"\n[watchdog]\nbackend = "none"\n{extra}')
     return cfg
+
+
+# --- version ----------------------------------------------------------------------------------------------
+
+def test_version() -> None:
+    r = cli("--version")
+    assert r.returncode == 0 and r.stdout == f"pathagent {version()}\n", r
+    from importlib import metadata
+    assert version() == metadata.version("iscsi-path-agent")
 
 
 # --- config files that cannot be read ---------------------------------------------------------------------
