@@ -244,13 +244,17 @@ class _Collector(Collector):
                      "serve (negative: passed, the fence is due); 0 when fenced or without a session", left)
         yield _gauge("pathagent_waiting_for_fence", "1 while our previous session failed and this node waits "
                      "for the leader to fence it before it takes paths", int(r.waiting_fence))
-        yield _gauge("pathagent_leader", "1 while this node holds the cluster leader lock", int(r.leader))
+        # a fenced node may still see itself as the leader in its last view (cut off from Consul): it
+        # cannot act as one, and its view may be stale, so neither the gauge nor the per-path series say so
+        leading = r.leader and not fenced
+        yield _gauge("pathagent_leader", "1 while this node holds the cluster leader lock and is not fenced",
+                     int(leading))
         yield _gauge("pathagent_drained", "1 while this node is drained (it takes no path)", int(r.drained))
         yield _gauge("pathagent_paths_held", "path locks held by this node's session", r.held)
         yield _gauge("pathagent_paths_exported", "paths the target backend exports on this node", len(p.exported))
         yield _gauge("pathagent_addresses_up", "floating path IPs the network backend has up on this node",
                      len(p.addresses))
-        yield from self._paths(p, r.session)
+        yield from self._paths(p, r.session, leading)
         yield _gauge("pathagent_paths_total", "path keys of started disks (this node's view)", r.paths)
         yield _gauge("pathagent_paths_free", "path keys nobody holds (this node's view)", r.free)
         yield _gauge("pathagent_nodes_live", "agents with a locked node record (this node's view)", r.nodes)
@@ -290,7 +294,7 @@ class _Collector(Collector):
         yield _gauge("pathagent_loop_beat_age_seconds", "seconds since the main loop last showed progress (it "
                      "beats at least every 2 s)", live.beat_age())
 
-    def _paths(self, p: Published, session: str | None) -> Iterator[Metric]:
+    def _paths(self, p: Published, session: str | None, leading: bool) -> Iterator[Metric]:
         held = p.view.held_by(session) if p.view is not None else frozenset()
         served = p.exported & p.addresses
         exported = GaugeMetricFamily("pathagent_path_exported", "1 for a path this node serves (exported and its "
@@ -302,7 +306,7 @@ class _Collector(Collector):
         cluster = GaugeMetricFamily("pathagent_cluster_path_held", "leader only: one series per path of every "
                                     "started disk that is not stopping; 1 while a session holds its lock, 0 while "
                                     "it is free", labels=["disk", "index"])
-        if p.report.leader and p.view is not None:
+        if leading and p.view is not None:
             view = p.view
             for k in sorted(view.paths, key=lambda k: (k.disk, k.index)):
                 rec = view.disks.get(k.disk)

@@ -192,6 +192,25 @@ def test_a_crash_moves_path_exported_to_the_takers_and_counts_the_takeovers(tmp_
     assert not {p for p, v in exported(s).items() if v == 1}
 
 
+def test_a_leader_cut_off_from_consul_shows_fenced_and_no_longer_leads(tmp_path: Path, store: MemoryStore,
+                                                                         clock: FakeClock) -> None:
+    """Its last view still names it the leader; the metrics must not (nor publish that stale view's paths)."""
+    store.start_disk("d1", 2)
+    n = make_node(tmp_path, store, clock, "gwa", disks={"d1": disk("d1")})
+    n.start()
+    run([n], 2, clock)
+    s = scrape(n)
+    assert value(s, "pathagent_leader") == 1 and len(cluster_paths(s)) == 2
+    n.agent.store.partitioned = True        # type: ignore[attr-defined]
+    run([n], 5, clock)                      # fence_after 4 s without a confirmation
+    assert n.agent.report.leader, "the agent's own last view still says leader"
+    s = scrape(n)
+    assert value(s, "pathagent_fenced") == 1 and value(s, "pathagent_leader") == 0
+    assert cluster_paths(s) == {} and value(s, "pathagent_lease_left_seconds") == 0
+    assert not {p for p, v in exported(s).items() if v == 1}
+    assert value(s, "pathagent_session_valid") == 1, "it cannot tell whether its session still exists"
+
+
 def held_by_another(store: MemoryStore, key: str) -> None:
     sid = store.create_session("gwz", "iSCSITarget", ["serfHealth"], 0.0)
     store.set(key, lock_value("gwz", sid, 1.0))
