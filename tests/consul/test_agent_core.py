@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 from lab.agents import AgentProc, Catalog, definition, path_owners, start_disks, stop_disk, txn, wait_for
 
@@ -24,12 +25,35 @@ pytestmark = pytest.mark.consul
 NODES = ["gwa", "gwb", "gwc"]
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
 class Lab:
-    def __init__(self, cluster: Any, tmp: Path, nodes: list[str], **agent_kw: Any) -> None:
+    def __init__(self, cluster: Any, tmp: Path, nodes: list[str], metrics: bool = False, **agent_kw: Any) -> None:
+        """``metrics``: every agent serves ``/metrics`` on a port of its own (``scrape``)."""
         self.cluster = cluster
         self.catalog = Catalog(tmp / "catalog.json")
         self.http = cluster.http_address(nodes[0])
-        self.agents = {n: AgentProc(n, tmp, cluster.http_address(n), self.catalog.path, **agent_kw) for n in nodes}
+        self.ports = {n: free_port() for n in nodes} if metrics else {}
+        extra = agent_kw.pop("extra", "")
+        self.agents = {n: AgentProc(n, tmp, cluster.http_address(n), self.catalog.path,
+                                    extra=extra + (f'[metrics]\nlisten = "127.0.0.1:{self.ports[n]}"\n'
+                                                   if metrics else ""), **agent_kw) for n in nodes}
+
+    def scrape(self, node: str) -> Samples:
+        """The agent's ``/metrics``, parsed with the Prometheus text parser (empty when it does not answer)."""
+        try:
+            text = requests.get(f"http://127.0.0.1:{self.ports[node]}/metrics", timeout=2).text
+        except requests.RequestException:
+            return {}
+        return {(x.name, tuple(sorted(x.labels.items()))): x.value
+                for fam in text_string_to_metric_families(text) for x in fam.samples}
 
     def add_disks(self, disks: dict[str, int]) -> None:
         for d, n in disks.items():
@@ -64,10 +88,11 @@ class Lab:
 def lab_factory(consul_cluster_factory: Callable[..., Any], tmp_path: Path) -> Iterator[Callable[..., Lab]]:
     labs: list[Lab] = []
 
-    def make(nodes: list[str] = NODES, check_ttl: float | None = None, **agent_kw: Any) -> Lab:
+    def make(nodes: list[str] = NODES, check_ttl: float | None = None, metrics: bool = False,
+             **agent_kw: Any) -> Lab:
         """``check_ttl``: a short liveness TTL, so that a frozen or dead agent loses its session fast."""
         cluster = consul_cluster_factory(clients=nodes)
-        lab = Lab(cluster, tmp_path, nodes, **agent_kw)
+        lab = Lab(cluster, tmp_path, nodes, metrics=metrics, **agent_kw)
         if check_ttl is not None:
             for a in lab.agents.values():
                 a.extra_consul(f"agent_check_ttl = {check_ttl:g}\n")
@@ -126,14 +151,22 @@ def test_three_agents_take_sixty_paths_once_each(lab_factory: Callable[..., Lab]
     assert len(set(lab.sessions().values())) == 3
 
 
+def served(samples: Samples) -> set[str]:
+    """The paths ("disk/index") whose ``pathagent_path_exported`` is 1 in a scrape."""
+    return {f"{dict(lb)['disk']}/{dict(lb)['index']}" for (name, lb), v in samples.items()
+            if name == "pathagent_path_exported" and v == 1}
+
+
 def test_consul_agent_killed_node_fences_itself_others_take_over(lab_factory: Callable[..., Lab]) -> None:
-    lab = lab_factory(lock_delay=5.0, fence_after=2.5)
+    lab = lab_factory(lock_delay=5.0, fence_after=2.5, metrics=True)
     lab.add_disks({f"d{i:02d}": 2 for i in range(15)})
     for a in lab.agents.values():
         a.start()
     wait_for(lambda: lab.converged(30), 15, what="initial convergence")
     victim = lab.agents["gwc"]      # lab.http talks to gwa's Consul agent
     assert victim.addresses()
+    wait_for(lambda: served(lab.scrape("gwc")) == victim.addresses(), 5, what="the victim's metrics")
+    before = {n: lab.scrape(n) for n in lab.agents}
     sampler = Sampler(lab.agents)
     sampler.start()
     t0 = time.monotonic()
@@ -149,6 +182,26 @@ def test_consul_agent_killed_node_fences_itself_others_take_over(lab_factory: Ca
     assert victim.running(), "the agent survives losing its Consul agent"
     assert "fencing" in victim.log_text()
     assert time.monotonic() - t0 >= 5.0, "nobody took over before the lock-delay"
+    # the metrics tell the same story (a scrape answers while the agent is cut off from Consul)
+    lost = served(before["gwc"])
+    wait_for(lambda: set.union(*(served(lab.scrape(n)) for n in ("gwa", "gwb"))) == set(lab.owners()), 5,
+             what="the survivors' metrics to show every path served")
+    after = {n: lab.scrape(n) for n in lab.agents}
+    v = after["gwc"]
+    assert v[("pathagent_fenced", ())] == 1 and v[("pathagent_lease_left_seconds", ())] == 0
+    assert v[("pathagent_fence_events_total", ())] >= 1 and served(v) == set()
+    assert not served(after["gwa"]) & served(after["gwb"])
+    took = {n: after[n][("pathagent_takeovers_total", ())] - before[n][("pathagent_takeovers_total", ())]
+            for n in ("gwa", "gwb")}
+    failovers = {n: after[n][("pathagent_failover_seconds_count", ())] for n in ("gwa", "gwb")}
+    assert sum(took.values()) == len(lost) == sum(failovers.values()), (took, failovers, lost)
+    leader = [n for n in after if after[n].get(("pathagent_leader", ())) == 1]
+    assert len(leader) == 1 and leader[0] != "gwc"
+    held = {k for k, x in after[leader[0]].items() if k[0] == "pathagent_cluster_path_held" and x == 1}
+    assert len(held) == 30
+    last = {n: after[n].get(("pathagent_last_failover_seconds", ()), -1.0) for n in ("gwa", "gwb")}
+    print(f"metrics: {len(lost)} paths exported on gwc -> gwa +{took['gwa']:g}, gwb +{took['gwb']:g} takeovers; "
+          f"last failover gwa {last['gwa']:.2f} s, gwb {last['gwb']:.2f} s")
 
 
 def test_short_freeze_changes_nothing(lab_factory: Callable[..., Lab]) -> None:
