@@ -1,9 +1,9 @@
 """The ``pathagent`` command line.
 
 ``--config FILE`` and ``--json`` are accepted before or after the subcommand. Exit codes: 0 success,
-1 operation failed, 2 usage or configuration error (every command: a config file that cannot be read, is
-not UTF-8 or not TOML is one line naming the file, and the line and column where that applies; a bad
-setting names the file and ``[table] key``).
+1 operation failed (``status``: the node is degraded, see ``STATUS_HELP``), 2 usage or configuration error
+(every command: a config file that cannot be read, is not UTF-8 or not TOML is one line naming the file,
+and the line and column where that applies; a bad setting names the file and ``[table] key``).
 """
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ import argparse
 import os
 import sys
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from agent import config as config_mod
 from agent import plugins
 from agent.backend import Catalog
 from agent.config import Config
-from agent.errors import AgentError, CatalogError, ConfigError
+from agent.errors import AgentError, CatalogError, ConfigError, CoordinationError
 from agent.core.model import PathKey
 from agent.cli.output import EXIT_FAILED, EXIT_OK, EXIT_USAGE, emit, fail
 from agent.core.tree import parse_tree
@@ -47,8 +47,17 @@ class _Parser(argparse.ArgumentParser):
         return sp
 
 
-EPILOG = """exit codes: 0 success, 1 operation failed, 2 usage or configuration error (a config file that is not
-UTF-8 or not TOML, or a bad setting, names the file and the key)"""
+EPILOG = """exit codes: 0 success, 1 operation failed (for status: the node is degraded), 2 usage or
+configuration error (a config file that is not UTF-8 or not TOML, or a bad setting, names the file and
+the key)"""
+
+STATUS_HELP = """This node's state as its agent records it in [state] dir (the agent's pid, its session,
+the lease, fenced or not, the paths it exports, its last warnings and errors), read even when Consul is
+down, and Consul's view of the node when Consul answers ("consul: unreachable (...)" otherwise).
+Exit 0 when the node is healthy: an agent runs (it holds the state directory's lock), its status file
+was written in the last %gs, it holds a session and a lease, it is not fenced, its watchdog is pet,
+it is not waiting to be fenced, and Consul answers and lists exactly that session of this node. Exit 1
+when the node is degraded (any of those fails; every reason is listed); 2 on a configuration error."""
 
 RUN_HELP = """The node service, in the foreground (systemd runs it). SIGTERM / SIGINT: orderly stop (every
 address down, unexport, release every lock, destroy the session, disarm the watchdog: another gateway
@@ -76,8 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--node", metavar="N", help="only paths owned by node N")
     p.set_defaults(func=cmd_paths)
 
-    what = "this node: session, lease, leader, counts, backend"
-    p = sub.add_parser("status", help=what, description=what)
+    p = sub.add_parser("status", help="this node: agent, session, lease, fenced, exports, errors, Consul's view",
+                       description=STATUS_HELP % STATUS_STALE)
     p.set_defaults(func=cmd_status)
 
     what = "list every problem in the config"
@@ -120,8 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
     from agent import logsetup as log
     from agent.runtime import service
+    from agent.runtime.statedir import ErrorLog
     log.setup(cfg.log_level, cfg.log_format)
-    return service.run(cfg)
+    errors = ErrorLog.install(cfg.state_dir)       # written to errors.json once the agent holds the state dir
+    try:
+        return service.run(cfg)
+    finally:
+        errors.close()
 
 
 def config_problems(explicit: str | None) -> tuple[str, bool, list[tuple[str, str]]]:
@@ -220,62 +234,230 @@ def cmd_paths(args: argparse.Namespace, cfg: Config) -> int:
     return EXIT_OK
 
 
-def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
-    from agent.adapters.consul_store import ConsulStore
-    from agent.runtime.report import label
-    from agent.runtime.statedir import read_status
-    store = ConsulStore(cfg.consul)
+# --- status ----------------------------------------------------------------------------------------------
+
+#: ``status.json`` older than this (seconds) while the agent runs means its loop is not cycling: the agent
+#: writes it after every cycle, and cycles at least every 2 s while it works
+STATUS_STALE = 10.0
+
+
+def _is_agent(pid: int) -> bool:
+    """Whether ``pid`` is a live ``pathagent run`` process (the recorded pid may have been reused)."""
     try:
-        node = cfg.node_name or store.agent_node_name()
-        leader = store.leader()
-        sessions = [s for s in store.node_sessions(node) if s.name == cfg.consul.session_name]
-        _, entries = store.read_tree()
-    finally:
-        store.close()
-    tree = parse_tree(cfg.consul.prefix.rstrip("/"), entries)
-    cluster_leader = tree.leader_node()
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except OSError:
+        return False
+    return b"run" in argv and any(b"pathagent" in a or b"agent.cli" in a for a in argv)
+
+
+def local_state(cfg: Config) -> dict[str, Any]:
+    """This node's state from ``[state] dir`` alone (no network): what the running (or last) agent wrote.
+    Keys: ``state_dir``, ``readable`` (false with ``error`` when the directory cannot be read),
+    ``agent_running``, ``pid``, ``node``, ``session``, ``fenced``, ``lease_left`` (seconds left now, from
+    ``lease.json``: negative = ran out; ``None`` when unknown or from another boot),
+    ``lease_confirmed_ago`` (``fence_after`` of this config minus that), ``status_age`` (seconds since the
+    last cycle's status), ``exported`` (count), ``exported_paths``, ``held``, ``bad_disks``, ``disk_names``,
+    ``waiting_fence``, ``fence_error``, ``watchdog_error``, ``last_fence``, ``leader``, ``drained``,
+    ``errors`` (the last warnings and errors, oldest first) and ``errors_pid`` (the process they are of)."""
+    from agent.runtime.clock import SystemClock, boot_id
+    from agent.runtime.statedir import StateDir, lock_holder
+    d = cfg.state_dir
+    out: dict[str, Any] = {"state_dir": d, "readable": True}
+    try:
+        os.listdir(d)
+    except FileNotFoundError:
+        out.update(readable=False, error="no such directory (no agent ever ran with this config)")
+    except OSError as e:
+        out.update(readable=False, error=e.strerror or str(e))
+    sd = StateDir(d)
+    st = sd.status()
+    errs = sd.errors()
+    holder = lock_holder(d)
+    recorded = [p for p in (st.get("pid"), errs.get("pid")) if isinstance(p, int) and not isinstance(p, bool)]
+    if holder is None:                  # cannot tell from the lock: trust a recorded pid that is alive
+        holder = next((p for p in recorded if _is_agent(p)), 0)
+    out["agent_running"] = bool(holder)
+    out["pid"] = holder or (recorded[0] if recorded else None)
+    updated = st.get("updated")
+    out["status_age"] = (round(time.time() - updated, 1) if isinstance(updated, (int, float))
+                         and not isinstance(updated, bool) else None)
+    if st.get("pid") != out["pid"] and out["agent_running"]:
+        out["status_age"] = None        # a status of an earlier process: the running one has not cycled yet
+        st = {}
+    out["node"] = st.get("node") or sd.node() or None
+    for k in ("session", "fenced", "held", "exported", "exported_paths", "waiting_fence", "fence_error",
+              "watchdog_error", "last_fence", "leader", "drained"):
+        out[k] = st.get(k)
+    out["bad_disks"] = st.get("bad_disks") if isinstance(st.get("bad_disks"), dict) else {}
+    names = st.get("disk_names")
+    out["disk_names"] = {k: v for k, v in names.items() if isinstance(v, str)} if isinstance(names, dict) else {}
+    lease = sd.lease()
+    left = None
+    if lease is not None and lease[0] == boot_id():
+        left = round(lease[1] - SystemClock().now(), 2)
+    out["lease_left"] = left
+    out["lease_confirmed_ago"] = None if left is None else round(max(0.0, cfg.consul.fence_after - left), 2)
+    out["errors"] = errs.get("errors", [])
+    out["errors_pid"] = errs.get("pid")
+    return out
+
+
+def consul_state(cfg: Config, node: str | None) -> dict[str, Any]:
+    """Consul's view of this node: ``reachable`` (with ``error`` when not), ``node`` (the local Consul
+    agent's name unless ``[node] name`` is set), ``consul_leader``, ``sessions`` (this node's sessions named
+    ``[consul] session_name``), the cluster ``leader``, ``drained``, ``paths_held`` (by those sessions),
+    ``paths_total``, ``disks_started``, ``live_nodes``. Never raises for Consul's sake."""
+    from agent.adapters.consul_store import ConsulStore
+    try:
+        store = ConsulStore(cfg.consul)
+        try:
+            name = cfg.node_name or store.agent_node_name()
+            raft = store.leader()
+            sessions = [s for s in store.node_sessions(name) if s.name == cfg.consul.session_name]
+            index, entries = store.read_tree()
+        finally:
+            store.close()
+    except CoordinationError as e:
+        return {"reachable": False, "error": str(e), "node": cfg.node_name or node}
+    tree = parse_tree(cfg.consul.prefix.rstrip("/"), entries, index)
     sids = {s.id for s in sessions}
-    held = sum(1 for st in tree.paths.values() if st.session in sids)
-    local = read_status(cfg.state_dir)
-    running = bool(local.get("pid")) and os.path.exists(f"/proc/{local.get('pid')}")
-    names: dict[str, Any] = local.get("disk_names") or {}       # of the bad disks, where the agent knows it
-    if not isinstance(names, dict):
-        names = {}
-    data = {
-        "node": node, "consul_leader": leader or None, "leader": cluster_leader,
-        "is_leader": cluster_leader == node, "drained": node in tree.drained,
-        "sessions": [{"id": s.id, "checks": list(s.checks), "lock_delay": s.lock_delay} for s in sessions],
-        "agent_running": running, "fenced": local.get("fenced") if running else None,
-        "lease_left": local.get("lease_left") if running else None,
-        "status_age": round(time.time() - local["updated"], 1) if running and "updated" in local else None,
-        "paths_held": held, "paths_total": len(tree.paths), "disks_started": len(tree.disks),
-        "live_nodes": sorted(tree.nodes), "backend": cfg.target.backend,
-        "exported": local.get("exported") if running else None,
-        "bad_disks": local.get("bad_disks", {}) if running else {},
-        "disk_names": {d: n for d, n in names.items() if isinstance(n, str)} if running else {},
-        "waiting_fence": bool(local.get("waiting_fence")) if running else None,
-        "fence_error": (local.get("fence_error") or None) if running else None,
+    return {"reachable": True, "error": None, "node": name, "consul_leader": raft or None,
+            "sessions": [{"id": s.id, "checks": list(s.checks), "lock_delay": s.lock_delay} for s in sessions],
+            "leader": tree.leader_node(), "drained": name in tree.drained,
+            "paths_held": sum(1 for st in tree.paths.values() if st.session in sids),
+            "paths_total": len(tree.paths), "disks_started": len(tree.disks), "live_nodes": sorted(tree.nodes)}
+
+
+def degraded_reasons(local: Mapping[str, Any], consul: Mapping[str, Any]) -> list[str]:
+    """Why the node is degraded (empty: healthy); the rule of ``STATUS_HELP``."""
+    why: list[str] = []
+    if not local["readable"]:
+        why.append(f"state dir {local['state_dir']}: {local['error']}")
+    if not local["agent_running"]:
+        why.append("agent not running")
+    elif local["status_age"] is None:
+        why.append("no status yet (the agent has not completed a cycle)")
+    elif local["status_age"] > STATUS_STALE:
+        why.append(f"status file {local['status_age']:.0f}s old")
+    if local["agent_running"] and local["status_age"] is not None:
+        if not local["session"]:
+            why.append("no session")
+        if local["fenced"]:
+            why.append("fenced")
+        if local["watchdog_error"]:
+            why.append("watchdog not pet")
+        if local["waiting_fence"]:
+            why.append("waiting to be fenced")
+    if local["agent_running"] and (local["lease_left"] is None or local["lease_left"] <= 0):
+        why.append("no lease" if local["lease_left"] is None else f"lease ran out {-local['lease_left']:.1f}s ago")
+    if not consul["reachable"]:
+        why.append("consul unreachable")
+    else:
+        ids = [s["id"] for s in consul["sessions"]]
+        if len(ids) != 1:
+            why.append(f"{len(ids)} sessions of this node in Consul" if ids else "no session in Consul")
+        elif local["agent_running"] and local["session"] and local["session"] not in ids:
+            why.append("the agent's session is not in Consul")
+    return why
+
+
+def _ago(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+def status_text(data: Mapping[str, Any]) -> str:
+    """The text of ``pathagent status``."""
+    from agent.runtime.report import label
+    c = data["consul"]
+    names = data["disk_names"]
+    node = data["node"] or "(unknown)"
+    head = "healthy" if not data["degraded"] else "degraded: " + "; ".join(data["degraded"])
+    lines = [f"node:      {node} ({head})"]
+    if data["agent_running"]:
+        age = data["status_age"]
+        agent = f"running, pid {data['pid']}" + (f"; status {age:.1f}s old" if age is not None else "; no status yet")
+    else:
+        agent = "not running" + (f" (last pid {data['pid']}" + (f", status {data['status_age']:.0f}s old"
+                                 if data["status_age"] is not None else "") + ")" if data["pid"] else "")
+    if not data["readable"]:
+        agent += f"; state dir {data['state_dir']}: {data['error']}"
+    lines.append(f"agent:     {agent}")
+    ids = [s["id"] for s in data.get("sessions") or []]
+    old = "" if data["agent_running"] else " (as last recorded)"
+    sess = (data["session"] or "none") + (old if data["session"] else "")
+    if c["reachable"]:
+        sess += (" (Consul: the same)" if data["session"] and ids == [data["session"]] else
+                 f" (Consul: {', '.join(ids) or 'none'})")
+    lines.append(f"session:   {sess}")
+    left = data["lease_left"]
+    lines.append("lease:     " + ("unknown" if left is None else
+                                  f"{left:.1f}s left (confirmed {data['lease_confirmed_ago']:.1f}s ago)" if left > 0
+                                  else f"ran out {-left:.1f}s ago"))
+    fenced = data["fenced"]
+    lines.append("fenced:    " + ("unknown" if fenced is None else ("yes" if fenced else "no") + old)
+                 + (f" (last fence: {data['last_fence']})" if data.get("last_fence") else ""))
+    exp = data["exported_paths"]
+    if isinstance(exp, list):
+        shown = " ".join(label(p, names) for p in exp[:8]) + (f" ... and {len(exp) - 8} more" if len(exp) > 8 else "")
+        lines.append(f"exported:  {len(exp)} paths{old}" + (f": {shown}" if exp else ""))
+    elif data["exported"] is not None:
+        lines.append(f"exported:  {data['exported']} paths{old}")
+    if c["reachable"]:
+        leader = data["leader"]
+        lines += [f"leader:    {leader or 'none'}{' (this node)' if data['is_leader'] else ''}"
+                  + (" - this node is drained" if data["drained"] else ""),
+                  f"consul:    leader {data['consul_leader'] or 'none'}",
+                  f"paths:     {data['paths_held']} held here of {data['paths_total']} ({data['disks_started']} "
+                  f"disks started, {len(data['live_nodes'])} live nodes)"]
+    else:
+        lines.append(f"consul:    unreachable ({c['error']})")
+    lines.append(f"backend:   {data['backend']}")
+    lines += [f"bad disk:  {label(d, names)}: {m}" for d, m in sorted(data["bad_disks"].items())]
+    if data["waiting_fence"]:
+        lines.append("fencing:   waiting for the leader to fence this node's previous session (it takes no path before)")
+    if data["fence_error"]:
+        lines.append(f"fencing:   {data['fence_error']}")
+    if data["watchdog_error"]:
+        lines.append(f"watchdog:  {data['watchdog_error']}")
+    errors = data["errors"]
+    if errors:
+        whose = "this agent" if data["errors_pid"] == data["pid"] and data["agent_running"] else \
+            f"agent process {data['errors_pid']}"
+        lines.append(f"errors:    the last {min(len(errors), 5)} warnings and errors of {whose}:")
+        for e in errors[-5:]:
+            times = f" (x{e['count']} since {_ago(e['first'])[11:]})" if e.get("count", 1) > 1 else ""
+            lines.append(f"  {_ago(e['time'])} {e.get('level', '?')} {e['message']}{times}")
+    return "\n".join(lines)
+
+
+def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
+    """``pathagent status``: ``local_state`` (whatever Consul does) and ``consul_state`` merged; ``--json``
+    prints the keys of both (``node``, ``consul_leader``, ``sessions``, ``leader``, ``is_leader``,
+    ``drained``, ``paths_held``, ``paths_total``, ``disks_started``, ``live_nodes``: ``None`` while Consul
+    does not answer, except ``leader``/``is_leader``/``drained`` then as the agent last recorded them),
+    ``consul: {reachable, error}``, ``backend``, ``health`` (``healthy``/``degraded``) and ``degraded`` (the
+    reasons). Exit 1 when degraded (``degraded_reasons``)."""
+    local = local_state(cfg)
+    consul = consul_state(cfg, local["node"])
+    degraded = degraded_reasons(local, consul)
+    node = consul.get("node") or local["node"]
+    if consul["reachable"]:
+        leader, drained = consul["leader"], consul["drained"]
+    else:                       # as this node's agent last saw it
+        leader, drained = (node if local["leader"] else None), local["drained"]
+    data: dict[str, Any] = {
+        **local, "node": node,
+        "consul": {"reachable": consul["reachable"], "error": consul["error"]},
+        "consul_leader": consul.get("consul_leader"), "sessions": consul.get("sessions"),
+        "leader": leader, "is_leader": bool(leader) and leader == node,
+        "drained": drained, "paths_held": consul.get("paths_held"),
+        "paths_total": consul.get("paths_total"), "disks_started": consul.get("disks_started"),
+        "live_nodes": consul.get("live_nodes"), "backend": cfg.target.backend,
+        "health": "degraded" if degraded else "healthy", "degraded": degraded,
     }
-    health = "healthy" if len(sessions) == 1 and running and not data["fenced"] else "degraded"
-    data["health"] = health
-    text = "\n".join([
-        f"node:      {node} ({health})",
-        f"session:   {', '.join(s.id for s in sessions) or 'none'}",
-        f"agent:     {'running, pid ' + str(local.get('pid')) if running else 'not running'}"
-        + (f", fenced" if data["fenced"] else "") + (f", lease valid for {data['lease_left']}s more"
-                                                    if data["lease_left"] is not None else ""),
-        f"leader:    {cluster_leader or 'none'}{' (this node)' if cluster_leader == node else ''}"
-        + (" - this node is drained" if node in tree.drained else ""),
-        f"consul:    leader {leader or 'none'}",
-        f"paths:     {held} held here of {len(tree.paths)} ({len(tree.disks)} disks started, "
-        f"{len(tree.nodes)} live nodes)",
-        f"backend:   {cfg.target.backend}",
-    ] + [f"bad disk:  {label(d, data['disk_names'])}: {m}" for d, m in sorted(data["bad_disks"].items())]
-      + (["fencing:   waiting for the leader to fence this node's previous session (it takes no path before)"]
-         if data["waiting_fence"] else [])
-      + ([f"fencing:   {data['fence_error']}"] if data["fence_error"] else []))
-    emit(args, data, text)
-    return EXIT_OK
+    emit(args, data, status_text(data))
+    return EXIT_FAILED if degraded else EXIT_OK
 
 
 def cmd_nodes(args: argparse.Namespace, cfg: Config) -> int:

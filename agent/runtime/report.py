@@ -17,6 +17,12 @@ def label(what: PathKey | str, names: Mapping[str, str]) -> str:
     return f"{what} ({name})" if name else str(what)
 
 
+def _path_order(p: str) -> tuple[str, int, str]:
+    """"disk/index" in disk order, then by index as a number (d1/2 before d1/10)."""
+    disk, _, index = p.rpartition("/")
+    return (disk, int(index), "") if index.isdigit() else (disk, -1, index)
+
+
 @dataclass(frozen=True)
 class CycleReport:
     cycle: int = 0
@@ -68,10 +74,13 @@ class CycleReport:
         return self.summary().split(";", 1)[0]
 
     def status(self, pid: int) -> dict[str, Any]:
-        """What ``status.json`` holds (read by ``pathagent status``)."""
+        """What ``status.json`` holds (read by ``pathagent status``): ``exported`` is how many paths the
+        target serves, ``exported_paths`` which ("disk/index", sorted), ``updated`` the wall time of the
+        cycle, ``lease_left`` the seconds left on the lease then."""
         return {"node": self.node, "session": self.session, "fenced": self.fenced, "pid": pid,
                 "lease_left": None if self.lease_left is None else round(self.lease_left, 3),
-                "held": self.held, "exported": len(self.exported), "addresses": self.addresses,
+                "held": self.held, "exported": len(self.exported), "exported_paths": sorted(self.exported, key=_path_order),
+                "addresses": self.addresses,
                 "target_known": self.target_known, "backend": self.backend, "bad_disks": dict(self.bad_disks),
                 "disk_names": dict(self.disk_names),
                 "fence_events": self.fence_events, "last_fence": self.fence_reason,

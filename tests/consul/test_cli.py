@@ -67,13 +67,45 @@ def test_paths_json_and_filters(two_agents: Any) -> None:
 def test_status(two_agents: Any) -> None:
     _, agents, _ = two_agents
     r = cli(agents["gwb"].config, "status", "--json")
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 0, r.stderr + r.stdout
     st = json.loads(r.stdout)
-    assert st["node"] == "gwb" and st["health"] == "healthy" and st["agent_running"]
-    assert st["sessions"][0]["id"] == agents["gwb"].session()
+    assert st["node"] == "gwb" and st["health"] == "healthy" and st["agent_running"] and st["degraded"] == []
+    assert st["sessions"][0]["id"] == agents["gwb"].session() == st["session"]
     assert st["paths_held"] == len(agents["gwb"].exported()) and st["paths_total"] == 6
+    assert set(st["exported_paths"]) == agents["gwb"].exported(), "the local state names the exported paths"
+    assert st["pid"] == agents["gwb"].pid and st["fenced"] is False
+    assert 0 < st["lease_left"] <= 4.0 and 0 <= st["lease_confirmed_ago"] < 4.0, "fence_after 4"
+    assert st["status_age"] is not None and st["status_age"] < 5
+    assert st["consul"] == {"reachable": True, "error": None}
     assert st["consul_leader"] and st["live_nodes"] == ["gwa", "gwb"] and st["backend"] == "fake"
-    assert "session:" in cli(agents["gwb"].config, "status").stdout
+    text = cli(agents["gwb"].config, "status")
+    assert text.returncode == 0 and "session:" in text.stdout and "(healthy)" in text.stdout.splitlines()[0]
+    assert "Consul: the same" in text.stdout
+
+
+def test_status_of_a_stopped_agent_is_degraded(two_agents: Any) -> None:
+    _, agents, _ = two_agents
+    agents["gwb"].stop()
+    r = cli(agents["gwb"].config, "status", "--json")
+    assert r.returncode == 1, r.stdout + r.stderr
+    st = json.loads(r.stdout)
+    assert st["health"] == "degraded" and not st["agent_running"]
+    assert "agent not running" in st["degraded"] and "no session in Consul" in st["degraded"]
+    assert st["consul"]["reachable"] and st["sessions"] == []
+    text = cli(agents["gwb"].config, "status")
+    assert text.returncode == 1 and "agent not running" in text.stdout.splitlines()[0]
+    assert "Traceback" not in text.stderr
+
+
+def test_a_fresh_node_logs_no_error(two_agents: Any) -> None:
+    """A clean start (nothing inherited, nothing to fence) logs no ERROR line; and its errors record holds
+    nothing worse than the warning for [watchdog] backend none that these agents do not have."""
+    _, agents, _ = two_agents
+    for a in agents.values():
+        text = a.log.read_text()
+        assert " ERROR " not in text, text
+        errors = json.loads((a.state / "errors.json").read_text())
+        assert errors["pid"] == a.pid and all(e["level"] != "ERROR" for e in errors["errors"]), errors
 
 
 def test_path_move_is_fast_and_exact(two_agents: Any) -> None:

@@ -1,18 +1,23 @@
 """Tier 1: the CLI where no Consul answers: ``--version``, config files that cannot be read (not UTF-8, not
-TOML) and bad plugin options (``check-config`` and ``run`` refuse the same). Real subprocesses of
-``python -m agent.cli``."""
+TOML) and bad plugin options (``check-config`` and ``run`` refuse the same), ``status`` of a node whose
+Consul is down (from a fake state directory, and from a real ``pathagent run`` waiting for Consul), and the
+errors record. Real subprocesses of ``python -m agent.cli``."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
 from agent.cli import version
+from agent.runtime.statedir import ErrorLog, StateDir
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -121,3 +126,137 @@ def test_a_good_config_and_a_missing_default_file() -> None:
     if Path("/etc/pathagent/pathagent.toml").exists():
         pytest.skip("this host has /etc/pathagent/pathagent.toml")
     assert r.returncode == 0 and "not found; every setting at its default: OK" in r.stdout, r
+
+
+# --- status with Consul unreachable --------------------------------------------------------------------------
+
+@pytest.fixture
+def fake_agent(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
+    """A state directory as a running agent leaves it (this test process holds its lock and is the pid in
+    its files), with a config whose Consul is a closed port."""
+    cfg = offline_config(tmp_path)
+    state = tmp_path / "state"
+    sd = StateDir(str(state))
+    sd.lock()
+    now = time.time()
+    sd.record_node("gwa")
+    sd.record_status({"node": "gwa", "session": "5e55-1", "fenced": True, "pid": os.getpid(), "lease_left": -3.0,
+                      "held": 2, "exported": 1, "exported_paths": ["d1/1"], "updated": now - 1, "backend": "fake",
+                      "bad_disks": {"d9": "field 'paths[0].ip': not an IPv4 address"}, "disk_names": {"d9": "vm9"},
+                      "last_fence": "no confirmation of our session since the lease ran out (0.00s ago)",
+                      "watchdog_error": None, "waiting_fence": False, "fence_error": "", "leader": True,
+                      "drained": False})
+    (state / "errors.json").write_text(json.dumps({"pid": os.getpid(), "started": now - 60, "errors": [
+        {"time": now - 2, "first": now - 30, "count": 12, "level": "WARNING", "logger": "agent.runtime.session",
+         "message": "session 5e55-1 not confirmed: consul session/info: cannot connect to 127.0.0.1:1"},
+        {"time": now - 1, "first": now - 1, "count": 1, "level": "ERROR", "logger": "agent.runtime.fencer",
+         "message": "fencing: no confirmation of our session since the lease ran out (0.00s ago)"}]}))
+    try:
+        yield cfg, state
+    finally:
+        sd.unlock()
+
+
+def test_status_with_consul_down_shows_the_local_state_and_exits_1(fake_agent: tuple[Path, Path]) -> None:
+    cfg, _ = fake_agent
+    r = cli("status", "--config", str(cfg))
+    assert r.returncode == 1, r
+    assert r.stderr == "" and "Traceback" not in r.stdout
+    lines = {ln.split(":", 1)[0]: ln.split(":", 1)[1].strip() for ln in r.stdout.splitlines() if not ln.startswith(" ")}
+    assert lines["node"].startswith("gwa (degraded: ") and "fenced" in lines["node"] and "consul unreachable" in lines["node"]
+    assert lines["agent"].startswith(f"running, pid {os.getpid()}; status ")
+    assert lines["session"] == "5e55-1"
+    assert lines["fenced"].startswith("yes (last fence: no confirmation")
+    assert lines["exported"] == "1 paths: d1/1"
+    assert lines["consul"].startswith("unreachable (consul agent/self: cannot connect to 127.0.0.1:")
+    assert lines["bad disk"] == "d9 (vm9): field 'paths[0].ip': not an IPv4 address"
+    assert "ERROR fencing: no confirmation" in r.stdout and "(x12 since " in r.stdout
+
+
+def test_status_json_with_consul_down(fake_agent: tuple[Path, Path]) -> None:
+    cfg, _ = fake_agent
+    r = cli("status", "--json", "--config", str(cfg))
+    assert r.returncode == 1, r
+    st = json.loads(r.stdout)
+    assert st["health"] == "degraded" and {"fenced", "consul unreachable"} <= set(st["degraded"])
+    assert st["node"] == "gwa" and st["agent_running"] and st["pid"] == os.getpid()
+    assert st["consul"]["reachable"] is False and "cannot connect" in st["consul"]["error"]
+    assert st["session"] == "5e55-1" and st["fenced"] is True and st["exported_paths"] == ["d1/1"]
+    assert st["sessions"] is None and st["paths_total"] is None, "Consul's view: unknown, not zero"
+    assert st["is_leader"] is True and st["leader"] == "gwa", "as the agent last recorded it"
+    assert [e["level"] for e in st["errors"]] == ["WARNING", "ERROR"] and st["errors_pid"] == os.getpid()
+
+
+def test_status_of_a_stale_status_file(fake_agent: tuple[Path, Path]) -> None:
+    cfg, state = fake_agent
+    st = json.loads((state / "status.json").read_text())
+    (state / "status.json").write_text(json.dumps({**st, "fenced": False, "updated": time.time() - 120}))
+    r = cli("status", "--json", "--config", str(cfg))
+    assert r.returncode == 1 and any(d.startswith("status file 12") for d in json.loads(r.stdout)["degraded"])
+
+
+def test_status_of_a_node_where_no_agent_ever_ran(tmp_path: Path) -> None:
+    r = cli("status", "--config", str(offline_config(tmp_path)))
+    assert r.returncode == 1 and r.stderr == "", r
+    assert "agent not running" in r.stdout.splitlines()[0] and "no such directory" in r.stdout
+
+
+def test_status_of_a_real_agent_waiting_for_consul(tmp_path: Path) -> None:
+    """A fresh node whose Consul does not answer: ``run`` waits (no ERROR: nothing was inherited), records
+    why in errors.json, and ``status`` shows it running, its errors, and exits 1."""
+    cfg = offline_config(tmp_path)
+    log = tmp_path / "agent.log"
+    with open(log, "wb") as f:
+        p = subprocess.Popen([sys.executable, "-m", "agent.cli", "--config", str(cfg), "run"], stdout=f,
+                             stderr=subprocess.STDOUT, cwd=REPO)
+    try:
+        errors = tmp_path / "state" / "errors.json"
+        end = time.monotonic() + 20
+        while time.monotonic() < end and not (errors.exists() and "cycle failed" in errors.read_text()):
+            time.sleep(0.1)
+        r = cli("status", "--json", "--config", str(cfg))
+        assert r.returncode == 1, r
+        st = json.loads(r.stdout)
+        assert st["agent_running"] and st["pid"] == p.pid
+        assert {"no status yet (the agent has not completed a cycle)", "consul unreachable"} <= set(st["degraded"])
+        assert any("cycle failed: consul agent/self: cannot connect" in e["message"] for e in st["errors"]), st
+        text = cli("status", "--config", str(cfg)).stdout
+        assert f"running, pid {p.pid}; no status yet" in text and "warnings and errors of this agent" in text
+    finally:
+        p.terminate()
+        assert p.wait(20) == 0
+    out = log.read_text()
+    assert " ERROR " not in out and "Traceback" not in out, out
+
+
+# --- the errors record ---------------------------------------------------------------------------------------
+
+def test_error_log_writes_only_while_this_process_holds_the_state_dir(tmp_path: Path) -> None:
+    h = ErrorLog.install(str(tmp_path), limit=3)
+    log = logging.getLogger("test.errorlog")
+    try:
+        log.warning("before the lock")
+        log.info("not kept")
+        time.sleep(0.1)
+        assert not (tmp_path / "errors.json").exists(), "nothing written before the lock is held"
+        other = StateDir(str(tmp_path))
+        other.lock()                          # another agent holds it ...
+        mine = StateDir(str(tmp_path))
+        from agent.errors import ConfigError
+        with pytest.raises(ConfigError):
+            mine.lock()                       # ... so this one is refused; but ErrorLog follows StateDir.lock
+        other.unlock()
+        mine.lock()
+        for delay in ("0.5", "1.0", "2.0"):
+            log.warning("cycle failed: consul down; retrying in %ss", delay)
+        log.error("boom %d", 1)
+        log.error("boom %d", 2)
+        mine.unlock()                         # writes the last state
+        data = json.loads((tmp_path / "errors.json").read_text())
+        assert data["pid"] == os.getpid()
+        assert [(e["level"], e["message"], e["count"]) for e in data["errors"]] == [
+            ("WARNING", "cycle failed: consul down; retrying in 2.0s", 3), ("ERROR", "boom 1", 1),
+            ("ERROR", "boom 2", 1)], "the last 3, repeats counted"
+    finally:
+        h.close()
+    assert h not in logging.getLogger().handlers
