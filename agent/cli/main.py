@@ -8,19 +8,21 @@ and the line and column where that applies; a bad setting names the file and ``[
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
-from typing import Any, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Generator, Mapping, Sequence, TextIO
 
 from agent import config as config_mod
 from agent import plugins
 from agent.backend import Catalog
 from agent.config import Config
-from agent.errors import AgentError, CatalogError, ConfigError, CoordinationError
+from agent.errors import AgentError, CatalogError, ConfigError, CoordinationError, DefinitionError
 from agent.core.model import PathKey
-from agent.cli.output import EXIT_FAILED, EXIT_OK, EXIT_USAGE, emit, fail
-from agent.core.tree import parse_tree
+from agent.cli.output import EXIT_FAILED, EXIT_OK, EXIT_USAGE, Live, emit, fail, paths_table
+from agent.core.tree import KVEntry, parse_tree
 
 Handler = Callable[[argparse.Namespace, Config], int]
 
@@ -66,6 +68,16 @@ watchdog stay; the next agent process adopts them). Refuses to start (exit 2) on
 that check-config reports."""
 
 
+def _interval(v: str) -> float:
+    try:
+        x = float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{v!r} is not a number of seconds") from None
+    if not 0.1 <= x <= 3600:
+        raise argparse.ArgumentTypeError(f"{v!r}: must be between 0.1 and 3600 seconds")
+    return x
+
+
 def build_parser() -> argparse.ArgumentParser:
     from agent.cli import version
     parser = _Parser(prog="pathagent", description="iSCSI gateway path agent (Ceph RBD, Consul locks)",
@@ -80,9 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     what = "every path with its owner"
     p = sub.add_parser("paths", help=what, description=what + ": disk, index, name, IP, owner node, state "
-                       "(held, free, stopping, invalid)")
+                       "(held, free, stopping, invalid). --watch redraws the table until Ctrl-C (exit 0); a "
+                       "Consul error is shown in its header and retried.")
     p.add_argument("--mine", action="store_true", help="only this node's paths")
     p.add_argument("--node", metavar="N", help="only paths owned by node N")
+    p.add_argument("--watch", action="store_true", help="refresh until Ctrl-C: at once when a path changes, "
+                   "else every --interval seconds (--json: one JSON object per refresh and line)")
+    p.add_argument("--interval", type=_interval, default=2.0, metavar="S",
+                   help="seconds between refreshes with --watch (default 2)")
     p.set_defaults(func=cmd_paths)
 
     p = sub.add_parser("status", help="this node: agent, session, lease, fenced, exports, errors, Consul's view",
@@ -173,29 +190,20 @@ def _catalog(cfg: Config) -> Catalog:
     return plugins.load_catalog(cfg.catalog.backend, plugins.context(cfg, "catalog", cfg.node_name))
 
 
-def path_rows(cfg: Config) -> list[dict[str, Any]]:
-    """Every path key with its owner, IP and state (``held``, ``free``, ``stopping``, ``invalid``): the
-    keys ``disk``, ``index``, ``ip``, ``node``, ``state`` (a fixed contract), ``name`` (the disk's display
-    name; ``None`` when its definition cannot be read) and ``error`` for an invalid disk."""
-    from agent.adapters.consul_store import ConsulStore
-    store = ConsulStore(cfg.consul)
-    try:
-        _, entries = store.read_tree()
-        sessions = {s.id: s.node for s in store.sessions()}
-    finally:
-        store.close()
-    tree = parse_tree(cfg.consul.prefix.rstrip("/"), entries)
-    catalog = _catalog(cfg)
+def _rows(cfg: Config, entries: Sequence[KVEntry], sessions: Mapping[str, str], catalog: Catalog,
+          index: int = 0) -> list[dict[str, Any]]:
+    """``path_rows`` from what was read: the KV tree, session id -> node, and the catalog to read with."""
+    tree = parse_tree(cfg.consul.prefix.rstrip("/"), entries, index)
     defs: dict[str, Any] = {}
-    errors: dict[str, str] = {}
-    try:
-        for disk_id, rec in tree.disks.items():
-            try:
-                defs[disk_id] = catalog.get(disk_id, rec.pool, rec.image, rec.modify_index)
-            except CatalogError as e:
-                errors[disk_id] = e.message
-    finally:
-        catalog.close()
+    invalid: dict[str, str] = {}
+    unreadable: dict[str, str] = {}
+    for disk_id, rec in tree.disks.items():
+        try:
+            defs[disk_id] = catalog.get(disk_id, rec.pool, rec.image, rec.modify_index)
+        except DefinitionError as e:
+            invalid[disk_id] = e.message
+        except CatalogError as e:
+            unreadable[disk_id] = f"definition unreadable: {e.message}"
     rows = []
     for p in sorted(tree.paths):
         st = tree.paths[p]
@@ -203,18 +211,51 @@ def path_rows(cfg: Config) -> list[dict[str, Any]]:
         spec = disk.path(p.index) if disk else None
         node = (st.node or sessions.get(st.session or "")) if st.session else None
         stopping = p.disk in tree.disks and tree.disks[p.disk].stopping
-        state = ("invalid" if p.disk in errors else "stopping" if stopping
+        state = ("invalid" if p.disk in invalid else "stopping" if stopping
                  else "held" if st.session else "free")
         row: dict[str, Any] = {"disk": p.disk, "index": p.index, "ip": spec.ip if spec else None,
                                "node": node, "state": state, "name": disk.name if disk else None}
-        if p.disk in errors:
-            row["error"] = errors[p.disk]
+        error = invalid.get(p.disk) or unreadable.get(p.disk)
+        if error:
+            row["error"] = error
         rows.append(row)
     return rows
 
 
+def path_rows(cfg: Config) -> list[dict[str, Any]]:
+    """Every path key with its owner, IP and state (``held``, ``free``, ``stopping``, ``invalid``): the
+    keys ``disk``, ``index``, ``ip``, ``node``, ``state`` (a fixed contract), ``name`` (the disk's display
+    name; ``None`` when its definition cannot be read) and ``error`` for a disk whose definition is
+    invalid (state ``invalid``) or cannot be read now (Ceph unreachable: the state stays what the lock
+    says, the IP and name are ``None``)."""
+    from agent.adapters.consul_store import ConsulStore
+    store = ConsulStore(cfg.consul)
+    try:
+        index, entries = store.read_tree()
+        sessions = {s.id: s.node for s in store.sessions()}
+    finally:
+        store.close()
+    catalog = _catalog(cfg)
+    try:
+        return _rows(cfg, entries, sessions, catalog, index)
+    finally:
+        catalog.close()
+
+
+def _filter(rows: list[dict[str, Any]], mine: str | None, node: str | None) -> list[dict[str, Any]]:
+    """The rows owned by ``mine`` (this node's name, for ``--mine``) and by ``node``, where given."""
+    if mine is not None:
+        rows = [r for r in rows if r["node"] == mine]
+    if node:
+        rows = [r for r in rows if r["node"] == node]
+    return rows
+
+
 def cmd_paths(args: argparse.Namespace, cfg: Config) -> int:
+    if args.watch:
+        return watch_paths(args, cfg)
     rows = path_rows(cfg)
+    me = None
     if args.mine:
         from agent.adapters.consul_store import ConsulStore
         store = ConsulStore(cfg.consul)
@@ -222,15 +263,104 @@ def cmd_paths(args: argparse.Namespace, cfg: Config) -> int:
             me = cfg.node_name or store.agent_node_name()
         finally:
             store.close()
-        rows = [r for r in rows if r["node"] == me]
-    if args.node:
-        rows = [r for r in rows if r["node"] == args.node]
-    w = max([16] + [len(r["name"] or "-") for r in rows])
-    lines = [f"{'PATH':<24} {'NAME':<{w}} {'IP':<16} {'NODE':<16} STATE"]
-    for r in rows:
-        lines.append(f"{r['disk'] + '/' + str(r['index']):<24} {r['name'] or '-':<{w}} {r['ip'] or '-':<16} "
-                     f"{r['node'] or '-':<16} {r['state']}" + (f" ({r['error']})" if "error" in r else ""))
-    emit(args, rows, "\n".join(lines))
+    rows = _filter(rows, me, args.node)
+    emit(args, rows, paths_table(rows))
+    return EXIT_OK
+
+
+#: the least time between two redraws of ``paths --watch`` (a burst of changes is drawn once)
+WATCH_MIN_GAP = 0.25
+
+
+@dataclass(frozen=True)
+class Refresh:
+    """One refresh of the path table: ``rows`` (those read last), ``error`` (why this read failed, the
+    rows then being the last good ones), ``read_at`` (wall time of the rows; ``None``: never read)."""
+
+    rows: list[dict[str, Any]]
+    error: str | None
+    read_at: float | None
+
+
+def watch_rows(cfg: Config, interval: float, mine: bool = False, node: str | None = None) -> Generator[Refresh, None, None]:
+    """The path table again and again, for ``paths --watch`` and the demo: a blocking read of the prefix
+    returns on the first change (drawn at most every ``WATCH_MIN_GAP`` seconds) or after ``interval``
+    seconds; a Consul error is yielded with the last rows and retried every ``interval``. Never ends by
+    itself; closing the generator closes its Consul and catalog connections. ``ConfigError`` at once
+    when the catalog plugin cannot be built (a bad config is not retried)."""
+    from agent.adapters.consul_store import ConsulStore
+    from agent.core.store import next_index
+    catalog = _catalog(cfg)
+    try:
+        store = ConsulStore(cfg.consul)
+    except BaseException:
+        catalog.close()
+        raise
+    index = 0
+    rows: list[dict[str, Any]] = []
+    read_at: float | None = None
+    me: str | None = None
+    try:
+        while True:
+            t0 = time.monotonic()
+            error: str | None = None
+            try:
+                got, entries = store.read_tree(index, interval) if index else store.read_tree()
+                index = next_index(index, got)
+                sessions = {s.id: s.node for s in store.sessions()}
+                if mine and me is None:
+                    me = cfg.node_name or store.agent_node_name()
+                rows = _filter(_rows(cfg, entries, sessions, catalog, got), me if mine else None, node)
+                read_at = time.time()
+            except CoordinationError as e:
+                error, index = str(e), 0
+            yield Refresh(rows, error, read_at)
+            pause = interval if error is not None else WATCH_MIN_GAP - (time.monotonic() - t0)
+            if pause > 0:
+                time.sleep(pause)
+    finally:
+        store.close()
+        catalog.close()
+
+
+def watch_header(r: Refresh, interval: float) -> str:
+    """The first line(s) of a ``paths --watch`` block: the counts and the time; after a failed read also
+    the error (retried) and the time of the rows shown under it."""
+    now = time.strftime("%H:%M:%S")
+    held = sum(1 for row in r.rows if row["state"] == "held")
+    head = (f"{len(r.rows)} paths, {held} held, {len(r.rows) - held} not held at {now} "
+            f"(every {interval:g}s and on each change; Ctrl-C ends)")
+    if r.error is None:
+        return head
+    when = time.strftime("%H:%M:%S", time.localtime(r.read_at)) if r.read_at else "never"
+    return f"{head}\nconsul: unreachable, retrying every {interval:g}s; the table was read at {when} ({r.error})"
+
+
+def watch_paths(args: argparse.Namespace, cfg: Config, out: TextIO | None = None) -> int:
+    """``paths --watch``: ``watch_rows`` drawn with ``Live`` (in place on a terminal, blocks separated by an
+    empty line elsewhere) under ``watch_header``. Ctrl-C ends it with exit 0. With ``--json`` every
+    refresh is one line: ``{"time", "error", "paths"}``."""
+    stream = out or sys.stdout
+    live = Live(stream)
+    refreshes = watch_rows(cfg, args.interval, args.mine, args.node)
+    try:
+        for r in refreshes:
+            if getattr(args, "json", False):
+                stream.write(json.dumps({"time": round(time.time(), 3), "error": r.error, "paths": r.rows},
+                                        sort_keys=True) + "\n")
+                stream.flush()
+            else:
+                live.show(watch_header(r, args.interval) + "\n" + paths_table(r.rows))
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except BrokenPipeError:             # `pathagent paths --watch | head`: the reader is gone
+        try:
+            sys.stdout = open(os.devnull, "w")      # (no second error when Python flushes at exit)
+        except OSError:
+            pass
+        return EXIT_OK
+    finally:
+        refreshes.close()
     return EXIT_OK
 
 

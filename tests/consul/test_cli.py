@@ -108,6 +108,76 @@ def test_a_fresh_node_logs_no_error(two_agents: Any) -> None:
         assert errors["pid"] == a.pid and all(e["level"] != "ERROR" for e in errors["errors"]), errors
 
 
+def blocks(text: str) -> list[list[str]]:
+    """The tables ``paths --watch`` printed to a pipe: blocks separated by an empty line."""
+    return [b.splitlines() for b in text.split("\n\n") if b.strip()]
+
+
+def test_paths_watch_refreshes_until_sigint(two_agents: Any) -> None:
+    import signal
+    _, agents, http = two_agents
+    out = agents["gwa"].dir / "watch.out"
+    with open(out, "w") as f:
+        p = subprocess.Popen([sys.executable, "-m", "agent.cli", "paths", "--watch", "--interval", "0.5",
+                              "--config", str(agents["gwa"].config)], stdout=f, stderr=subprocess.PIPE,
+                             text=True, cwd=REPO)
+    try:
+        wait_for(lambda: len(blocks(out.read_text())) >= 2, 15, what="two refreshes")
+        first = blocks(out.read_text())[0]
+        assert first[0].startswith("6 paths, 6 held, 0 not held at "), first
+        assert first[1].split() == ["PATH", "NAME", "IP", "NODE", "STATE"] and len(first) == 8
+        path = sorted(agents["gwa"].exported())[0]
+        assert cli(agents["gwa"].config, "path", "move", path, "gwb").returncode == 0
+
+        def moved() -> bool:
+            last = blocks(out.read_text())[-1]
+            return any(ln.split()[0] == path and ln.split()[3] == "gwb" for ln in last[2:] if ln.split())
+        wait_for(moved, 15, what="the table to show the move")
+        p.send_signal(signal.SIGINT)
+        assert p.wait(10) == 0
+        assert p.stderr is not None
+        err = p.stderr.read()
+        assert "Traceback" not in err and err == "", err
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def test_paths_watch_shows_consul_errors_and_goes_on(consul_cluster_factory: Callable[..., Any],
+                                                     tmp_path: Path) -> None:
+    """Consul going away is shown in the table's header and retried; it comes back on its own."""
+    import signal
+    cluster = consul_cluster_factory(clients=["gwa"])
+    cfg = tmp_path / "cli.toml"
+    cfg.write_text(f'[consul]\naddress = "{cluster.http_address("gwa")}"\ntimeout = 0.5\n[catalog]\nbackend = "fake"\n'
+                   f'[catalog.fake]\nfile = "{tmp_path / "none.json"}"\n[target]\nbackend = "fake"\n'
+                   '[network]\nbackend = "none"\n')
+    start_disks(cluster.http_address("gwa"), {"w1": 1})
+    out = tmp_path / "watch.out"
+    with open(out, "w") as f:
+        p = subprocess.Popen([sys.executable, "-m", "agent.cli", "--config", str(cfg), "paths", "--watch",
+                              "--interval", "0.3"], stdout=f, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        wait_for(lambda: blocks(out.read_text()) and blocks(out.read_text())[-1][0].startswith("1 paths, 0 held"), 15,
+                 what="the first table")
+        cluster.kill("gwa")
+        wait_for(lambda: "consul: unreachable" in out.read_text(), 15, what="the error in the header")
+        last = blocks(out.read_text())[-1]
+        assert any(ln.startswith("w1/1") for ln in last), "the last table read stays on screen"
+        assert p.poll() is None, "a Consul error is not fatal"
+        cluster.restart("gwa")
+        wait_for(lambda: "consul: unreachable" not in "\n".join(blocks(out.read_text())[-1]), 30,
+                 what="the watch to recover by itself")
+        p.send_signal(signal.SIGINT)
+        assert p.wait(10) == 0
+        assert p.stderr is not None and "Traceback" not in p.stderr.read()
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
 def test_path_move_is_fast_and_exact(two_agents: Any) -> None:
     _, agents, http = two_agents
     path = sorted(agents["gwa"].exported())[0]

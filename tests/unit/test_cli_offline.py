@@ -1,9 +1,10 @@
 """Tier 1: the CLI where no Consul answers: ``--version``, config files that cannot be read (not UTF-8, not
 TOML) and bad plugin options (``check-config`` and ``run`` refuse the same), ``status`` of a node whose
-Consul is down (from a fake state directory, and from a real ``pathagent run`` waiting for Consul), and the
-errors record. Real subprocesses of ``python -m agent.cli``."""
+Consul is down (from a fake state directory, and from a real ``pathagent run`` waiting for Consul), the
+errors record, and the renderers of ``paths --watch``. Real subprocesses of ``python -m agent.cli``."""
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -12,11 +13,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import pytest
 
 from agent.cli import version
+from agent.cli.output import Live, paths_table
 from agent.runtime.statedir import ErrorLog, StateDir
 
 REPO = Path(__file__).resolve().parents[2]
@@ -260,3 +262,32 @@ def test_error_log_writes_only_while_this_process_holds_the_state_dir(tmp_path: 
     finally:
         h.close()
     assert h not in logging.getLogger().handlers
+
+
+# --- renderers -----------------------------------------------------------------------------------------------
+
+ROWS: list[dict[str, Any]] = [
+    {"disk": "d15c0001", "index": 1, "name": "vm", "ip": "198.18.100.100", "node": "gateway-01.storage.example.com",
+     "state": "held"},
+    {"disk": "d15c0001", "index": 2, "name": None, "ip": None, "node": None, "state": "invalid", "error": "bad"}]
+
+
+def test_paths_table_columns_fit_long_node_names() -> None:
+    lines = paths_table(ROWS).splitlines()
+    assert lines[0].split() == ["PATH", "NAME", "IP", "NODE", "STATE"]
+    col = lines[0].index("STATE")
+    assert lines[1][col:] == "held" and lines[2][col:] == "invalid (bad)", lines
+    assert lines[2].split()[:4] == ["d15c0001/2", "-", "-", "-"]
+
+
+def test_live_redraws_in_place_on_a_terminal_and_appends_elsewhere() -> None:
+    pipe = io.StringIO()
+    live = Live(pipe, tty=False)
+    live.show("a\nb")
+    live.show("c")
+    assert pipe.getvalue() == "a\nb\n\nc\n\n"
+    term = io.StringIO()
+    live = Live(term, tty=True)
+    live.show("a\nb")
+    live.show("c")
+    assert term.getvalue() == "\ra\x1b[K\nb\x1b[K\n\x1b[J" + "\x1b[2Fc\x1b[K\n\x1b[J"
