@@ -631,4 +631,4 @@ def test_unreachable_consul_and_bad_config(tmp_path: Path) -> None:
     b.config.write_text(re.sub(r"lock_delay = [0-9.]+", "lock_delay = \"soon\"", b.config.read_text()))
     b.start(rewrite=False)
     assert b.wait_exit(10) == 2
-    assert "consul.lock_delay" in b.log_text()
+    assert "[consul] lock_delay" in b.log_text()     # the key as check-config names it
