@@ -7,7 +7,10 @@ worker thread runs them: ``Fencing.fence`` and then, only if it succeeded, the f
 late fence records nothing). A failed fence is named in the log (node, session, error) and retried with a
 backoff (1, 2, 4 ... 30 s); meanwhile that node's paths wait (``planner.fence_pending``). The same thread
 refreshes what this node publishes for others to fence it (``Fencing.identity``) every ``IDENTITY_EVERY``
-seconds.
+seconds; at start it is asked at once and, while it fails (usually: the node name is not known until Consul
+answered), again after 0.25 s, doubling up to 5 s, so that a gateway that fails seconds after it started
+can still be fenced on the Ceph side (without its identity the fence finds nothing, and the next owner's
+writes wait for Ceph's 30 s watch timeout).
 
 No lock is shared with the fencer of ``agent.runtime.fencer`` (that one stops *this* node's serving;
 this one fences *other* nodes through Ceph).
@@ -29,6 +32,10 @@ from agent.runtime.clock import Clock
 log = logging.getLogger(__name__)
 
 IDENTITY_EVERY = 60.0
+#: after a failed identity(): again in 0.25 s, doubling up to 5 s; a warning from the 4th failure on
+IDENTITY_RETRY_MIN = 0.25
+IDENTITY_RETRY_MAX = 5.0
+IDENTITY_QUIET_FAILURES = 4
 MAX_BACKOFF = 30.0
 
 
@@ -54,6 +61,7 @@ class Duties:
         self._failures: dict[str, int] = {}
         self._identity: Mapping[str, Any] = {}
         self._identity_at: float | None = None
+        self._identity_failures = 0
         self._done: dict[tuple[str, str], float] = {}     # (node, session) -> when recorded
         self.fences = 0                 # fences of failed nodes recorded (metric)
         self.failures = 0               # fences of failed nodes that failed (metric)
@@ -119,7 +127,7 @@ class Duties:
 
     def _identity_wait(self) -> float:
         if self._identity_at is None:
-            return 1.0
+            return IDENTITY_RETRY_MIN
         return max(0.1, self._identity_at + IDENTITY_EVERY - self.clock.now())
 
     def refresh_identity(self, force: bool = False) -> None:
@@ -130,9 +138,19 @@ class Duties:
         try:
             ident = dict(self.fencing.identity())
         except Exception as e:  # noqa: BLE001 - a backend error or a plugin bug: try again later
-            log.warning("fencing identity of this node unknown for now: %s: %s", type(e).__name__, e)
-            self._identity_at = now - IDENTITY_EVERY + 5.0     # again in 5 s
+            # Soon: a node that fails before it published anything cannot be fenced by the Ceph side, and
+            # its paths then wait for Ceph's own watch timeout (30 s). At start the name is usually just
+            # not known yet (Consul has not answered): that is worth a warning only when it persists.
+            self._identity_failures += 1
+            delay = min(IDENTITY_RETRY_MAX, IDENTITY_RETRY_MIN * 2 ** (self._identity_failures - 1))
+            level = logging.WARNING if self._identity_failures >= IDENTITY_QUIET_FAILURES else logging.DEBUG
+            log.log(level, "fencing identity of this node unknown for now (attempt %d, again in %.1fs): %s: %s",
+                    self._identity_failures, delay, type(e).__name__, e)
+            self._identity_at = now - IDENTITY_EVERY + delay
             return
+        if self._identity_failures >= IDENTITY_QUIET_FAILURES:
+            log.warning("fencing identity of this node known again")
+        self._identity_failures = 0
         self._identity_at = now
         with self._cond:
             changed = ident != self._identity
