@@ -313,7 +313,7 @@ class Applier:
         res = self.store.acquire_leader(session, leader_value(self.node, session, self.clock.wall()))
         if res.ok:
             fx.leader = res.results[-1].modify_index if res.results else 1
-            log.warning("this node is now the cluster leader")
+            log.info("this node is now the cluster leader")
         elif res.lock_delay():
             fx.retry_at = self.clock.now() + LOCK_DELAY_RETRY
 

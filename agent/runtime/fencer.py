@@ -133,7 +133,10 @@ class Fencer:
         with self._cond:
             if self.clock.now() < self._serve_until and (not self._pending or self._inherited):
                 if self._fenced and not self._inherited:
-                    log.warning("lease valid again: unfenced")
+                    if self.events:
+                        log.warning("lease valid again: unfenced")
+                    else:                 # the first lease of this process: nothing was ever fenced
+                        log.info("first lease: serving may start")
                 self._fenced = False
                 self._inherited = False
                 self._pending = set()
