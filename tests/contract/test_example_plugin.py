@@ -109,15 +109,19 @@ def test_pathagent_lists_the_installed_plugin_and_checks_its_options(plugin_venv
     # ... and only where it is installed: the project's own venv does not know it
     r = cli(Path(sys.executable), good, "check-config")
     assert r.returncode == 2 and "unknown target plugin 'logged'" in r.stdout, r.stdout + r.stderr
-    # its own option checks, with their keys: run refuses at once (before any Consul call)
+    # its own option checks, with their keys: check-config reports them, run refuses at once (before any
+    # Consul call)
     bad = write_config(tmp_path / "bad.toml", state, target='[target.logged]\ndelegate = "logged"\n'
                                                             '[target.logged.delegate_options]\nbogus = 1\n')
-    r = cli(plugin_venv, bad, "run")
-    assert r.returncode == 2 and re.search(KEY.format("delegate") + ": must name another target backend",
-                                           r.stderr), r.stderr
+    for cmd, out in (("check-config", "stdout"), ("run", "stderr")):
+        r = cli(plugin_venv, bad, cmd)
+        assert r.returncode == 2 and re.search(KEY.format("delegate") + ": must name another target backend",
+                                               getattr(r, out)), (cmd, r.stdout, r.stderr)
     bad.write_text(bad.read_text().replace('delegate = "logged"', 'delegate = "fake"'))
-    r = cli(plugin_venv, bad, "run")
-    assert r.returncode == 2 and re.search(KEY.format(r"delegate_options\.bogus") + ": unknown key", r.stderr), r.stderr
+    for cmd, out in (("check-config", "stdout"), ("run", "stderr")):
+        r = cli(plugin_venv, bad, cmd)
+        assert r.returncode == 2 and re.search(KEY.format(r"delegate_options\.bogus") + ": unknown key",
+                                               getattr(r, out)), (cmd, r.stdout, r.stderr)
 
 
 class PluginAgent(AgentProc):
