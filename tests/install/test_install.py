@@ -162,6 +162,8 @@ def test_the_installed_agent_serves_a_disk_in_the_lab(installed: Installed, tmp_
             lab.wait(served, 60, "the disk's path held and its IP up on gwa", interval=0.5)
         except AssertionError as e:
             raise AssertionError(f"{e}\npaths: {cli_json(g, 'paths')}\nagent log:\n{g.log_text()[-5000:]}") from None
+        st = g.cli("status")
+        assert st.returncode == 0 and "(healthy)" in st.stdout.splitlines()[0], st.stdout + st.stderr
         tgtd = g.tgtd_pid()
         assert tgtd is not None and os.readlink(f"/proc/{tgtd}/root") == str(installed.root.path), \
             "tgtd is not the root's"
