@@ -5,12 +5,18 @@ and one client agent per entry of ``clients``, each a foreground ``consul agent`
 ``lab.proc.spawn``, with its own ``data_dir`` and log file under ``workdir``:
 
 - ``workdir/<name>/agent.json`` (config), ``workdir/<name>/data`` (data_dir), ``workdir/<name>.log`` (stdout+stderr).
-- Every agent runs with the timing of the shipped agent configs, ``etc/consul/gateway.json`` for clients and
-  ``etc/consul/server.json`` for servers (their ``SHIPPED_KEYS``: ``gossip_lan``, ``performance``,
-  ``leave_on_terminate``, ``session_ttl_min``; see etc/consul/README.md), so the lab measures and tests
-  what is shipped. The lab sets the site's part itself: no update check, ``dns = -1``, ``grpc = -1``,
-  ``retry_join`` to every server with ``retry_interval = "1s"``, ``bootstrap_expect = servers``. Both
-  roles have ``leave_on_terminate = false`` (so SIGTERM looks like a crash to the cluster).
+- Every agent's ``agent.json`` is what ``pathagent consul-config`` writes for that role: the document of
+  ``agent.core.consulconf.render`` (the generator of the command, whose template the shipped
+  ``etc/consul/{gateway,server}.json`` are), so the lab measures and tests the generated configs with the
+  shipped timing. The lab's own choices go through the generator's options: ``bind`` = ``advertise`` = the
+  node's address, ``retry_join`` to every server with ``retry_interval = "1s"``, ``bootstrap_expect =
+  servers``, its ports (``dns = -1``, ``grpc = -1``), and optionally gossip encryption (``encrypt``), ACLs
+  with a master token that every agent also uses as its agent token (``acl_master_token``; the cluster's
+  own HTTP calls send it) and RPC TLS (``tls``). Only ``log_level`` and the caller's ``extra_config`` are
+  added outside the generator. Both roles have ``leave_on_terminate = false`` and ``skip_leave_on_interrupt
+  = true`` (so SIGTERM and SIGINT look like a crash to the cluster).
+- ``reinstall(name)`` stops an agent hard, wipes its data dir and starts it again under the same name with a
+  new node ID (a gateway reinstalled: docs/consul.md, "Replacing a gateway").
 
 Modes:
 
@@ -47,6 +53,7 @@ import argparse
 import fcntl
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -59,6 +66,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
 
+from agent.core import consulconf
+from agent.core.consulconf import AgentSpec, TlsFiles
 from lab import proc
 
 REPO = Path(__file__).resolve().parents[2]
@@ -68,26 +77,24 @@ ENV_BINARY = "PATHAGENT_CONSUL"
 MEMBER_NONE, MEMBER_ALIVE, MEMBER_LEAVING, MEMBER_LEFT, MEMBER_FAILED = 0, 1, 2, 3, 4
 
 CONSUL_ETC = REPO / "etc" / "consul"
-#: What the lab takes from the shipped agent configs ``etc/consul/{gateway,server}.json`` as it is: the
-#: timing. The rest of those files (retry_join, encrypt, acl, data_dir, datacenter, addresses) is the
-#: site's part, which the lab sets itself.
-SHIPPED_KEYS = ("gossip_lan", "performance", "leave_on_terminate", "session_ttl_min")
+#: The tuned keys of the generated configs (``agent.core.consulconf.tuning``), as the benchmarks name them.
+SHIPPED_KEYS = ("gossip_lan", "performance", "leave_on_terminate", "skip_leave_on_interrupt", "session_ttl_min")
 
 
 def shipped_config(role: Literal["gateway", "server"]) -> dict[str, Any]:
-    """``etc/consul/<role>.json``, decoded."""
+    """``etc/consul/<role>.json``, decoded (the generator's template: tests/unit/test_consulconf.py)."""
     data: dict[str, Any] = json.loads((CONSUL_ETC / f"{role}.json").read_text())
     return data
 
 
 def shipped_tuning(role: Literal["gateway", "server"]) -> dict[str, Any]:
-    """The ``SHIPPED_KEYS`` of ``etc/consul/<role>.json``: what every lab agent of that role runs with."""
-    cfg = shipped_config(role)
+    """The tuned keys every generated config of that role has: what every lab agent of it runs with."""
+    cfg = consulconf.tuning(role == "server")
     return {k: cfg[k] for k in SHIPPED_KEYS if k in cfg}
 
 
-#: gossip_lan of every agent (servers and gateways alike: every agent probes), from etc/consul
-FAST_GOSSIP: dict[str, Any] = dict(shipped_config("gateway")["gossip_lan"])
+#: gossip_lan of every agent (servers and gateways alike: every agent probes)
+FAST_GOSSIP: dict[str, Any] = dict(consulconf.GOSSIP_LAN)
 STANDARD_PORTS: dict[str, int] = {"server": 8300, "serf_lan": 8301, "serf_wan": 8302, "http": 8500}
 PORT_KINDS = ("server", "serf_lan", "serf_wan", "http")
 PORT_RANGE = (20000, 32768)         # below net.ipv4.ip_local_port_range (32768..60999 here)
@@ -179,10 +186,12 @@ class Node:
 _opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))    # never via an environment proxy
 
 
-def http_json(addr: str, path: str, timeout: float = 1.0, method: str = "GET", data: bytes | None = None) -> Any:
-    """``method`` ``http://addr/path`` and decode the JSON body (None for an empty body). Raises OSError
-    (URLError, timeouts, refused) or urllib.error.HTTPError."""
-    req = urllib.request.Request(f"http://{addr}{path}", data=data, method=method)
+def http_json(addr: str, path: str, timeout: float = 1.0, method: str = "GET", data: bytes | None = None,
+              token: str = "") -> Any:
+    """``method`` ``http://addr/path`` (with ``token`` as ``X-Consul-Token`` when given) and decode the JSON
+    body (None for an empty body). Raises OSError (URLError, timeouts, refused) or urllib.error.HTTPError."""
+    req = urllib.request.Request(f"http://{addr}{path}", data=data, method=method,
+                                 headers={"X-Consul-Token": token} if token else {})
     with _opener.open(req, timeout=timeout) as r:
         body = r.read()
     return json.loads(body) if body.strip() else None
@@ -311,8 +320,13 @@ class ConsulCluster:
 
     def __init__(self, workdir: str, servers: int = 1, clients: Sequence[str | ClientSpec] = (),
                  mode: Mode = "loopback", base_port: int | None = None, server_ip: str | None = None,
-                 extra_config: Mapping[str, Any] | None = None, binary: str | None = None) -> None:
+                 extra_config: Mapping[str, Any] | None = None, binary: str | None = None,
+                 encrypt: str = "", acl_master_token: str = "",
+                 tls: Mapping[str, TlsFiles] | None = None) -> None:
         """``extra_config`` is shallow-merged into every agent's JSON config (e.g. ``{"log_level": "DEBUG"}``).
+        ``encrypt``: the gossip key of every agent. ``acl_master_token``: ACLs on (default deny) with this
+        master token on the servers, also every agent's agent token and the token of this object's own
+        calls (``token``). ``tls``: ``{"server": ..., "client": ...}`` files for RPC TLS by role.
         Raises ValueError for a bad topology and ConsulNotFound when there is no binary."""
         if servers < 1:
             raise ValueError("a cluster needs at least one server")
@@ -324,6 +338,11 @@ class ConsulCluster:
         self.workdir = Path(workdir).resolve()
         self.mode: Mode = mode
         self.extra_config = dict(extra_config or {})
+        self.encrypt = encrypt
+        self.token = acl_master_token
+        self.tls = dict(tls or {})
+        if self.tls and set(self.tls) != {"server", "client"}:
+            raise ValueError("tls needs the files of both roles: {'server': TlsFiles, 'client': TlsFiles}")
         self._base_port = base_port
         self._server_ip = server_ip
         self._reservation: PortReservation | None = None
@@ -412,24 +431,20 @@ class ConsulCluster:
                                     netns=spec.netns if spec is not None else None, ports=ports,
                                     dir=self.workdir / name, log=self.workdir / f"{name}.log")
 
+    def spec(self, n: Node) -> AgentSpec:
+        """What ``pathagent consul-config`` is asked for this agent (see the module docstring)."""
+        return AgentSpec(
+            server=n.server, node=n.name, bind=n.ip,
+            join=tuple(self.nodes[s].serf_lan for s in self.server_names),
+            data_dir=str(n.dir / "data"), client_addr=f"{n.ip} 127.0.0.1" if n.netns else n.ip,
+            bootstrap_expect=len(self.server_names), retry_interval="1s",
+            ports={**n.ports, "dns": -1, "grpc": -1}, encrypt=self.encrypt, acl=bool(self.token),
+            agent_token=self.token, master_token=self.token if n.server else "",
+            tls=self.tls.get("server" if n.server else "client"))
+
     def _config(self, n: Node) -> dict[str, Any]:
-        cfg: dict[str, Any] = {
-            "node_name": n.name,
-            "datacenter": "dc1",
-            "data_dir": str(n.dir / "data"),
-            "server": n.server,
-            "bind_addr": n.ip,
-            "advertise_addr": n.ip,
-            "client_addr": f"{n.ip} 127.0.0.1" if n.netns else n.ip,
-            "retry_join": [self.nodes[s].serf_lan for s in self.server_names],
-            "retry_interval": "1s",
-            "ports": {**n.ports, "dns": -1, "grpc": -1},
-            "disable_update_check": True,
-            "log_level": "INFO",
-        }
-        cfg.update(json.loads(json.dumps(shipped_tuning("server" if n.server else "gateway"))))
-        if n.server:
-            cfg["bootstrap_expect"] = len(self.server_names)
+        cfg = consulconf.render(self.spec(n))
+        cfg["log_level"] = "INFO"
         cfg.update(self.extra_config)
         return cfg
 
@@ -504,7 +519,7 @@ class ConsulCluster:
     # --- readiness ----------------------------------------------------------------------------------------
     def _http_up(self, name: str) -> bool:
         try:
-            http_json(self.nodes[name].http, "/v1/agent/self", timeout=0.5)
+            http_json(self.nodes[name].http, "/v1/agent/self", timeout=0.5, token=self.token)
             return True
         except (OSError, ValueError):
             return False
@@ -541,7 +556,7 @@ class ConsulCluster:
         for name in names:
             n = self.nodes[name]
             try:
-                leader = http_json(n.http, "/v1/status/leader")
+                leader = http_json(n.http, "/v1/status/leader", token=self.token)
             except (OSError, ValueError) as e:
                 why[name] = f"/v1/status/leader failed ({_why(e)})"
                 continue
@@ -561,7 +576,7 @@ class ConsulCluster:
                 continue
             if ref not in health:
                 try:
-                    checks = http_json(self.nodes[ref].http, "/v1/health/state/any")
+                    checks = http_json(self.nodes[ref].http, "/v1/health/state/any", token=self.token)
                     health[ref] = {c["Node"]: c["Status"] for c in checks if c.get("CheckID") == "serfHealth"}
                 except (OSError, ValueError) as e:
                     why[name] = f"health checks of {ref} unavailable ({_why(e)})"
@@ -604,7 +619,8 @@ class ConsulCluster:
         ref = via or self._reference_server()
         if ref is None:
             raise ClusterError("no running server to ask for members")
-        return {m["Name"]: int(m["Status"]) for m in http_json(self.nodes[ref].http, "/v1/agent/members")}
+        return {m["Name"]: int(m["Status"])
+                for m in http_json(self.nodes[ref].http, "/v1/agent/members", token=self.token)}
 
     def member_status(self, name: str, via: str | None = None) -> int:
         """``name``'s serf status seen by ``via`` (MEMBER_NONE if it is not listed)."""
@@ -624,11 +640,11 @@ class ConsulCluster:
         ref = via or self._reference_server()
         if ref is None:
             return ""
-        return str(http_json(self.nodes[ref].http, "/v1/status/leader") or "")
+        return str(http_json(self.nodes[ref].http, "/v1/status/leader", token=self.token) or "")
 
     def sessions(self, http: str | None = None) -> list[dict[str, Any]]:
         """``/v1/session/list`` through ``http`` (default: the first server)."""
-        return list(http_json(http or self.server_address, "/v1/session/list") or [])
+        return list(http_json(http or self.server_address, "/v1/session/list", token=self.token) or [])
 
     # --- fault injection ----------------------------------------------------------------------------------
     def _live(self, name: str) -> Node:
@@ -658,7 +674,7 @@ class ConsulCluster:
         """Graceful leave (``consul leave``): the node's status becomes left (3); waits for the process to exit."""
         n = self._live(name)
         r = subprocess.run([self.binary, "leave", f"-http-addr=http://{n.http}"], capture_output=True, text=True,
-                           timeout=timeout)
+                           timeout=timeout, env=self.cli_env())
         if r.returncode != 0:
             raise ClusterError(f"consul leave {name}: {r.stdout}{r.stderr}")
         assert n.pid is not None
@@ -707,6 +723,34 @@ class ConsulCluster:
         self._spawn(n)
         self.wait_ready([name], timeout)
         return time.monotonic() - t0
+
+    def wipe(self, name: str) -> None:
+        """A host reinstalled: SIGKILL ``name``'s agent if it runs and remove its data dir, so that the next
+        ``restart`` starts it under the same name with a new node ID and no state (config, log and ports
+        stay)."""
+        n = self.node(name)
+        if n.running():
+            self.kill(name)
+        shutil.rmtree(n.dir / "data", ignore_errors=True)
+
+    def node_id(self, name: str) -> str:
+        """``name``'s node ID as its own agent says (``/v1/agent/self``)."""
+        return str(http_json(self.node(name).http, "/v1/agent/self", timeout=2, token=self.token)["Config"]["NodeID"])
+
+    def catalog_node_id(self, name: str, via: str | None = None) -> str | None:
+        """The node ID the servers' catalog has for the node named ``name`` (None: not registered)."""
+        ref = via or self._reference_server()
+        if ref is None:
+            raise ClusterError("no running server to ask for the catalog")
+        data = http_json(self.nodes[ref].http, f"/v1/catalog/node/{name}", timeout=2, token=self.token)
+        return str(data["Node"]["ID"]) if data and data.get("Node") else None
+
+    def cli_env(self) -> dict[str, str]:
+        """The environment for a ``consul`` command against this cluster (its token, not on the command line)."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CONSUL_HTTP_")}
+        if self.token:
+            env["CONSUL_HTTP_TOKEN"] = self.token
+        return env
 
     # --- description ----------------------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
