@@ -375,7 +375,7 @@ class IprouteNetwork(NetworkBackend):
 
     def _links(self, ipr: Any) -> dict[int, str]:
         try:
-            return {int(m["index"]): str(m.get("IFLA_IFNAME")) for m in ipr.get_links()}
+            return {int(m["index"]): str(m.get_attr("IFLA_IFNAME")) for m in ipr.get_links()}
         except Exception as e:
             raise self._translate("list interfaces", e) from None
 
@@ -386,9 +386,10 @@ class IprouteNetwork(NetworkBackend):
             raise self._translate("list addresses", e) from None
         out = []
         for m in msgs:
-            ip = m.get("IFA_LOCAL") or m.get("IFA_ADDRESS")
+            # get_attr, not get: pyroute2 0.7.2 (Debian 12) answers None to m.get("IFA_LOCAL")
+            ip = m.get_attr("IFA_LOCAL") or m.get_attr("IFA_ADDRESS")
             if ip:
-                out.append(_Addr(str(ip), int(m["prefixlen"]), int(m["index"]), m.get("IFA_LABEL")))
+                out.append(_Addr(str(ip), int(m["prefixlen"]), int(m["index"]), m.get_attr("IFA_LABEL")))
         return out
 
     def _del(self, ipr: Any, a: _Addr, what: str) -> None:
