@@ -114,6 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     from agent.cli import disk as cli_disk
     cli_disk.register(sub)
+    from agent.cli import consulconfig
+    consulconfig.register(sub)
+
+    what = "every installed plugin: kind, name, where it comes from"
+    p = sub.add_parser("plugins", help=what, description=what + " (the built-in ones and any package that "
+                       "registers an entry point in a pathagent.* namespace; docs/plugins.md)")
+    p.set_defaults(func=cmd_plugins, no_config=True)
 
     what = "every gateway: live, drained, paths held, leader"
     p = sub.add_parser("nodes", help=what, description=what)
@@ -619,6 +626,24 @@ def cmd_path_move(args: argparse.Namespace, cfg: Config) -> int:
     return EXIT_OK
 
 
+def cmd_plugins(args: argparse.Namespace, cfg: Config | None) -> int:
+    """``pathagent plugins``: every entry point of every ``pathagent.*`` namespace, with the distribution
+    that registers it. Needs no config."""
+    from importlib import metadata
+    from agent.plugins import NAMESPACES
+    rows: list[dict[str, Any]] = []
+    for kind, (namespace, _) in NAMESPACES.items():
+        for ep in sorted(metadata.entry_points(group=namespace), key=lambda e: e.name):
+            dist = getattr(ep, "dist", None)
+            rows.append({"kind": kind, "namespace": namespace, "name": ep.name, "object": ep.value,
+                         "distribution": f"{dist.metadata['Name']} {dist.version}" if dist is not None else None})
+    width = max([len(r["name"]) for r in rows] + [4])
+    lines = [f"{'KIND':<9} {'NAME':<{width}} {'FROM':<32} OBJECT"]
+    lines += [f"{r['kind']:<9} {r['name']:<{width}} {r['distribution'] or '-':<32} {r['object']}" for r in rows]
+    emit(args, rows, "\n".join(lines))
+    return EXIT_OK
+
+
 def _config_failed(path: str, e: ConfigError) -> int:
     for k, m in e.problems:
         print(f"pathagent: {config_mod.problem_line(path, k, m)}", file=sys.stderr)
@@ -634,6 +659,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: Handler = args.func
     if getattr(args, "raw_config", False):
         return cmd_check_config(args, None)
+    if getattr(args, "no_config", False):      # consul-config, plugins: they need no pathagent config
+        bare: Callable[[argparse.Namespace, Config | None], int] = args.func
+        return bare(args, None)
     path, _ = config_mod.config_path(args.config)
     try:
         cfg = config_mod.load(args.config)

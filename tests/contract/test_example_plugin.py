@@ -98,6 +98,13 @@ def test_pathagent_lists_the_installed_plugin_and_checks_its_options(plugin_venv
     good = write_config(tmp_path / "good.toml", state)
     r = cli(plugin_venv, good, "check-config")
     assert r.returncode == 0 and r.stdout.strip() == f"{good}: OK", r.stdout + r.stderr
+    # `pathagent plugins` lists it, with the distribution that registers it
+    r = cli(plugin_venv, good, "plugins", "--json")
+    assert r.returncode == 0, r.stderr
+    [logged] = [p for p in json.loads(r.stdout) if p["kind"] == "target" and p["name"] == "logged"]
+    assert logged["namespace"] == "pathagent.targets" and logged["distribution"].startswith("pathagent-example")
+    r = cli(Path(sys.executable), good, "plugins", "--json")
+    assert "logged" not in {p["name"] for p in json.loads(r.stdout)}
     # the list of target backends pathagent offers (its answer to an unknown name) has the example in it
     unknown = tmp_path / "unknown.toml"
     unknown.write_text(good.read_text().replace('backend = "logged"', 'backend = "nosuch"'))
