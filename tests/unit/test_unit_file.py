@@ -33,4 +33,5 @@ def test_readiness_and_a_watchdog_on_the_main_loop() -> None:
     from agent.runtime.loop import HEARTBEAT
     assert HEARTBEAT < sec / 2
     assert s.get("ExecStartPre", "").endswith("pathagent check-config")
-    assert s.get("Restart") == "on-failure"
+    assert s.get("Restart") == "always", "an agent that exits by itself (a manual SIGUSR2) is started again"
+    assert s.get("TasksMax") == "infinity", "tgtd's threads (about 17 per LUN) live in this cgroup"
