@@ -317,23 +317,13 @@ class _Collector(Collector):
 
 class MetricsServer:
     """Serves ``GET /metrics`` on ``host:port`` from daemon threads (one per request, each with a socket
-    timeout), rendering ``registry``. Nothing here is on the loop's or the fencer's path.
+    timeout), rendering ``registry``. Nothing here is on the loop's or the fencer's path."""
 
-    ``source`` may still be a callable returning a name -> value mapping (the old hand-written exposition,
-    kept only for ``tests/unit/test_runtime_threads.py``; remove with ``CycleReport.metrics``)."""
-
-    def __init__(self, listen: str, source: CollectorRegistry | Callable[[], Mapping[str, float]]) -> None:
+    def __init__(self, listen: str, registry: CollectorRegistry) -> None:
         host, port = listen.rsplit(":", 1)
-        if isinstance(source, CollectorRegistry):
-            registry = source
 
-            def body() -> tuple[bytes, str]:
-                return bytes(generate_latest(registry)), CONTENT_TYPE_LATEST
-        else:
-            legacy = source
-
-            def body() -> tuple[bytes, str]:
-                return _render_legacy(legacy()).encode(), "text/plain; version=0.0.4"
+        def body() -> tuple[bytes, str]:
+            return bytes(generate_latest(registry)), CONTENT_TYPE_LATEST
 
         class Handler(BaseHTTPRequestHandler):
             timeout = SCRAPE_TIMEOUT
@@ -364,10 +354,3 @@ class MetricsServer:
         self.server.shutdown()
         self.server.server_close()
 
-
-def _render_legacy(values: Mapping[str, float]) -> str:
-    out = []
-    for name, value in values.items():
-        kind = "counter" if name.endswith("_total") else "gauge"
-        out.append(f"# HELP {name} {name}\n# TYPE {name} {kind}\n{name} {value:g}\n")
-    return "".join(out)

@@ -87,28 +87,3 @@ class CycleReport:
                 "watchdog_error": self.watchdog_error, "cycle": self.cycle, "updated": self.wall,
                 "leader": self.leader, "drained": self.drained, "fences_done": self.fences_done,
                 "fence_error": self.fence_error, "waiting_fence": self.waiting_fence}
-
-    def metrics(self) -> dict[str, float]:
-        return {
-            "pathagent_up": 1,
-            "pathagent_session_valid": int(self.session is not None),
-            "pathagent_fenced": int(self.fenced),
-            "pathagent_lease_left_seconds": -1 if self.lease_left is None else round(self.lease_left, 3),
-            "pathagent_paths_held": self.held,
-            "pathagent_paths_exported": len(self.exported),
-            "pathagent_addresses_up": self.addresses,
-            "pathagent_paths_total": self.paths,
-            "pathagent_paths_free": self.free,
-            "pathagent_nodes_live": self.nodes,
-            "pathagent_disks_started": self.disks,
-            "pathagent_disks_invalid": len(self.bad_disks),
-            "pathagent_paths_backing_off": self.backing_off,
-            "pathagent_target_state_known": int(self.target_known),
-            "pathagent_fence_events_total": self.fence_events,
-            "pathagent_takeovers_total": self.takeovers,
-            "pathagent_cycles_total": self.cycle,
-            "pathagent_leader": int(self.leader),
-            "pathagent_drained": int(self.drained),
-            "pathagent_nodes_fenced_total": self.fences_done,
-            "pathagent_waiting_for_fence": int(self.waiting_fence),
-        }

@@ -8,12 +8,9 @@ import time
 from pathlib import Path
 
 import pytest
-import requests
 
 from agent.core.model import PathKey
 from agent.runtime.fencer import Fencer
-from agent.runtime.metrics import MetricsServer
-from agent.runtime.report import CycleReport
 from doubles import MemNetwork, MemTarget, config, disk, make_node
 from memstore import MemoryStore, RealClock
 
@@ -125,20 +122,6 @@ def test_agent_run_publishes_the_logins_on_their_own_thread_and_withdraws_them(t
     assert not runner.is_alive()
     assert KEY not in store.kv, "an orderly stop deletes the report"
     until(lambda: not any(t.name == "logins" for t in threading.enumerate()), 3, "the logins thread to end")
-
-
-def test_metrics_endpoint_renders_the_last_report() -> None:
-    report = CycleReport(cycle=3, node="gwa", session="s1", fenced=False, held=2, exported=frozenset({"d1/1"}))
-    m = MetricsServer("127.0.0.1:0", report.metrics)
-    m.start()
-    try:
-        port = m.server.server_address[1]
-        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
-        assert "# TYPE pathagent_fence_events_total counter" in text
-        assert "pathagent_paths_held 2\n" in text and "pathagent_session_valid 1\n" in text
-        assert requests.get(f"http://127.0.0.1:{port}/other", timeout=5).status_code == 404
-    finally:
-        m.stop()
 
 
 @pytest.mark.parametrize("stale", ["{not json", '{"boot_id": 1, "id": 7, "node": [], "serve_until": "x"}', "[]",
