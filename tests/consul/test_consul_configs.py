@@ -27,7 +27,7 @@ import subprocess
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import pytest
 import requests
@@ -172,7 +172,8 @@ def test_lab_agents_run_generated_configs_with_the_shipped_timing(consul_cluster
     """Read back from the running agents (``/v1/agent/self`` DebugConfig), not from the lab's own dicts;
     and each agent's config file is the generator's document plus the lab's log level."""
     c = consul_cluster_factory(clients=["gwa"], servers=1)
-    for name, role in (("s1", "server"), ("gwa", "gateway")):
+    roles: tuple[tuple[str, Literal["server", "gateway"]], ...] = (("s1", "server"), ("gwa", "gateway"))
+    for name, role in roles:
         n = c.node(name)
         written = json.loads(n.config.read_text())
         assert written.pop("log_level") == "INFO"
@@ -302,13 +303,15 @@ def test_a_secure_cluster_runs_agents_and_the_cli_with_the_shipped_policies(
     catalog = Catalog(tmp_path / "catalog.json")
     disks = {"d1": 2, "d2": 2, "d3": 2}
     ops: list[dict[str, Any]] = []
-    for d, n in disks.items():
-        catalog.add(d, definition(d, n))
+    for d, count in disks.items():
+        catalog.add(d, definition(d, count))
         rec = base64.b64encode(json.dumps({"pool": "rbd", "image": f"pathagent-{d}"}).encode()).decode()
         ops.append({"KV": {"Verb": "set", "Key": f"pathagent/disks/{d}", "Value": rec}})
-        ops += [{"KV": {"Verb": "set", "Key": f"pathagent/disks/{d}/{i}", "Value": ""}} for i in range(1, n + 1)]
+        ops += [{"KV": {"Verb": "set", "Key": f"pathagent/disks/{d}/{i}", "Value": ""}} for i in range(1, count + 1)]
     r = _call(c.http_address("gwa"), "PUT", "/v1/txn", cli_token.read_text().strip(), ops)
     assert r.status_code == 200, r.text
+    assert _call(c.http_address("gwa"), "GET", "/v1/kv/pathagent/?recurse=true", "").status_code == 404, \
+        "an anonymous read sees none of the keys"
     agents = {n: AgentProc(n, tmp_path, c.http_address(n), catalog.path, lock_delay=10.0, fence_after=4.0)
               for n in ("gwa", "gwb")}
     for n, a in agents.items():
