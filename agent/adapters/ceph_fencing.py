@@ -143,9 +143,14 @@ class CephBlocklistFencing(Fencing):
             raise PermanentBackendError(
                 f"fence {failed.node}: its Ceph client name is unknown: it published no identity and "
                 f"[ceph] data_client_id ({self.ceph.data_client_id!r}) has no {{node}}")
+        # Never this process's own client, nor (through another node's record) this node's data path. The
+        # one exception is this node's own predecessor: a gateway that comes back alone (a reinstall, a
+        # reboot) leads and must fence what its earlier instance left before it serves; it serves nothing
+        # until that fence is recorded, so every client of its data entity then is the predecessor's.
         own = {"client." + self.ceph.client_id}
-        if self.node:
-            own.add(self._entity(self.node))   # the leader never fences its own data path
+        node = self.node
+        if node and failed.node != node:
+            own.add(self._entity(node))
         if entity in own:
             raise PermanentBackendError(f"fence {failed.node}: refusing to blocklist {entity}: that is this "
                                         f"node's own Ceph client ([ceph] client_id / data_client_id)")

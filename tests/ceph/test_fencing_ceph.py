@@ -279,8 +279,12 @@ def test_a_node_with_nothing_left_and_an_empty_identity(micro_ceph: MicroCeph, l
     image = lab.image()
     summary = leader.fence(failed_node("gwz", {}, image, "deleted-image"))
     assert "blocklisted 0 client(s) of client.pathagent-gwz" in summary and "1 image(s) gone" in summary
-    with pytest.raises(PermanentBackendError, match="own Ceph client"):
-        leader.fence(failed_node("gwc", {}, image))              # the leader never fences itself
+    # its own predecessor (it came back alone and leads): fenced, but never this process's own client
+    summary = leader.fence(failed_node("gwc", {"entity": "client.pathagent-gwc", "ips": ["127.0.0.1"]}, image))
+    assert "blocklisted 0 client(s) of client.pathagent-gwc" in summary, summary
+    assert "blocklisted 0 client(s) of client.pathagent-gwz" in leader.fence(failed_node("gwz", {}, image))
+    with pytest.raises(PermanentBackendError, match="own Ceph client"):   # another node naming our data path
+        leader.fence(failed_node("gwz", {"entity": "client.pathagent-gwc", "ips": ["127.0.0.1"]}, image))
     with pytest.raises(PermanentBackendError, match="own Ceph client"):
         leader.fence(failed_node("gwz", {"entity": "client.admin", "ips": ["127.0.0.1"]}, image))
     leader.close()

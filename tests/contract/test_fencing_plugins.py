@@ -66,7 +66,7 @@ def test_ceph_blocklist_refuses_what_it_cannot_attribute() -> None:
         f.identity()
     late = plugins.load_fencing("ceph-blocklist", dataclasses.replace(ctx(node=""), node_name=lambda: "gwc"))
     with pytest.raises(PermanentBackendError, match="own Ceph client"):   # the name learnt later counts
-        late.fence(FailedNode("gwc", "s1"))
+        late.fence(FailedNode("gwb", "s1", identity={"entity": "client.pathagent-gwc"}))
     shared = CephConfig(conf=NOWHERE.conf, client_id="admin", data_client_id="gateway")   # no {node}
     g = plugins.load_fencing("ceph-blocklist", ctx(ceph=shared))
     with pytest.raises(PermanentBackendError, match="no identity"):

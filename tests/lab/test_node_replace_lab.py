@@ -26,9 +26,8 @@ Asserted each time:
    tgtd; a pattern written through the new gateway reads back through iSCSI and from RBD, and the pattern
    written through the old one before the failure is intact.
 
-The last test replaces a gateway while no other one runs pathagent: a known issue (it would have to fence
-its own predecessor, which ``ceph-blocklist`` refuses), reported as an expected failure, with the
-workaround of docs/consul.md checked.
+The last test replaces a gateway while no other one runs pathagent: it leads, fences its own
+predecessor (never its own process's client) and serves every path by itself.
 """
 from __future__ import annotations
 
@@ -282,13 +281,11 @@ def fenced_since(lab: IscsiLab, node: str, record: dict[str, Any]) -> bool:
     return fence is not None and fence["ModifyIndex"] > record["ModifyIndex"]
 
 
-def test_a_lone_gateway_reinstalled_and_the_workaround(replace_lab: IscsiLab, disks: list[Any]) -> None:
-    """No other gateway runs pathagent when the victim comes back: it becomes the leader and has to fence
-    its own predecessor. Known issue (docs/consul.md, "Replacing a gateway"): ``ceph-blocklist`` refuses to
-    blocklist the node's own data client, so it waits forever. The workaround of docs/consul.md is then
-    checked: another gateway back, an orderly stop of the stuck one (the other leads and fences its
-    predecessor), the stuck one started again: every path served. The test reports the known issue as an
-    expected failure while it lasts and passes once a lone gateway serves again by itself."""
+def test_a_lone_gateway_reinstalled_fences_its_predecessor_and_serves(replace_lab: IscsiLab,
+                                                                       disks: list[Any]) -> None:
+    """No other gateway runs pathagent when the victim comes back: it becomes the leader and fences its
+    own predecessor (its data client's sessions, never its own process's client), then serves every path
+    by itself; the others coming back get their share."""
     lab = replace_lab
     assert lab.consul is not None
     names = sorted(lab.gw)
@@ -303,27 +300,15 @@ def test_a_lone_gateway_reinstalled_and_the_workaround(replace_lab: IscsiLab, di
     assert record is not None and record.get("Session") == old_session
     die(lab, victim)
     lab.consul.wait_member_status(victim.name, MEMBER_FAILED, timeout=15)
+    t0 = time.monotonic()
     come_back(lab, victim, old_id, old_session)
     bound = lab.lock_delay + lab.fence_after + 15.0         # the leader key's lock-delay, the fence hold, margin
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < bound and not lab.all_served():
-        time.sleep(0.5)
-    stuck = not lab.all_served()
-    error = str(victim.status().get("fence_error") or "")
-    if stuck:
-        assert leader_node(lab) == victim.name and victim.status().get("waiting_fence"), victim.status()
-        assert f"refusing to blocklist client.pathagent-{victim.name}" in error, error
-        assert not fenced_since(lab, victim.name, record)
-        # the workaround: another gateway up, an orderly stop of the stuck one, then start it again
-        helper.start()
-        lab.wait(lambda: helper.session() is not None, 30, f"{helper.name}'s session")
-        victim.stop()
-        lab.wait(lambda: leader_node(lab) == helper.name and fenced_since(lab, victim.name, record), 60,
-                 f"{helper.name} leading and fencing {victim.name}'s predecessor")
-        victim.start()
-    else:
-        helper.start()
-    for g in rest:
+    took = lab.wait(lambda: lab.all_served(), bound, f"{victim.name}, alone, serving every path again")
+    assert leader_node(lab) == victim.name and fenced_since(lab, victim.name, record)
+    assert not victim.status().get("fence_error"), victim.status()
+    print(f"\nlone {victim.name} reinstalled: fenced its predecessor and served every path "
+          f"{time.monotonic() - t0:.1f} s after it started again ({took:.1f} s of waiting)")
+    for g in [helper, *rest]:
         g.start()
     share = len(lab.owners()) // len(lab.gw)
     lab.wait(lambda: lab.all_served() and all(len(held_by(lab, n)) == share for n in lab.gw), 90,
@@ -333,7 +318,3 @@ def test_a_lone_gateway_reinstalled_and_the_workaround(replace_lab: IscsiLab, di
         s.write(2048, b"x" * 4096)
         s.sync()
         assert s.read(2048, 8) == b"x" * 4096
-    print(f"\nlone {victim.name}: {'stuck (' + error + '); the workaround worked' if stuck else 'served by itself'}")
-    if stuck:
-        pytest.xfail("known issue: a lone gateway cannot fence its own predecessor (ceph-blocklist refuses its "
-                     "own data client); docs/consul.md has the workaround, which worked")
