@@ -203,3 +203,6 @@ def test_prefix_bindir_docdir_and_no_apt(installed: Installed) -> None:
     unit = read_unit(installed, "pathagent.service")
     assert unit["ExecStart"] == "/opt/pa-bin/pathagent run"
     assert unit["Documentation"] == "file:///opt/pa-doc/README.md" and root.inside("/opt/pa-doc/README.md").is_file()
+    for sample in ("consul/gateway.json", "consul/acl/pathagent-agent.hcl", "consul/acl/pathagent-cli.hcl",
+                   "prometheus/pathagent-rules.yml", "docs/consul.md"):     # what the docs tell admins to copy
+        assert root.inside(f"/opt/pa-doc/{sample}").is_file(), sample
