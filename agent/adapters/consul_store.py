@@ -155,6 +155,21 @@ class ConsulStore:
         with self._translated("agent/self"):
             return str(self._c.agent.self()["Config"]["NodeName"])
 
+    def catalog_agrees(self, node: str) -> bool | None:
+        with self._translated("agent/self"):
+            mine = str(self._c.agent.self()["Config"].get("NodeID") or "")
+        try:
+            data = self._request("GET", f"/v1/catalog/node/{node}", None, "catalog/node",
+                                 params={"consistent": ""})
+        except _NotFound:
+            return False
+        except CoordinationError as e:
+            if "permission denied" in str(e):
+                return None
+            raise
+        found = str(((data or {}).get("Node") or {}).get("ID") or "")
+        return bool(mine) and found == mine
+
     def leader(self) -> str:
         with self._translated("status/leader"):
             return str(self._c.status.leader())

@@ -53,6 +53,13 @@ class CoordinationStore(Protocol):
     def agent_node_name(self) -> str:
         """The local Consul agent's node name."""
 
+    def catalog_agrees(self, node: str) -> bool | None:
+        """Whether the servers' catalog has ``node`` under the local Consul agent's node ID: ``False`` when
+        it has another ID for that name (an earlier install of this host whose member has not failed or
+        been removed yet: the servers refuse this agent's registration, so its health checks never reach
+        them and a session made now would not end when this node's checks fail) or none yet; ``None`` when
+        it cannot tell (no permission to read the catalog)."""
+
     def read_tree(self, index: int = 0, wait: float | None = None) -> tuple[int, list[KVEntry]]:
         """Everything under ``{prefix}/``; with ``index`` > 0 a blocking read that returns when something
         changed or after ``wait`` seconds. Returns Consul's index with the entries."""

@@ -143,6 +143,12 @@ class SessionKeeper:
 
     def _create(self) -> str:
         c = self.cfg.consul
+        if self.store.catalog_agrees(self.node) is False:
+            raise CoordinationError(
+                f"the Consul servers' catalog has node {self.node} under another node ID than the local Consul "
+                "agent's, or not at all yet (an earlier install of this host whose member has not failed or "
+                "been removed): this node's health checks would not reach the servers, so no session is made; "
+                "retrying (docs/consul.md, Replacing a gateway)")
         for attempt in range(20):
             try:
                 sid = self.store.create_session(self.node, c.session_name, self.wanted_checks(), c.lock_delay,

@@ -75,6 +75,7 @@ class MemoryStore:
     index: int = 10
     down: bool = False
     block: bool = False          # blocking reads wait (real time) for a change, as Consul's do
+    catalog_ok: bool | None = True   # what catalog_agrees answers (False: another install holds the name)
     calls: list[str] = field(default_factory=list)
     _next: int = 0
     _changed: threading.Condition = field(default_factory=threading.Condition)
@@ -134,6 +135,10 @@ class MemoryStore:
     def agent_node_name(self) -> str:
         self._up("agent/self")
         return self.node
+
+    def catalog_agrees(self, node: str) -> bool | None:
+        self._up("catalog/node")
+        return self.catalog_ok
 
     def read_tree(self, index: int = 0, wait: float | None = None) -> tuple[int, list[KVEntry]]:
         self._up("kv read")

@@ -623,3 +623,21 @@ def test_a_bad_disk_is_named_in_the_log_and_the_status(tmp_path: Path, store: Me
     n.step()
     assert any(r.getMessage() == "disk d1 (vm): definition readable again" for r in caplog.records)
     assert read_status(n.agent.cfg.state_dir)["disk_names"] == {}
+
+
+def test_no_session_while_the_catalog_has_this_name_under_another_node_id(tmp_path: Path, store: MemoryStore,
+                                                                        clock: FakeClock) -> None:
+    """A host reinstalled under its old name comes back before its old Consul member failed: the servers
+    keep the old node ID and refuse the new agent's registration, so its health checks never reach them.
+    A session made then would outlive a frozen or cut-off agent: none is made until the catalog agrees."""
+    from agent.errors import CoordinationError
+    store.start_disk("d1", 2)
+    store.catalog_ok = False
+    n = make_node(tmp_path, store, clock, "gwa", disks={"d1": disk("d1")})
+    with pytest.raises(CoordinationError, match="another node ID"):
+        n.start()
+    assert n.session is None and not store.sessions and n.serving() == set()
+    store.catalog_ok = None                      # cannot tell (no permission to read the catalog): go on
+    n.agent.keeper.establish(n.agent.maybe_serving)
+    serve_all(n)
+    assert n.session is not None and n.serving() == {"d1/1", "d1/2"}
