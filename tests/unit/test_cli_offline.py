@@ -33,8 +33,17 @@ def closed_port() -> int:
     return port
 
 
+def clean_env(**extra: str) -> dict[str, str]:
+    """The environment for a CLI subprocess: no PATHAGENT_CONFIG, and none of pytest-cov's COV_CORE_*
+    (scripts/test measures tier 1's coverage; its subprocess hook prints its own lines on stderr, which
+    these tests read line by line)."""
+    env = {k: v for k, v in os.environ.items() if k != "PATHAGENT_CONFIG" and not k.startswith("COV_CORE_")}
+    env.update(extra)
+    return env
+
+
 def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "PATHAGENT_CONFIG"}
+    env = clean_env()
     return subprocess.run([sys.executable, "-m", "agent.cli", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=REPO, env=env)
 
@@ -124,7 +133,7 @@ def test_run_refuses_what_check_config_reports(tmp_path: Path) -> None:
 
 def test_a_good_config_and_a_missing_default_file() -> None:
     r = subprocess.run([sys.executable, "-m", "agent.cli", "check-config"], capture_output=True, text=True,
-                       cwd=REPO, env={**os.environ, "PATHAGENT_CONFIG": ""})
+                       cwd=REPO, env=clean_env(PATHAGENT_CONFIG=""))
     if Path("/etc/pathagent/pathagent.toml").exists():
         pytest.skip("this host has /etc/pathagent/pathagent.toml")
     assert r.returncode == 0 and "not found; every setting at its default: OK" in r.stdout, r
@@ -210,7 +219,7 @@ def test_status_of_a_real_agent_waiting_for_consul(tmp_path: Path) -> None:
     log = tmp_path / "agent.log"
     with open(log, "wb") as f:
         p = subprocess.Popen([sys.executable, "-m", "agent.cli", "--config", str(cfg), "run"], stdout=f,
-                             stderr=subprocess.STDOUT, cwd=REPO)
+                             stderr=subprocess.STDOUT, cwd=REPO, env=clean_env())
     try:
         errors = tmp_path / "state" / "errors.json"
         end = time.monotonic() + 20
