@@ -22,16 +22,6 @@ from memstore import FakeClock, MemoryStore
 DISKS = {f"d{i}": disk(f"d{i}", 2, base=10 + 10 * i) for i in range(1, 7)}   # 6 disks x 2 paths
 
 
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def store(clock: FakeClock) -> MemoryStore:
-    return MemoryStore(clock)
-
-
 Calls = list[tuple[float, str, str, tuple[tuple[str, str], ...]]]
 
 

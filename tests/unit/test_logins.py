@@ -66,16 +66,6 @@ class Logins:
         return self.answer
 
 
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def store(clock: FakeClock) -> MemoryStore:
-    return MemoryStore(clock)
-
-
 def node(tmp_path: Path, store: MemoryStore, clock: FakeClock, answer: Any = None) -> tuple[Node, Logins, MemTxn]:
     n = make_node(tmp_path, store, clock, "gwa", disks={"d1": disk("d1"), "d2": disk("d2")})
     logins = Logins(answer)

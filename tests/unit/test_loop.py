@@ -24,16 +24,6 @@ from memstore import FakeClock, MemoryStore
 P1, P2 = PathKey("d1", 1), PathKey("d1", 2)
 
 
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def store(clock: FakeClock) -> MemoryStore:
-    return MemoryStore(clock)
-
-
 def one(tmp_path: Path, store: MemoryStore, clock: FakeClock, name: str = "gwa", **kw: object) -> Node:
     n = make_node(tmp_path, store, clock, name, disks={"d1": disk("d1"), "d2": disk("d2")}, **kw)  # type: ignore[arg-type]
     n.start()

@@ -60,16 +60,6 @@ def cluster_paths(samples: Samples) -> dict[PathKey, float]:
             if name == "pathagent_cluster_path_held"}
 
 
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def store(clock: FakeClock) -> MemoryStore:
-    return MemoryStore(clock)
-
-
 def run(nodes: list[Node], seconds: float, clock: FakeClock, dt: float = 0.25) -> None:
     t_end = clock.now() + seconds
     while clock.now() < t_end:
