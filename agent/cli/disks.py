@@ -487,6 +487,19 @@ class Disks:
             raise DiskConflict(self._unfinished(v.disk, h) + f"; it is not this {req.op}")
         return v.disk, None
 
+    def _claim_new(self, disk: Disk, value: ClaimValue, held: Mapping[Claim, Held], sid: str) -> bool:
+        """Claim a new disk's values, its name claim locked by ``sid`` (``create``, ``import``). False when
+        the name was free in ``held`` but another command took it meanwhile (the caller looks again);
+        ``DiskConflict`` for anything else another disk holds."""
+        try:
+            self._claim(disk.id, claims.of_disk(disk), value, held, disk.name, sid, self._definitions(held))
+        except DiskConflict:
+            name = claims.name_claim(disk.name)
+            if name in self.claims() and name not in held:
+                return False
+            raise
+        return True
+
     def create(self, req: NewDisk) -> tuple[Disk, bool]:
         """Create the image and its definition. Returns ``(disk, False)``, or ``(disk, True)`` when a disk
         with this name and this definition exists already (nothing changed). ``DiskConflict`` when the
@@ -506,13 +519,8 @@ class Disks:
             disk = self._build(req, disk_id, pool, image, req.size)
             value = ClaimValue(disk_id, pool, image, req.name, "create")
             with cli_session(self.store, f"create disk {req.name}", behavior="release") as sid:
-                try:
-                    self._claim(disk_id, claims.of_disk(disk), value, held, req.name, sid,
-                                self._definitions(held))
-                except DiskConflict:
-                    if claims.name_claim(req.name) in self.claims() and claims.name_claim(req.name) not in held:
-                        continue        # another command took the name meanwhile: look at it again
-                    raise
+                if not self._claim_new(disk, value, held, sid):
+                    continue        # another command took the name meanwhile: look at it again
                 self.step("create:claimed")
                 self._make_image(pool, image, req.size)
                 self.step("create:image")
@@ -571,13 +579,8 @@ class Disks:
             disk = self._build(req, disk_id, pool, image, self.ceph.image_size(pool, image))
             value = ClaimValue(disk_id, pool, image, req.name, "import")
             with cli_session(self.store, f"import disk {req.name}", behavior="release") as sid:
-                try:
-                    self._claim(disk_id, claims.of_disk(disk), value, held, req.name, sid,
-                                self._definitions(held))
-                except DiskConflict:
-                    if claims.name_claim(req.name) in self.claims() and claims.name_claim(req.name) not in held:
-                        continue
-                    raise
+                if not self._claim_new(disk, value, held, sid):
+                    continue        # another command took the name meanwhile: look at it again
                 self.step("import:claimed")
                 self.ceph.set_meta(pool, image, schema.META_KEY, schema.dump(disk))
                 self.step("import:defined")
