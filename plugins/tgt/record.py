@@ -14,9 +14,13 @@ from typing import Any, Mapping
 
 from agent import statefile
 from agent.core.model import Chap, Disk
+from agent.core.targetspec import TargetSpec
 from agent.errors import PermanentBackendError, TransientBackendError
 
 RECORD_VERSION = 2
+
+#: tgt's LUN 0 is its controller: the disk is LUN 1 (LIO puts it on LUN 0)
+LUN = 1
 
 
 @dataclass(frozen=True)
@@ -38,9 +42,14 @@ class Entry:
 
     @classmethod
     def of(cls, disk: Disk, paths: Mapping[int, str]) -> "Entry":
-        return cls(disk=disk.id, iqn=disk.iqn, pool=disk.pool, image=disk.image, serial=disk.serial,
-                   initiators=disk.initiators, chap=disk.chap, mutual_chap=disk.mutual_chap,
-                   paths=dict(paths), size=disk.size)
+        """The entry for ``disk`` with ``paths`` exported, from the host's backend-neutral spec."""
+        return cls.of_spec(TargetSpec.of(disk, lun=LUN), paths)
+
+    @classmethod
+    def of_spec(cls, spec: TargetSpec, paths: Mapping[int, str]) -> "Entry":
+        return cls(disk=spec.disk, iqn=spec.iqn, pool=spec.pool, image=spec.image, serial=spec.serial,
+                   initiators=spec.initiators, chap=spec.chap, mutual_chap=spec.mutual_chap,
+                   paths=dict(paths), size=spec.size)
 
     def with_paths(self, paths: Mapping[int, str]) -> "Entry":
         return dataclasses.replace(self, paths=dict(paths))
