@@ -373,6 +373,13 @@ def fencing_problems(cfg: Config) -> list[tuple[str, str]]:
                             f"needs a watchdog ([watchdog] backend is none): without one, a frozen agent's "
                             "paths would be taken over while its data path still serves them; set it to 0 "
                             "or choose a watchdog"))
+    lio = cfg.target.options.get("lio", {}) if cfg.target.backend == "lio" else {}
+    ft = lio.get("fence_timeout", 0.25) if isinstance(lio, Mapping) else None   # the lio plugin's default
+    if isinstance(ft, (int, float)) and not isinstance(ft, bool) and not ft + cfg.down_time <= cfg.stop_time:
+        out.append(("target.lio.fence_timeout",
+                    f"{ft:g}s + network.down_time {cfg.down_time:g}s must not exceed target.stop_time "
+                    f"{cfg.stop_time:g}s: the fence takes the addresses down, then disables the TPGs within "
+                    "fence_timeout, and both must fit the stop time that the lock-delay bound counts"))
     dev = cfg.watchdog.options.get("device", {})
     t = dev.get("timeout", 2) if isinstance(dev, Mapping) else None     # 2: the device plugin's default
     if cfg.watchdog.backend == "device" and isinstance(t, (int, float)) and not isinstance(t, bool):

@@ -75,7 +75,7 @@ class LioBackend(TargetBackend):
         "map_options": "extra krbd map options, comma-separated (e.g. osd_request_timeout=60); default none",
         "map_timeout": "seconds a krbd map or unmap may take before it is reported (default 30)",
         "fence_timeout": "seconds the fence's TPG disables may take before fence() reports it could not be "
-                         "sure (default 1)",
+                         "sure (default 0.25; with network.down_time it must fit target.stop_time)",
     }
 
     def __init__(self, context: PluginContext) -> None:
@@ -103,7 +103,7 @@ class LioBackend(TargetBackend):
         if any(x.split("=", 1)[0] in ("name", "secret", "noshare") for x in self._map_options):
             o.problems.append(("target.lio.map_options", "name, secret and noshare are set by the backend"))
         self.map_timeout = o.number("map_timeout", 30, 1, 600)
-        self.fence_timeout = o.number("fence_timeout", 1, 0.05, 30)
+        self.fence_timeout = o.number("fence_timeout", 0.25, 0.01, 30)
         o.done()
         self._ident = (vendor, product, revision)
         self.port = int(context.port)

@@ -160,3 +160,12 @@ def test_bytes_that_are_not_utf8_are_one_problem_with_line_and_column(tmp_path: 
         config.load(str(f))
     [(key, msg)] = e.value.problems
     assert key == "(file)" and msg.startswith(f"{f}: not UTF-8: ") and where in msg and "\n" not in msg
+
+
+def test_lio_fence_timeout_must_fit_the_stop_time() -> None:
+    lio = {**FAKE, "target": {"backend": "lio"}}
+    config.parse(lio)                                   # default 0.25 + down_time 0.25 <= stop_time 0.5
+    found = dict(problems({**lio, "target": {"backend": "lio", "lio": {"fence_timeout": 0.3}}}))
+    assert "target.lio.fence_timeout" in found and "target.stop_time" in found["target.lio.fence_timeout"]
+    config.parse({**lio, "target": {"backend": "lio", "stop_time": 0.6, "lio": {"fence_timeout": 0.3}}})
+    config.parse({**FAKE, "target": {"backend": "fake", "lio": {"fence_timeout": 9}}})   # not the backend
