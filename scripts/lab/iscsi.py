@@ -24,6 +24,9 @@ from lab.netns import NetnsThread, exec_argv
 
 T = TypeVar("T")
 DEFAULT_INITIATOR = "iqn.2016-05.io.pathagent.test:initiator"
+#: the LUN sessions use unless told: tgt serves a disk on LUN 1 (its LUN 0 is the controller), LIO on LUN 0;
+#: a test of the LIO backend sets it to 0 for its duration
+DEFAULT_LUN = 1
 
 _lib: Any = None
 
@@ -56,6 +59,8 @@ def lib() -> Any:
         "iscsi_synchronizecache10_sync": (vp, [vp, i, i, i, i, i]),
         "iscsi_testunitready_sync": (vp, [vp, i]),
         "scsi_free_scsi_task": (None, [vp]),
+        "scsi_create_task": (vp, [i, cp, i, i]),
+        "iscsi_scsi_command_sync": (vp, [vp, i, vp, vp]),
     }
     for name, (res, args) in protos.items():
         fn = getattr(L, name)
@@ -90,10 +95,10 @@ class Session:
     ``chap`` = (user, password) for CHAP; ``mutual`` = (user, password) the target must prove (mutual
     CHAP). ``timeout`` bounds each command. Use as a context manager (logs out and frees the context)."""
 
-    def __init__(self, portal: str, iqn: str, lun: int = 1, initiator: str = DEFAULT_INITIATOR,
+    def __init__(self, portal: str, iqn: str, lun: int | None = None, initiator: str = DEFAULT_INITIATOR,
                  chap: tuple[str, str] | None = None, mutual: tuple[str, str] | None = None,
                  netns: str | None = None, timeout: int = 10, reconnect: bool = True) -> None:
-        self.portal, self.iqn, self.lun = portal, iqn, lun
+        self.portal, self.iqn, self.lun = portal, iqn, DEFAULT_LUN if lun is None else lun
         self._thread = NetnsThread(netns) if netns else None
         self._ctx: int | None = None
         try:
@@ -187,6 +192,48 @@ class Session:
             i += 4 + n
         return out
 
+    def designators(self) -> list[tuple[int, bytes]]:
+        """VPD page 0x83 designators as (designator type, identifier): 1 T10 vendor, 3 NAA, 4 relative
+        target port, 5 target port group, 8 SCSI name."""
+        d = self._run(self._task, "INQUIRY VPD 0x83",
+                      lambda: lib().iscsi_inquiry_sync(self._ctx, self.lun, 1, 0x83, 1024))
+        end = 4 + struct.unpack(">H", d[2:4])[0]
+        out, i = [], 4
+        while i + 4 <= end:
+            n = d[i + 3]
+            out.append((d[i + 1] & 0x0F, d[i + 4:i + 4 + n]))
+            i += 4 + n
+        return out
+
+    def relative_port(self) -> int | None:
+        """The relative target port id of the port this session is on (VPD 0x83 type 4)."""
+        for t, v in self.designators():
+            if t == 4 and len(v) == 4:
+                return int(struct.unpack(">I", v)[0] & 0xFFFF)
+        return None
+
+    def report_target_port_groups(self) -> list[tuple[int, int, tuple[int, ...]]]:
+        """REPORT TARGET PORT GROUPS (MAINTENANCE IN, service action 0x0A): per group (asymmetric access
+        state, group id, relative port ids)."""
+        n = 1024
+        cdb = bytes([0xA3, 0x0A, 0, 0, 0, 0]) + struct.pack(">I", n) + bytes([0, 0])
+
+        def run() -> int | None:
+            L = lib()
+            task = L.scsi_create_task(len(cdb), cdb, 1, n)           # SCSI_XFER_READ
+            if not task:
+                return None
+            return L.iscsi_scsi_command_sync(self._ctx, self.lun, task, None)  # type: ignore[no-any-return]
+        d = self._run(self._task, "REPORT TARGET PORT GROUPS", run)
+        end = 4 + struct.unpack(">I", d[:4])[0]
+        out, i = [], 4
+        while i + 8 <= end:
+            state, gid, count = d[i] & 0x0F, struct.unpack(">H", d[i + 2:i + 4])[0], d[i + 7]
+            ports = tuple(struct.unpack(">H", d[i + 8 + 4 * k + 2:i + 8 + 4 * k + 4])[0] for k in range(count))
+            out.append((state, gid, ports))
+            i += 8 + 4 * count
+        return out
+
     def capacity(self) -> tuple[int, int]:
         """(number of blocks, block size) from READ CAPACITY(16)."""
         d = self._run(self._task, "READ CAPACITY(16)", lambda: lib().iscsi_readcapacity16_sync(self._ctx, self.lun))
@@ -272,9 +319,11 @@ def cli(tool: str, *args: str, netns: str | None = None, timeout: float = 10) ->
 
 
 def inq(portal: str, iqn: str, netns: str | None = None, initiator: str = DEFAULT_INITIATOR,
-        chap: tuple[str, str] | None = None, timeout: float = 5) -> Inquiry | None:
-    """``iscsi-inq``: the standard INQUIRY of LUN 1, or None when the login or command failed."""
-    r = cli("iscsi-inq", "-i", initiator, url(portal, iqn, 1, chap), netns=netns, timeout=timeout)
+        chap: tuple[str, str] | None = None, timeout: float = 5, lun: int | None = None) -> Inquiry | None:
+    """``iscsi-inq``: the standard INQUIRY of the LUN (``DEFAULT_LUN``), or None when the login or command
+    failed."""
+    r = cli("iscsi-inq", "-i", initiator, url(portal, iqn, DEFAULT_LUN if lun is None else lun, chap),
+            netns=netns, timeout=timeout)
     if r.returncode != 0:
         return None
     f = dict(re.findall(r"^(Vendor|Product|Revision):(.*)$", r.stdout, re.M))
