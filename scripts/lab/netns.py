@@ -118,6 +118,9 @@ class GatewayLab:
         self.prefixlen = self.network.prefixlen if self.network else prefixlen
         self.created: list[str] = []
         self.host_if = ""
+        self.taps: list[str] = []                              # qemu guests' taps (lab.guest)
+        self.guest_offsets: set[int] = set()                   # addresses claimed by guests
+        self._cleanups: dict[str, Callable[[], None]] = {}     # run first by down()
 
     # addresses
     @property
@@ -145,6 +148,50 @@ class GatewayLab:
 
     def ns(self, name: str) -> str:
         return f"{self.prefix}{name}"
+
+    # qemu guests on the bridge (lab.guest): an address, a tap, a cleanup hook
+    GUEST_OFFSETS = (*range(30, 50), *range(20, 30))
+
+    def claim_guest_offset(self, offset: int | None = None) -> int:
+        """Claim a host offset for a guest: ``offset`` if given (checked free), else the first free one
+        of ``GUEST_OFFSETS`` (between the gateways' ``.11+`` and the initiators' ``.50+``)."""
+        taken = {1, *self.guest_offsets, *(11 + i for i in range(len(self.gateways))),
+                 *(50 + i for i in range(len(self.initiators)))}
+        if offset is None:
+            offset = next((o for o in self.GUEST_OFFSETS if o not in taken), None)
+            if offset is None:
+                raise RuntimeError("no free guest address in the lab")
+        elif offset in taken or offset >= 100:
+            raise ValueError(f"offset {offset} is taken (or in the floating-IP range)")
+        self.guest_offsets.add(offset)
+        return offset
+
+    def release_guest_offset(self, offset: int) -> None:
+        self.guest_offsets.discard(offset)
+
+    def add_tap(self, tap: str) -> None:
+        """A tap device on the bridge (in the bridge namespace), up; qemu run there attaches to it."""
+        assert len(tap) <= 15, tap
+        self.del_tap(tap)
+        ip("tuntap", "add", "dev", tap, "mode", "tap", ns=self.bridge_ns)
+        self.taps.append(tap)
+        ip("link", "set", tap, "master", "br0", "up", ns=self.bridge_ns)
+
+    def set_tap(self, tap: str, up: bool) -> None:
+        ip("link", "set", tap, "up" if up else "down", ns=self.bridge_ns)
+
+    def del_tap(self, tap: str) -> None:
+        if tap in self.taps:
+            self.taps.remove(tap)
+        if self.bridge_ns in self.created:
+            ip("link", "del", tap, ns=self.bridge_ns, check=False)
+
+    def add_cleanup(self, key: str, fn: Callable[[], None]) -> None:
+        """``fn`` runs at the start of ``down`` (e.g. kill a guest's qemu) unless removed before."""
+        self._cleanups[key] = fn
+
+    def remove_cleanup(self, key: str) -> None:
+        self._cleanups.pop(key, None)
 
     @property
     def bridge_ns(self) -> str:
