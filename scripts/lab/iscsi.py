@@ -178,7 +178,7 @@ class Session:
         d = self._run(self._task, "INQUIRY VPD 0x80",
                       lambda: lib().iscsi_inquiry_sync(self._ctx, self.lun, 1, 0x80, 255))
         n = struct.unpack(">H", d[2:4])[0]
-        return d[4:4 + n].decode("ascii", "replace").strip()
+        return d[4:4 + n].decode("ascii", "replace").strip().rstrip("\0")     # LIO pads it with NULs
 
     def device_ids(self) -> list[bytes]:
         """VPD page 0x83 designators (raw identifier bytes)."""

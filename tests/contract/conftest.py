@@ -69,3 +69,19 @@ def host_ceph_probe(ceph: Any) -> Iterator[Callable[[str, str], None]]:
         yield ceph_probe(client)
     finally:
         client.close()
+
+
+@pytest.fixture(scope="session")
+def lio_guest(gw_lab: GatewayLab, ceph: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """Tier 4: one LIO guest (``lab.guest``: the stock Debian kernel under QEMU TCG) on the contract lab's
+    bridge, beside the initiator namespace, reaching the micro Ceph at ``gw_lab.host_ip``. Skipped with the
+    reason where the tier cannot run (``lab.guest.lio_missing``)."""
+    from lab.guest import GuestPool, lio_missing
+    reason = lio_missing()
+    if reason:
+        print(f"\nSKIP lio tier: {reason}")
+        pytest.skip(f"LIO guest needed: {reason}")
+    with GuestPool(gw_lab, tmp_path_factory.mktemp("lio-contract")) as pool:
+        g, = pool.boot("lioa")
+        print(f"\nlio guest {g.name} ({g.ip}): boot to ready {g.boot_seconds or 0:.1f} s")
+        yield g

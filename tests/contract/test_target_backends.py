@@ -85,6 +85,8 @@ class Harness:
     wakes: list[float] = field(default_factory=list)
     backends: list[TargetBackend] = field(default_factory=list)
     addresses: list[tuple[str, str]] = field(default_factory=list)   # (namespace, ip/prefix) added by tests
+    guest: Any = None                   # lio: the lab.guest.Guest the backend runs in
+    ceph_lab: Any = None                # lio: the micro Ceph (frozen to wedge the data path)
 
     def new(self, **options: Any) -> TargetBackend:
         ctx = dataclasses.replace(self.ctx, options={**self.ctx.options, **options})
@@ -217,7 +219,13 @@ class Harness:
     @contextlib.contextmanager
     def wedged(self) -> Iterator[None]:
         """The daemon stops answering (tgt: SIGSTOP; fake: its stall file) until the block ends."""
-        if self.name == "tgt":
+        if self.name == "lio":
+            self.ceph_lab.freeze()             # the kernel target has no daemon: its data path (Ceph) stops
+            try:
+                yield
+            finally:
+                self.ceph_lab.thaw()
+        elif self.name == "tgt":
             pid = self.tgtd()
             assert pid is not None
             os.kill(pid, signal.SIGSTOP)
@@ -238,6 +246,11 @@ class Harness:
         """Run the guard's fence in a fresh Python process; returns how long ``fence()`` took there."""
         arg = json.dumps({"name": self.name, "state_dir": self.state_dir, "options": dict(self.ctx.options),
                           "ceph": dataclasses.asdict(self.ctx.ceph)})
+        if self.guest is not None:
+            g = self.guest.exec([os.path.join(REPO, ".venv", "bin", "python"), "-c", GUARD, arg], timeout=60,
+                                cwd=REPO, env={"PYTHONPATH": REPO})
+            assert g.rc == 0, g.stderr
+            return float(g.stdout.split()[-1])
         r = subprocess.run([sys.executable, "-c", GUARD, arg], capture_output=True, text=True, timeout=30,
                            cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
         assert r.returncode == 0, r.stderr
@@ -293,13 +306,45 @@ def _tgt(request: pytest.FixtureRequest, tmp: str) -> Iterator[Harness]:
 
 
 def _lio(request: pytest.FixtureRequest, tmp: str) -> Iterator[Harness]:
+    """The lio backend inside a guest with a stock Debian kernel (tier 4, ``lio_guest``) on the same lab
+    bridge as the initiator, its LUNs krbd-mapped from the session's micro Ceph; driven through
+    ``lab.liorpc.RemoteBackend``."""
     from agent.plugins import available
     if "lio" not in available("target"):
         pytest.skip("lio plugin is not installed (no pathagent.targets entry point 'lio')")
-    if not os.path.isdir("/sys/kernel/config/target"):
-        pytest.skip("no configfs/LIO on this host (tier 4 runs it in a guest)")
-    pytest.skip("lio contract runs inside the LIO guest (tier 4), not on the host")
-    yield  # pragma: no cover
+    guest = request.getfixturevalue("lio_guest")
+    lab: GatewayLab = request.getfixturevalue("gw_lab")
+    ceph = request.getfixturevalue("ceph")
+    images: RbdImages = request.getfixturevalue("images")
+    from lab.liorpc import RemoteBackend
+    from plugins.lio.krbd import read_conf_value
+    with open(ceph.conf_path) as f:
+        monitors = read_conf_value(f.read(), "mon host") or ""
+    state = f"/run/pa-contract/{uuid.uuid4().hex[:8]}"
+    ctx = PluginContext(node=guest.name, state_dir=state, options={"monitors": monitors, "dbroot": "/etc/target"},
+                        ceph=CephConfig(conf="/nonexistent/ceph.conf", client_id="admin", data_client_id="admin"),
+                        port=3260)
+    h = Harness("lio", state, ctx, lambda c: RemoteBackend(guest, "lio", c), real=True, lab=lab, images=images,
+                node=guest.name)
+    h.guest = guest
+    h.ceph_lab = ceph
+    old_lun = iscsi.DEFAULT_LUN
+    iscsi.DEFAULT_LUN = 0
+    try:
+        yield h
+    finally:
+        iscsi.DEFAULT_LUN = old_lun
+        for b in h.backends:
+            with contextlib.suppress(Exception):
+                b.fence()
+        cleanup = h.new()
+        for p in sorted(cleanup.exported()):
+            cleanup.unexport(p)
+        for b in h.backends:
+            with contextlib.suppress(Exception):
+                b.close()
+        for _, addr in h.addresses:
+            guest.exec(["ip", "addr", "del", addr, "dev", "eth0"], timeout=10)
 
 
 LAB = pytest.mark.lab
@@ -609,7 +654,11 @@ def _serve(h: Harness, b: TargetBackend, d: Disk, index: int = 1) -> str:
 
 
 def _add_ip(h: Harness, ns: str, addr: str) -> None:
-    ip("addr", "replace", addr, "dev", "eth0", ns=ns)
+    if h.guest is not None:
+        r = h.guest.exec(["ip", "addr", "replace", addr, "dev", "eth0"], timeout=10)
+        assert r.rc == 0, r.stderr
+    else:
+        ip("addr", "replace", addr, "dev", "eth0", ns=ns)
     h.addresses.append((ns, addr))
 
 
