@@ -65,7 +65,7 @@ class LioBackend(TargetBackend):
         "backstore": "block (iblock over a krbd mapping made by the agent; default) or user:rbd (tcmu-runner, "
                      "which must be installed and running)",
         "dbroot": "the kernel's LIO metadata directory (persistent reservations, ALUA); created with pr/ and "
-                  "alua/ (default /etc/target)",
+                  "alua/ (default: rtslib-fb's own, /etc/rtslib-fb-target with Debian's python3-rtslib-fb)",
         "vendor_id": "SCSI vendor id of every LUN, at most 8 characters (default PATHAGNT); the same on every node",
         "product_id": "SCSI product id, at most 16 characters (default RBD)",
         "revision": "SCSI product revision, at most 4 characters (default 0001)",
@@ -85,8 +85,8 @@ class LioBackend(TargetBackend):
         self.backstore = o.text("backstore", "block")
         if self.backstore not in BACKSTORES:
             o.problems.append(("target.lio.backstore", f"must be one of {', '.join(BACKSTORES)}"))
-        self.dbroot = o.text("dbroot", "/etc/target")
-        if not os.path.isabs(self.dbroot):
+        self.dbroot = o.text("dbroot", "")
+        if self.dbroot and not os.path.isabs(self.dbroot):
             o.problems.append(("target.lio.dbroot", "must be an absolute path"))
         vendor = o.text("vendor_id", "PATHAGNT", 8, ",=")
         product = o.text("product_id", "RBD", 16, ",=")

@@ -66,7 +66,8 @@ def _write_if_present(path: str, value: str) -> None:
 
 
 class Lio:
-    """LIO through rtslib. ``dbroot``: where the kernel keeps PR and ALUA metadata."""
+    """LIO through rtslib. ``dbroot``: where the kernel keeps PR and ALUA metadata (``""``: rtslib's own
+    preferred one, so that targetcli's saveconfig and the agent agree)."""
 
     def __init__(self, dbroot: str) -> None:
         self.dbroot = dbroot
@@ -77,11 +78,22 @@ class Lio:
     def root(self) -> Any:
         if self._root is None:
             with translated("start LIO (configfs, target_core_mod)"):
-                for sub in ("pr", "alua"):
-                    os.makedirs(os.path.join(self.dbroot, sub), exist_ok=True)
+                # RTSRoot() itself points the kernel at rtslib's preferred dbroot and fails when that
+                # directory is missing; ours (when another) is set right after, before any fabric registers
+                preferred = str(getattr(RTSRoot, "_preferred_dbroot", "") or "/etc/target")
+                self.dbroot = self.dbroot or preferred
+                for d in {preferred, self.dbroot}:
+                    for sub in ("pr", "alua"):
+                        os.makedirs(os.path.join(d, sub), exist_ok=True)
                 self._set_dbroot()
                 self._root = RTSRoot()
                 self._set_dbroot()
+                # the kernel keeps the first dbroot set before a device registered (maybe another tool's):
+                # wherever it is, it needs pr/ and alua/ or every APTPL PERSISTENT RESERVE OUT fails
+                current = self.current_dbroot()
+                if current:
+                    for sub in ("pr", "alua"):
+                        os.makedirs(os.path.join(current, sub), exist_ok=True)
         inv = getattr(self._root, "invalidate_caches", None)
         if callable(inv):
             inv()
@@ -95,7 +107,7 @@ class Lio:
                 if f.read().strip() == self.dbroot:
                     return
             with open(path, "w") as f:
-                f.write(self.dbroot)
+                f.write(self.dbroot + "\n")     # with the newline: 6.1 copies exactly what is written, no NUL
         except OSError:
             pass          # configfs not mounted yet, or devices exist: the kernel keeps its dbroot
 

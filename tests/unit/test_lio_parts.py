@@ -137,7 +137,7 @@ def test_target_spec_is_what_both_backends_present() -> None:
 def test_options_are_checked_without_touching_anything(tmp_path: Any) -> None:
     ctx = PluginContext(node="gwa", state_dir=str(tmp_path))
     b = LioBackend(ctx)
-    assert b.backstore == "block" and b.dbroot == "/etc/target"
+    assert b.backstore == "block" and b.dbroot == ""
     assert not os.path.exists(tmp_path / "lio")           # constructing touches nothing
     assert b.exported() == frozenset() and b.logged_in() == {}
     with pytest.raises(ConfigError) as e:
