@@ -1,0 +1,302 @@
+"""The ``lio`` backend in a real kernel (tier 4), beyond the shared contract (test_target_backends.py):
+
+- two paths of one disk: the same unit serial and NAA identity and the same ALUA report at both path IPs,
+  one relative port per path, data written through one path read through the other and through RBD;
+- two gateways (guests) serving one path each report the same ALUA groups and ports, and discovery at
+  either path IP lists both;
+- export twice changes nothing, unexport removes exactly what export made (configfs and mappings);
+- a target, a storage object and an rbd mapping made by hand survive our exports, fences, cleanups and
+  restarts;
+- a subset of ``iscsi-test-cu`` (libiscsi's SCSI conformance suite) against a LIO path, counts printed.
+
+Every guest runs the stock Debian kernel under QEMU (``lab.guest``); the initiator and Ceph are on the host.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import re
+import shlex
+import subprocess
+import uuid
+from typing import Any, Iterator
+
+import pytest
+
+from agent.backend import PluginContext
+from agent.config import CephConfig
+from agent.core.model import Disk, PathKey, PathSpec
+from lab import iscsi
+from lab.gwtools import RbdImages
+from lab.liorpc import RemoteBackend
+from lab.netns import GatewayLab
+from plugins.lio.krbd import parse_mon_host, read_conf_value
+
+pytestmark = pytest.mark.lio
+
+INI = "iqn.2016-05.io.pathagent.test:ini-a"
+_vips = itertools.cycle(range(60, 100))   # lab offsets no other test module uses (gateways .11+, guests .20-.49,
+                                          # initiators .50+, vips .100+); each test removes its addresses
+
+
+@pytest.fixture(scope="module")
+def lio_guest_b(gw_lab: GatewayLab, lio_guest: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A second LIO gateway on the same bridge."""
+    from lab.guest import GuestPool
+    with GuestPool(gw_lab, tmp_path_factory.mktemp("lio-b")) as pool:
+        g, = pool.boot("liob")
+        print(f"\nlio guest {g.name} ({g.ip}): boot to ready {g.boot_seconds or 0:.1f} s")
+        yield g
+
+
+@pytest.fixture(autouse=True)
+def lun0() -> Iterator[None]:
+    old = iscsi.DEFAULT_LUN
+    iscsi.DEFAULT_LUN = 0
+    yield
+    iscsi.DEFAULT_LUN = old
+
+
+class Gateway:
+    """The lio backend in one guest, with the addresses this test put there."""
+
+    def __init__(self, guest: Any, ceph: Any) -> None:
+        with open(ceph.conf_path) as f:
+            self.monitors = read_conf_value(f.read(), "mon host") or ""
+        self.guest = guest
+        self.state = f"/run/pa-lio/{uuid.uuid4().hex[:8]}"
+        self.backends: list[RemoteBackend] = []
+        self.addresses: list[str] = []
+
+    def new(self) -> RemoteBackend:
+        ctx = PluginContext(node=self.guest.name, state_dir=self.state,
+                            options={"monitors": self.monitors, "dbroot": "/etc/target"},
+                            ceph=CephConfig(conf="/nonexistent", client_id="admin", data_client_id="admin"))
+        b = RemoteBackend(self.guest, "lio", ctx)
+        self.backends.append(b)
+        return b
+
+    def add_ip(self, spec: PathSpec) -> str:
+        addr = f"{spec.ip}/{spec.prefix}"
+        self.guest.exec(["ip", "addr", "replace", addr, "dev", "eth0"], check=True)
+        self.addresses.append(addr)
+        return f"{spec.ip}:3260"
+
+    def sh(self, cmd: str, timeout: float = 60) -> str:
+        r = self.guest.exec(["sh", "-c", cmd], timeout=timeout)
+        assert r.rc == 0, f"{cmd}: {r.stderr}"
+        return str(r.stdout)
+
+    def close(self) -> None:
+        b = self.new()
+        for p in sorted(b.exported()):
+            b.unexport(p)
+        for x in self.backends:
+            with contextlib.suppress(Exception):
+                x.close()
+        for addr in self.addresses:
+            self.guest.exec(["ip", "addr", "del", addr, "dev", "eth0"])
+
+
+@pytest.fixture
+def gw(lio_guest: Any, ceph: Any) -> Iterator[Gateway]:
+    g = Gateway(lio_guest, ceph)
+    yield g
+    g.close()
+
+
+def _disk(lab: GatewayLab, images: RbdImages, paths: int = 2, initiators: tuple[str, ...] | None = (INI,),
+          size: int = 64 << 20) -> Disk:
+    did = f"l{uuid.uuid4().hex[:8]}"
+    images.create(f"img-{did}", size)
+    specs = tuple(PathSpec(index=i, ip=lab.addr(next(_vips)), prefix=24) for i in range(1, paths + 1))
+    return Disk(id=did, name=did, iqn=f"iqn.2016-05.io.pathagent:{did}", serial=str(uuid.uuid4()), paths=specs,
+                pool="rbd", image=f"img-{did}", size=size, initiators=initiators)
+
+
+def _rbd_write(images: RbdImages, image: str, offset: int, data: bytes) -> None:
+    import rbd
+    with rbd.Image(images.ioctx, image) as img:
+        img.write(data, offset)
+        img.flush()
+
+
+def _identity(s: iscsi.Session) -> tuple[str, list[bytes]]:
+    """The unit serial and the NAA designators (type 3): the LUN's identity."""
+    return s.serial(), sorted(v for t, v in s.designators() if t == 3)
+
+
+def test_two_paths_one_identity_one_alua_report_and_the_same_data(gw: Gateway, gw_lab: GatewayLab,
+                                                                  images: RbdImages) -> None:
+    ns = gw_lab.ns("ini")
+    b = gw.new()
+    d = _disk(gw_lab, images)
+    for i in (1, 2):
+        b.export(PathKey(d.id, i), d)
+    p1, p2 = (gw.add_ip(s) for s in d.paths)
+    mapped = gw.sh("ls /sys/bus/rbd/devices").split()
+    assert len(mapped) == 1, "one krbd mapping serves both paths"
+    before = bytes([0x5A]) * 65536
+    _rbd_write(images, d.image, 1 << 20, before)                     # through RBD directly, before any login
+    with iscsi.Session(p1, d.iqn, initiator=INI, netns=ns) as a, \
+            iscsi.Session(p2, d.iqn, initiator=INI, netns=ns) as c:
+        ida, idc = _identity(a), _identity(c)
+        assert ida == idc and ida[0] == d.serial and ida[1], (ida, idc)
+        ra, rc = a.report_target_port_groups(), c.report_target_port_groups()
+        ports = (a.relative_port(), c.relative_port())
+        print(f"\nALUA report at both path IPs: {ra}; relative ports path 1/2: {ports}")
+        assert ra == rc and ra
+        assert ports[0] != ports[1] and all(ports)
+        assert {p for _, _, ps in ra for p in ps} >= set(ports)
+        assert c.read((1 << 20) // 512, len(before) // 512) == before
+        pattern = bytes(range(256)) * 256                       # 64 KiB
+        a.write(4096, pattern)
+        a.sync()
+        assert c.read(4096, len(pattern) // 512) == pattern
+    assert images.read(d.image, 4096 * 512, len(pattern)) == pattern
+
+
+def test_two_gateways_report_the_same_alua_and_discovery(gw: Gateway, lio_guest_b: Any, ceph: Any,
+                                                         gw_lab: GatewayLab, images: RbdImages) -> None:
+    ns = gw_lab.ns("ini")
+    other = Gateway(lio_guest_b, ceph)
+    try:
+        d = _disk(gw_lab, images, initiators=None)
+        a, b = gw.new(), other.new()
+        a.export(PathKey(d.id, 1), d)
+        b.export(PathKey(d.id, 2), d)
+        assert a.exported() == {PathKey(d.id, 1)} and b.exported() == {PathKey(d.id, 2)}
+        p1, p2 = gw.add_ip(d.paths[0]), other.add_ip(d.paths[1])
+        with iscsi.Session(p1, d.iqn, initiator=INI, netns=ns) as s1, \
+                iscsi.Session(p2, d.iqn, initiator=INI, netns=ns) as s2:
+            assert _identity(s1) == _identity(s2)
+            r1, r2 = s1.report_target_port_groups(), s2.report_target_port_groups()
+            ports = (s1.relative_port(), s2.relative_port())
+            print(f"\ngateway {gw.guest.name} path 1 and {other.guest.name} path 2: ALUA {r1} / {r2}; "
+                  f"relative ports {ports}")
+            assert r1 == r2 and ports[0] != ports[1]
+            pattern = bytes([0xC3]) * 32768
+            s1.write(100, pattern)
+            s1.sync()
+            assert s2.read(100, len(pattern) // 512) == pattern     # one image behind both gateways
+        for portal in (p1, p2):
+            found = iscsi.discover(portal, ns, initiator=INI)
+            assert {(d.iqn, f"{s.ip}:3260,{s.index}") for s in d.paths} <= set(found), (portal, found)
+    finally:
+        other.close()
+
+
+def _tree(gw: Gateway) -> tuple[list[str], list[str]]:
+    """Our view of the kernel: every configfs path under target/ (without attribute files) and the rbd
+    mappings."""
+    dirs = gw.sh("find /sys/kernel/config/target -type d -o -type l | sort").split()
+    maps = gw.sh("ls /sys/bus/rbd/devices 2>/dev/null || true").split()
+    return dirs, maps
+
+
+def test_unexport_removes_exactly_what_export_made(gw: Gateway, gw_lab: GatewayLab, images: RbdImages) -> None:
+    b = gw.new()
+    warm = _disk(gw_lab, images, paths=1)
+    b.export(PathKey(warm.id, 1), warm)                          # LIO started, modules loaded
+    b.unexport(PathKey(warm.id, 1))
+    empty = _tree(gw)
+    d = _disk(gw_lab, images)
+    b.export(PathKey(d.id, 1), d)
+    b.export(PathKey(d.id, 2), d)
+    full = _tree(gw)
+    b.export(PathKey(d.id, 1), d)                                # twice: a no-op
+    b.export(PathKey(d.id, 2), d)
+    assert _tree(gw) == full
+    made = sorted(set(full[0]) - set(empty[0]))
+    assert any(f"tpgt_1" in x for x in made) and any(f"tpgt_2" in x for x in made)
+    assert any(x.endswith("/lun/lun_0") for x in made) and len(full[1]) == len(empty[1]) + 1
+    b.unexport(PathKey(d.id, 2))
+    assert b.exported() == {PathKey(d.id, 1)}
+    b.unexport(PathKey(d.id, 1))
+    assert _tree(gw) == empty, sorted(set(_tree(gw)[0]) ^ set(empty[0]))
+
+
+FOREIGN = """
+import sys
+from rtslib_fb import FabricModule, FileIOStorageObject, LUN, NetworkPortal, RTSRoot, TPG, Target
+RTSRoot()
+if sys.argv[1] == "make":
+    so = FileIOStorageObject("handmade", "/run/handmade.img", size=8 << 20)
+    t = Target(FabricModule("iscsi"), "iqn.2003-01.org.example:handmade")
+    tpg = TPG(t, 1)
+    LUN(tpg, 0, so)
+    tpg.enable = True
+else:
+    for t in RTSRoot().targets:
+        if t.wwn == "iqn.2003-01.org.example:handmade":
+            t.delete()
+    for so in RTSRoot().storage_objects:
+        if so.name == "handmade":
+            so.delete()
+"""
+
+
+def test_foreign_objects_survive_exports_fences_cleanups_and_restarts(gw: Gateway, gw_lab: GatewayLab,
+                                                                      images: RbdImages) -> None:
+    img = f"handmade-{uuid.uuid4().hex[:6]}"
+    images.create(img, 16 << 20)
+    gw.guest.write_file("/run/handmade.py", FOREIGN)
+    gw.sh("python3 /run/handmade.py make", timeout=120)
+    line = f"{parse_mon_host(gw.monitors).addresses[0]} name=admin rbd {img} -"
+    gw.sh(f"echo {shlex.quote(line)} > /sys/bus/rbd/add_single_major")
+    try:
+        def foreign() -> tuple[bool, bool, list[str]]:
+            t = gw.sh("cat /sys/kernel/config/target/iscsi/iqn.2003-01.org.example:handmade/tpgt_1/enable "
+                      "2>/dev/null || echo gone").strip()
+            so = gw.sh("ls -d /sys/kernel/config/target/core/fileio_*/handmade 2>/dev/null || true").strip()
+            maps = [m for m in gw.sh("cat /sys/bus/rbd/devices/*/name 2>/dev/null || true").split()
+                    if m == img]
+            return t == "1", bool(so), maps
+        assert foreign() == (True, True, [img])
+        b = gw.new()
+        d = _disk(gw_lab, images)
+        b.export(PathKey(d.id, 1), d)
+        b.export(PathKey(d.id, 2), d)
+        b.fence()
+        assert b.exported() == frozenset()
+        assert foreign() == (True, True, [img]), "a fence touches only our TPGs"
+        again = gw.new()                                          # a restart, then the cleanup of leftovers
+        other = _disk(gw_lab, images, paths=1)
+        again.export(PathKey(other.id, 1), other)                 # tidies the fenced disk away
+        assert gw.sh(f"ls /sys/kernel/config/target/iscsi | grep -c {d.id} || true").strip() == "0"
+        again.unexport(PathKey(other.id, 1))
+        assert again.exported() == frozenset()
+        assert foreign() == (True, True, [img]), "cleanup removes only what the record names"
+    finally:
+        gw.sh("python3 /run/handmade.py remove", timeout=120)
+        for n in gw.sh(f"grep -l {img} /sys/bus/rbd/devices/*/name 2>/dev/null || true").split():
+            gw.sh(f"echo {n.split('/')[-2]} > /sys/bus/rbd/remove_single_major")
+
+
+SUITES = ["SCSI.TestUnitReady", "SCSI.Inquiry", "SCSI.ReadCapacity10", "SCSI.ReadCapacity16", "SCSI.Read10",
+          "SCSI.Write10", "SCSI.Read16", "SCSI.Write16", "SCSI.ProutRegister", "SCSI.PrinReadKeys",
+          "iSCSI.iSCSITMF"]
+
+
+def test_iscsi_test_cu_subset_passes(gw: Gateway, gw_lab: GatewayLab, images: RbdImages) -> None:
+    d = _disk(gw_lab, images, paths=1, initiators=None)
+    b = gw.new()
+    b.export(PathKey(d.id, 1), d)
+    portal = gw.add_ip(d.paths[0])
+    url = f"iscsi://{portal}/{d.iqn}/0"
+    counts = {"run": 0, "passed": 0, "failed": 0}
+    failures: list[str] = []
+    for suite in SUITES:
+        r = subprocess.run(["ip", "netns", "exec", gw_lab.ns("ini"), "iscsi-test-cu", "-i", INI,
+                            "-I", "iqn.2016-05.io.pathagent.test:ini-b", "-d", "-s", "-t", suite, url],
+                           capture_output=True, text=True, timeout=300)
+        m = re.search(r"tests\s+\d+\s+(\d+)\s+(\d+)\s+(\d+)", r.stdout)
+        assert m, f"{suite}: no CUnit summary (rc {r.returncode}): {r.stdout[-800:]} {r.stderr[-400:]}"
+        run, passed, failed = map(int, m.groups())
+        counts["run"] += run
+        counts["passed"] += passed
+        counts["failed"] += failed
+        if failed:
+            failures.append(f"{suite}: {failed} failed\n{r.stdout[-1500:]}")
+    print(f"\niscsi-test-cu against LIO (iblock on krbd), {len(SUITES)} suites: {counts}")
+    assert counts["run"] > 0 and not failures, "\n".join(failures)
