@@ -63,6 +63,12 @@ def test_fresh_install_leaves_a_gateway_ready_to_start(installed: Installed) -> 
     r = root.run(["systemctl", "is-enabled", "tgt.service"], env={"SYSTEMD_OFFLINE": "1"})
     assert r.stdout.strip() == "masked", r.stdout + r.stderr
     assert "listening on every address at port 3260" in err
+    # rtslib-fb-targetctl.service (python3-rtslib-fb, the lio backend): masked too
+    rts = root.inside("/etc/systemd/system/rtslib-fb-targetctl.service")
+    assert rts.is_symlink() and os.readlink(rts) == "/dev/null"
+    r = root.run(["systemctl", "is-enabled", "rtslib-fb-targetctl.service"], env={"SYSTEMD_OFFLINE": "1"})
+    assert r.stdout.strip() == "masked", r.stdout + r.stderr
+    assert "restores a saved LIO configuration at boot" in err
     # nothing was started in the chroot (tgt's postinst was refused), and the temporary policy is gone
     assert root.processes() == [], "a process was started inside the root during the install"
     assert not root.inside("/usr/sbin/policy-rc.d").exists()
@@ -82,7 +88,7 @@ def test_a_second_run_changes_nothing_and_keeps_the_admins_config(installed: Ins
     assert r.returncode == 0, r.stderr
     assert conf.read_text() == mine, "the admin's config was overwritten"
     for said in ("Debian packages: all there", "is installed already", "kept /etc/pathagent/pathagent.toml",
-                 "tgt.service: masked already"):
+                 "tgt.service: masked already", "rtslib-fb-targetctl.service: masked already"):
         assert said in r.stderr, f"{said!r} not in:\n{r.stderr}"
     assert (unit.stat().st_mtime_ns, installed.root.inside("/opt/pathagent/.pathagent-source").read_text()) == before
     print(f"\nscripts/install (second run): {took:.1f} s")
