@@ -4,7 +4,7 @@ Plugins import this module, ``agent.core.model``, ``agent.core.schema``, ``agent
 ``agent.config`` (its frozen tables), ``agent.statefile`` and ``agent.childenv``; never the runtime, the
 CLI or an adapter. A plugin kind is one ABC plus one stevedore namespace (see ``agent.plugins``):
 
-- ``pathagent.targets``  -> ``TargetBackend``   (``tgt``, ``fake``; ``lio`` later)
+- ``pathagent.targets``  -> ``TargetBackend``   (``lio``, ``tgt``, ``fake``)
 - ``pathagent.network``  -> ``NetworkBackend``  (``iproute``, ``none``)
 - ``pathagent.catalogs`` -> ``Catalog``         (``rbd``, ``fake``)
 - ``pathagent.watchdog`` -> ``Watchdog``        (``guard``, ``device``, ``none``)
