@@ -37,7 +37,8 @@ from agent.core.model import Disk, PathKey
 from agent.core.targetspec import TargetSpec
 from agent.errors import BackendError, PermanentBackendError, TransientBackendError
 from plugins.lio import configfs
-from plugins.lio.krbd import Krbd, Mapping as KMapping, MapRequest, Monitors, parse_keyring, parse_mon_host, read_conf_value
+from plugins.lio.krbd import (Krbd, Mapping as KMapping, MapRequest, Monitors, made_by, parse_keyring, parse_mon_host,
+                              read_conf_value)
 from plugins.lio.record import MappingRef, Owned, Record, RecordFile
 from plugins.options import Options
 
@@ -296,11 +297,21 @@ class LioBackend(TargetBackend):
             fresh = True                                           # the disk now lives on another image
         if cur is not None and not fresh:
             return cur
+        node = self._node()
+        name = self._ceph.data_id(node) if node else self._ceph.client_id
         if cur is not None:
             self._rts().delete_so(o.so_plugin, o.so_name)          # LIO holds the device open
             self._krbd.unmap(cur)
-        node = self._node()
-        name = self._ceph.data_id(node) if node else self._ceph.client_id
+        # a mapping of ours that the record never learnt (the process died between the map and the record):
+        # made by this backend's way (client name, noshare), of this image, recorded for no other disk
+        known = {x.mapping.id for x in self.records.load().disks.values() if x.mapping is not None}
+        for m in now.values():
+            if (m.pool, m.image) == (spec.pool, spec.image) and m.id not in known and made_by(m, name) \
+                    and (cur is None or m.id != cur.id):
+                log.warning("lio: removing /dev/rbd%d (%s/%s as client.%s, %s): mapped by this backend but "
+                            "never recorded (an export was interrupted)", m.id, m.pool, m.image, name,
+                            m.client_addr)
+                self._krbd.unmap(m)
         req = MapRequest(monitors=self._monitors(), name=name, pool=spec.pool, image=spec.image,
                          secret=self._secret(name), options=self._map_options)
         t0 = time.monotonic()

@@ -158,10 +158,25 @@ class Mapping:
     client_id: str
     client_addr: str
     size: int
+    #: the map line's options as the kernel recorded them (``config_info``), without any ``secret=``
+    options: tuple[str, ...] = ()
 
     @property
     def device(self) -> str:
         return os.path.join(DEV, f"rbd{self.id}")
+
+
+def options_of(config_info: str) -> tuple[str, ...]:
+    """The options field of a mapping's ``config_info`` (the map line as written), secrets dropped."""
+    parts = config_info.split()
+    if len(parts) < 2:
+        return ()
+    return tuple(o for o in parts[1].split(",") if o and not o.startswith(("secret=", "key=")))
+
+
+def made_by(m: Mapping, name: str) -> bool:
+    """``m`` was mapped the way this backend maps: as ``client.<name>`` with ``noshare``."""
+    return f"name={name}" in m.options and "noshare" in m.options
 
 
 def _read(path: str) -> str:
@@ -202,7 +217,8 @@ class Krbd:
             try:
                 out[int(n)] = Mapping(id=int(n), pool=_read(f"{d}/pool"), image=_read(f"{d}/name"),
                                       snap=_read(f"{d}/current_snap"), client_id=_read(f"{d}/client_id"),
-                                      client_addr=_read(f"{d}/client_addr"), size=int(_read(f"{d}/size")))
+                                      client_addr=_read(f"{d}/client_addr"), size=int(_read(f"{d}/size")),
+                                      options=options_of(_read(f"{d}/config_info")))
             except (OSError, ValueError):
                 continue                      # going away while we looked
         return out

@@ -218,7 +218,9 @@ def test_unexport_removes_exactly_what_export_made(gw: Gateway, gw_lab: GatewayL
 
 FOREIGN = """
 import sys
+import os
 from rtslib_fb import FabricModule, FileIOStorageObject, LUN, NetworkPortal, RTSRoot, TPG, Target
+os.makedirs("/etc/rtslib-fb-target", exist_ok=True)     # what Debian's rtslib-fb-targetctl.service does
 RTSRoot()
 if sys.argv[1] == "make":
     so = FileIOStorageObject("handmade", "/run/handmade.img", size=8 << 20)
@@ -243,7 +245,7 @@ def test_foreign_objects_survive_exports_fences_cleanups_and_restarts(gw: Gatewa
     gw.guest.write_file("/run/handmade.py", FOREIGN)
     gw.sh("python3 /run/handmade.py make", timeout=120)
     line = f"{parse_mon_host(gw.monitors).addresses[0]} name=admin rbd {img} -"
-    gw.sh(f"echo {shlex.quote(line)} > /sys/bus/rbd/add_single_major")
+    gw.sh(f"modprobe rbd && echo {shlex.quote(line)} > /sys/bus/rbd/add_single_major")
     try:
         def foreign() -> tuple[bool, bool, list[str]]:
             t = gw.sh("cat /sys/kernel/config/target/iscsi/iqn.2003-01.org.example:handmade/tpgt_1/enable "
@@ -300,3 +302,26 @@ def test_iscsi_test_cu_subset_passes(gw: Gateway, gw_lab: GatewayLab, images: Rb
             failures.append(f"{suite}: {failed} failed\n{r.stdout[-1500:]}")
     print(f"\niscsi-test-cu against LIO (iblock on krbd), {len(SUITES)} suites: {counts}")
     assert counts["run"] > 0 and not failures, "\n".join(failures)
+
+
+def test_a_mapping_an_interrupted_export_left_behind_is_removed(gw: Gateway, gw_lab: GatewayLab,
+                                                                images: RbdImages) -> None:
+    """The process died between the map and the record: the next export of the disk finds the mapping (this
+    backend's client name with noshare, this image, recorded for no disk), removes it and maps afresh."""
+    d = _disk(gw_lab, images, paths=1)
+    line = f"{parse_mon_host(gw.monitors).addresses[0]} name=admin,noshare rbd {d.image} -"
+    gw.sh(f"modprobe rbd && echo {shlex.quote(line)} > /sys/bus/rbd/add_single_major")
+
+    def maps() -> list[str]:
+        return [n for n in gw.sh("cat /sys/bus/rbd/devices/*/name 2>/dev/null || true").split() if n == d.image]
+    def clients() -> list[str]:
+        return gw.sh(f"for d in $(grep -l {d.image} /sys/bus/rbd/devices/*/name 2>/dev/null); do "
+                     "cat $(dirname $d)/client_addr; done").split()
+    orphan = clients()
+    assert len(orphan) == 1
+    b = gw.new()
+    b.export(PathKey(d.id, 1), d)
+    now = clients()
+    assert len(now) == 1 and now != orphan, (orphan, now)
+    b.unexport(PathKey(d.id, 1))
+    assert maps() == [], "the fresh mapping is recorded, so unexport removed it"

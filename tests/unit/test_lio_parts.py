@@ -14,7 +14,8 @@ from agent.core.targetspec import TargetSpec
 from agent.errors import ConfigError, PermanentBackendError, TransientBackendError
 from plugins.lio import configfs
 from plugins.lio.backend import LioBackend
-from plugins.lio.krbd import MapRequest, Monitors, map_line, parse_keyring, parse_mon_host, read_conf_value
+from plugins.lio.krbd import (Mapping, MapRequest, Monitors, made_by, map_line, options_of, parse_keyring,
+                              parse_mon_host, read_conf_value)
 from plugins.lio.record import MappingRef, Owned, Record, RecordFile
 from plugins.tgt.record import Entry
 
@@ -60,6 +61,17 @@ def test_map_line_and_secret_hidden() -> None:
     assert map_line(v2) == "1.2.3.4:3300 name=a,noshare,ms_mode=prefer-crc rbd img -"
     with pytest.raises(PermanentBackendError, match="image"):
         map_line(MapRequest(Monitors(("1.2.3.4:6789",)), "a", "rbd", "bad image"))
+
+
+def test_which_mappings_this_backend_made() -> None:
+    info = "198.18.0.1:6789 name=pathagent-gwa,noshare,secret=S3CR3T== rbd img -"
+    assert options_of(info) == ("name=pathagent-gwa", "noshare")
+    m = Mapping(0, "rbd", "img", "-", "client4100", "198.18.0.2:0/1", 1 << 20, options_of(info))
+    assert made_by(m, "pathagent-gwa") and not made_by(m, "pathagent-gwb")
+    shared = Mapping(1, "rbd", "img", "-", "client4101", "198.18.0.2:0/2", 1 << 20,
+                     options_of("198.18.0.1:6789 name=pathagent-gwa rbd img -"))
+    assert not made_by(shared, "pathagent-gwa"), "a shared-client mapping (rbd map by hand) is not ours"
+    assert options_of("") == ()
 
 
 def _tree(tmp: Any) -> str:
