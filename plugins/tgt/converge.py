@@ -3,15 +3,17 @@
 ``ops_for`` makes one disk's target match its ``Entry`` (dropping the sessions its ACL no longer admits, and
 reopening the LUN when the disk's size changed); ``revoke_ops`` closes the sessions an ACL does not admit;
 ``prune_ops`` removes what the record no longer needs; ``served``, ``applied`` and ``logins`` compare the
-record with tgtd's state. No function here has a side effect: the backend runs the ops in order
-(``TgtBackend._run``). See docs/backend-tgt.md.
+record with tgtd's state. No function here has a side effect on anything but its arguments: the backend
+runs the ops in order (``TgtBackend._run``), and ``apply_ops`` changes the backend's cached view of tgtd's
+configuration the way those ops, once they all succeeded, changed tgtd (``additive`` tells which op lists
+the backend plans from that view). See docs/backend-tgt.md.
 """
 from __future__ import annotations
 
 import copy
 import ipaddress
 from dataclasses import dataclass, field
-from typing import Mapping, Union
+from typing import Callable, Mapping, Sequence, Union
 
 from agent.core.model import PathKey
 from agent.errors import PermanentBackendError
@@ -140,6 +142,7 @@ class CloseConnection:
 
 
 Op = Union[Probe, Call, NewAccount, AddPortal, DeletePortal, DeleteTarget, CloseConnection]
+_TargetLookup = Callable[[str], TgtTarget]
 
 
 # ---------------------------------------------------------------------------------------------- comparing
@@ -269,7 +272,7 @@ def _reopen_ops(entry: Entry, st: TgtState, prev: Entry, record: Mapping[str, En
     ops.append(DeleteTarget(t.tid, entry.iqn))
     del st.targets[entry.iqn]
     st.portals -= set(gone)
-    again = ops_for(entry, st, prev, record, s)
+    again = ops_for(entry, st, prev, record, s)    # copies st again: st is not the caller's state
     return ops + [op for op in again if op != probe]
 
 
@@ -280,10 +283,12 @@ def ops_for(entry: Entry, state: TgtState, prev: Entry | None, record: Mapping[s
     password or the size changed); ``record``: every recorded disk, ``entry`` included. Order: Ceph probe,
     target, LUN, identity, ACL (allow before disallow), closing the connections the ACL no longer admits,
     CHAP (applies at the next login), portals. A changed size re-creates the target (``_reopen_ops``).
-    ``PermanentBackendError`` when the target's LUN 1 is another image. Pure: ``state`` is not modified."""
-    st = copy.deepcopy(state)
+    ``PermanentBackendError`` when the target's LUN 1 is another image. Pure: ``state`` is not modified.
+    Its cost does not grow with the targets tgtd has (but for ``free_tid`` and C-level copies of the target
+    dict and the portal set): only the targets it changes are copied (``_own``)."""
+    st = _working_copy(state)
     ops: list[Op] = []
-    t = st.targets.get(entry.iqn)
+    t = _own(st, state, entry.iqn)
     lun = t.luns.get(LUN) if t is not None else None
     if lun is not None and not lun_ok(entry, t):
         raise PermanentBackendError(f"disk {entry.disk}: target {entry.iqn} serves {lun.path or lun.kind} "
@@ -319,7 +324,7 @@ def ops_for(entry: Entry, state: TgtState, prev: Entry | None, record: Mapping[s
                                                            _acl_kind(who), who)))
     t.acl = set(want)
     ops += revoke_ops(entry, t)
-    ops += _account_ops(entry, t, st, prev, record)
+    ops += _account_ops(entry, t, st, prev, record, state)
     for ip in sorted(set(entry.paths.values())):
         p = portal_of(ip, s.port)
         if p not in st.portals:
@@ -328,16 +333,36 @@ def ops_for(entry: Entry, state: TgtState, prev: Entry | None, record: Mapping[s
     return ops
 
 
+def _working_copy(state: TgtState) -> TgtState:
+    """A copy of ``state`` that ``ops_for`` may change: its own target dict, portal set and account set;
+    the targets themselves are shared with ``state`` until ``_own`` copies one."""
+    return TgtState(targets=dict(state.targets), portals=set(state.portals),
+                    accounts=None if state.accounts is None else set(state.accounts))
+
+
+def _own(st: TgtState, state: TgtState, iqn: str) -> TgtTarget | None:
+    """Target ``iqn`` of the working copy ``st``, copied first if it is still ``state``'s own object."""
+    t = st.targets.get(iqn)
+    if t is not None and t is state.targets.get(iqn):
+        t = copy.deepcopy(t)
+        st.targets[iqn] = t
+    return t
+
+
 def _account_ops(entry: Entry, t: TgtTarget, st: TgtState, prev: Entry | None,
-                 record: Mapping[str, Entry]) -> list[Op]:
+                 record: Mapping[str, Entry], state: TgtState | None = None) -> list[Op]:
     """CHAP: an account whose password changed (or is unknown) is deleted and created again, which unbinds
     it everywhere, so it is bound again to every recorded target that uses it; tgt allows one outgoing
-    account per target. Mutates ``t`` and ``st`` (the caller's copies)."""
+    account per target. Mutates ``t`` and ``st`` (the caller's copies; another target of ``st`` is copied
+    before it changes while it is still ``state``'s)."""
     ops: list[Op] = []
-    known = passwords({d: e for d, e in record.items() if d != entry.disk})
+    if not entry.accounts() and not t.accounts_in and not t.accounts_out:
+        return ops
+    known = passwords({d: e for d, e in record.items() if d != entry.disk}) if entry.accounts() else {}
     if prev is not None:
         known.update({c.user: c.password for c, _ in prev.accounts()})
     accounts = st.accounts if st.accounts is not None else set()
+    base = state if state is not None else st
 
     def bind(target: TgtTarget, user: str, outgoing: bool) -> None:
         have = target.accounts_out if outgoing else target.accounts_in
@@ -357,16 +382,20 @@ def _account_ops(entry: Entry, t: TgtTarget, st: TgtState, prev: Entry | None,
             ops.append(Call(f"replace CHAP account {c.user!r}", ("--mode", "account", "--op", "delete",
                                                                  "--user", c.user)))
             accounts.discard(c.user)
-            for tt in st.targets.values():
+            for name in [n for n, tt in st.targets.items() if c.user in tt.accounts_in | tt.accounts_out]:
+                tt = _own(st, base, name)
+                assert tt is not None
                 tt.accounts_in.discard(c.user)
                 tt.accounts_out.discard(c.user)
         if c.user not in accounts:
             ops.append(NewAccount(c.user, c.password))
             accounts.add(c.user)
             for e in record.values():
-                other = st.targets.get(e.iqn)
-                if e.disk == entry.disk or other is None:
+                if e.disk == entry.disk or e.iqn not in st.targets or not any(
+                        oc.user == c.user for oc, _ in e.accounts()):
                     continue
+                other = _own(st, base, e.iqn)
+                assert other is not None
                 for oc, oout in e.accounts():
                     if oc.user == c.user:
                         bind(other, oc.user, oout)
@@ -398,3 +427,150 @@ def prune_ops(state: TgtState, record: Mapping[str, Entry], s: Settings = Settin
     ops += [Call(f"delete CHAP account {u!r}", ("--mode", "account", "--op", "delete", "--user", u))
             for u in sorted((state.accounts or set()) - users)]
     return ops
+
+
+# ---------------------------------------------------------------------------------------------- the cached view
+
+#: (mode, op) of the plain calls that only add to tgtd's configuration (and change no session)
+_ADDING = {("target", "new"), ("logicalunit", "new"), ("logicalunit", "update"), ("target", "bind"),
+           ("account", "bind")}
+
+
+def _argmap(args: Sequence[str]) -> dict[str, str]:
+    """``--key value`` pairs of a tgtadm argv (a flag without a value maps to ``""``)."""
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(args):
+        key = args[i]
+        if key.startswith("--") and i + 1 < len(args) and not args[i + 1].startswith("--"):
+            out[key[2:]] = args[i + 1]
+            i += 2
+        else:
+            out[key.lstrip("-")] = ""
+            i += 1
+    return out
+
+
+def additive(ops: Sequence[Op]) -> bool:
+    """Whether ``ops`` only add to tgtd: a target, its LUN, its identity, an ACL entry, a CHAP account or
+    its binding, a portal. Nothing of that depends on or changes a session, so the backend may plan such
+    ops from its cached view of tgtd's configuration; anything else (a delete, an unbind, closing a
+    session, re-creating a target) is planned from a fresh ``tgtadm --op show``."""
+    for op in ops:
+        if isinstance(op, (Probe, NewAccount, AddPortal)):
+            continue
+        if not isinstance(op, Call):
+            return False
+        a = _argmap(op.args)
+        if (a.get("mode", ""), a.get("op", "")) not in _ADDING:
+            return False
+    return True
+
+
+def _default_lun(tid: int, lun: int, kind: str, bstype: str, path: str) -> TgtLun:
+    """A LUN as tgt creates it (``tgt_device_create``: the default ``scsi_id``/``scsi_sn`` from tid and
+    LUN)."""
+    return TgtLun(lun=lun, kind=kind, scsi_id=f"IET     {tid:04x}{lun:04x}", scsi_sn=f"beaf{tid}{lun}",
+                  bstype=bstype, path=path)
+
+
+def apply_ops(state: TgtState, ops: Sequence[Op]) -> None:
+    """Change ``state`` as tgtd changed when every op of ``ops`` succeeded (in order): targets (a new one
+    with tgt's controller LUN 0), LUNs, identities, ACLs, accounts and their bindings, portals, and the
+    sessions closed. Mutates ``state`` (the backend's cached view); the cost is per op, not per target,
+    except for an op on a target that ``ops`` did not create (a lookup by tid) and an account delete
+    (unbound everywhere). ``ValueError`` for an op it cannot model: the backend then forgets its view."""
+    by_tid: dict[int, TgtTarget] = {}
+
+    def target(tid_s: str) -> TgtTarget:
+        tid = int(tid_s)
+        t = by_tid.get(tid)
+        if t is None:
+            t = next((x for x in state.targets.values() if x.tid == tid), None)
+            if t is None:
+                raise ValueError(f"no target with tid {tid} in the view")
+            by_tid[tid] = t
+        return t
+
+    for op in ops:
+        if isinstance(op, Probe):
+            continue
+        if isinstance(op, AddPortal):
+            state.portals.add(op.portal)
+        elif isinstance(op, DeletePortal):
+            state.portals.discard(op.portal)
+        elif isinstance(op, NewAccount):
+            if state.accounts is not None:
+                state.accounts.add(op.user)
+        elif isinstance(op, DeleteTarget):
+            state.targets.pop(op.name, None)
+            by_tid.pop(op.tid, None)
+        elif isinstance(op, CloseConnection):
+            t = next((x for x in state.targets.values() if x.tid == op.tid), None)
+            if t is not None:
+                for n in t.it_nexus:
+                    if n.sid == op.sid:
+                        n.connections = [c for c in n.connections if c.cid != op.cid]
+                t.it_nexus = [n for n in t.it_nexus if n.sid != op.sid or n.connections]
+        elif isinstance(op, Call):
+            _apply_call(state, _argmap(op.args), target, by_tid)
+        else:                                                   # pragma: no cover - Op is a closed union
+            raise ValueError(f"cannot model {op!r}")
+
+
+def _apply_call(state: TgtState, a: Mapping[str, str], target: _TargetLookup, by_tid: dict[int, TgtTarget]) -> None:
+    mode, what = a.get("mode", ""), a.get("op", "")
+    if (mode, what) == ("target", "new"):
+        tid = int(a["tid"])
+        t = TgtTarget(tid=tid, name=a["targetname"])
+        t.luns[0] = _default_lun(tid, 0, "controller", "null", "None")
+        state.targets[t.name] = t
+        by_tid[tid] = t
+    elif (mode, what) == ("logicalunit", "new"):
+        t = target(a["tid"])
+        lun = int(a["lun"])
+        t.luns[lun] = _default_lun(t.tid, lun, "disk", a.get("bstype", ""), a.get("backing-store", ""))
+    elif (mode, what) == ("logicalunit", "update"):
+        lun_ = target(a["tid"]).luns.get(int(a["lun"]))
+        if lun_ is None:
+            raise ValueError(f"no LUN {a['lun']} on tid {a['tid']} in the view")
+        for kv in a.get("params", "").split(","):
+            k, _, v = kv.partition("=")
+            if k == "scsi_sn":
+                lun_.scsi_sn = v
+            elif k == "scsi_id":
+                lun_.scsi_id = v
+    elif mode == "target" and what in ("bind", "unbind"):
+        t = target(a["tid"])
+        who = a.get("initiator-name", a.get("initiator-address"))
+        if who is None:
+            raise ValueError("an ACL call without an initiator")
+        if what == "bind":
+            t.acl.add(who)
+        else:
+            t.acl.discard(who)
+    elif mode == "account" and what in ("bind", "unbind"):
+        t = target(a["tid"])
+        have = t.accounts_out if "outgoing" in a else t.accounts_in
+        if what == "bind":
+            have.add(a["user"])
+        else:
+            have.discard(a["user"])
+    elif (mode, what) == ("account", "delete"):
+        user = a["user"]
+        if state.accounts is not None:
+            state.accounts.discard(user)
+        for t in state.targets.values():                       # tgt unbinds a deleted account everywhere
+            t.accounts_in.discard(user)
+            t.accounts_out.discard(user)
+    else:
+        raise ValueError(f"cannot model tgtadm --mode {mode} --op {what}")
+
+
+def configuration(state: TgtState) -> TgtState:
+    """``state`` without its sessions (what the cached view keeps: the backend is the only writer of its
+    tgtd's configuration, but initiators log in and out as they like)."""
+    out = copy.deepcopy(state)
+    for t in out.targets.values():
+        t.it_nexus = []
+    return out

@@ -1,9 +1,13 @@
 """The tgt backend's op lists, table-tested without tgtd: ``ops_for`` (target, LUN, identity, ACL, closing
 revoked sessions, CHAP, portals, re-creating the target for a new size), ``prune_ops``, ``served``,
-``applied``, ``admits`` and ``logins``."""
+``applied``, ``admits`` and ``logins``; the backend's cached view (``apply_ops``, ``additive``,
+``configuration``) and its record journal (``replay``, ``RecordStore``)."""
 from __future__ import annotations
 
 import copy
+import json
+import os
+import stat
 from pathlib import Path
 from typing import Iterable
 
@@ -11,10 +15,11 @@ import pytest
 
 from agent.core.model import Chap, PathKey
 from agent.errors import PermanentBackendError
+from plugins.tgt.backend import RecordStore, journal_line, replay, tag_of
 from plugins.tgt.converge import (AddPortal, Call, CloseConnection, DeletePortal, DeleteTarget, NewAccount, Op, Probe,
-                                  Settings, admits, applied, logins, narrowed, needs_reopen, ops_for, prune_ops,
-                                  revoke_ops, served)
-from plugins.tgt.record import Entry
+                                  Settings, additive, admits, applied, apply_ops, configuration, logins, narrowed,
+                                  needs_reopen, ops_for, prune_ops, revoke_ops, served)
+from plugins.tgt.record import Entry, RecordFile, Stored
 from plugins.tgt.tgtadm import (TgtConnection, TgtLun, TgtSession, TgtState, TgtTarget, parse_portals,
                                 parse_targets)
 
@@ -400,3 +405,132 @@ def test_revocation_and_logins_from_a_real_show() -> None:
               initiators=None, chap=None, mutual_chap=None, paths={})
     assert logins({"a": a, "b": b, "d": d}, st.targets) == {"a": frozenset({INI}), "b": frozenset({INI, OTHER})}
     assert logins({"d": d}, st.targets) == {} and logins({"a": a}, {}) == {}
+
+
+# ------------------------------------------------------------------------------------------------ the cached view
+
+@pytest.mark.parametrize("name,e,st,prev,others,want", CASES, ids=[c[0] for c in CASES])
+def test_applying_the_ops_leaves_nothing_to_do(name: str, e: Entry, st: TgtState, prev: Entry | None,
+                                               others: dict[str, Entry], want: list[Op]) -> None:
+    """What the backend's view becomes after the ops succeeded is a tgtd that has the entry: planning again
+    from it (with the entry now recorded) finds nothing to do."""
+    record = {**others, e.disk: e}
+    view = copy.deepcopy(st)
+    apply_ops(view, want)
+    assert ops_for(e, view, e, record, S) == []
+    assert applied(e, view, 3260)
+
+
+def test_apply_ops_builds_what_tgt_shows_for_a_new_target() -> None:
+    """LUN 0 and LUN 1 with tgt's default identity (``IET     TTTTLLLL``, ``beafTL``) until the update, as in
+    the captured ``tgtadm --op show``."""
+    view = state(portals=())
+    ops = ops_for(entry(initiators=None), view, None, {"d1": entry(initiators=None)}, S)
+    apply_ops(view, ops[:3])                        # probe, target, LUN: not the identity yet
+    lun0, lun1 = view.targets[IQN].luns[0], view.targets[IQN].luns[1]
+    assert (lun0.kind, lun0.scsi_id, lun0.scsi_sn, lun0.bstype, lun0.path) == (
+        "controller", "IET     00010000", "beaf10", "null", "None")
+    assert (lun1.kind, lun1.scsi_id, lun1.scsi_sn, lun1.bstype, lun1.path) == (
+        "disk", "IET     00010001", "beaf11", "rbd", "rbd/img-d1")
+    apply_ops(view, ops[3:])
+    assert (lun1.scsi_id, lun1.scsi_sn) == (SERIAL, SERIAL)
+    assert view.targets[IQN].acl == {"ALL"} and view.portals == {"10.0.0.1:3260"}
+
+
+def test_apply_ops_follows_accounts_deletes_and_closed_sessions() -> None:
+    view = state(target(ins=("alice",), outs=("tgt-1",), sessions=[sess(1, INI), sess(2, OTHER)]),
+                 target(tid=2, iqn="iqn.x:d2", ins=("alice",)), accounts=("alice", "tgt-1"))
+    apply_ops(view, [delete_account("alice"), close(2, OTHER), unbind("tgt-1", outgoing=True)])
+    t1, t2 = view.targets[IQN], view.targets["iqn.x:d2"]
+    assert view.accounts == {"tgt-1"} and not t1.accounts_in and not t2.accounts_in and not t1.accounts_out
+    assert [n.sid for n in t1.it_nexus] == [1]
+    apply_ops(view, [NewAccount("alice", "pw"), bind("alice", tid=2, iqn="iqn.x:d2"), DeleteTarget(1, IQN),
+                     DeletePortal("10.0.0.1:3260")])
+    assert view.accounts == {"alice", "tgt-1"} and t2.accounts_in == {"alice"}
+    assert set(view.targets) == {"iqn.x:d2"} and view.portals == set()
+
+
+def test_apply_ops_refuses_what_it_cannot_model() -> None:
+    with pytest.raises(ValueError):
+        apply_ops(state(), [Call("show", ("--mode", "target", "--op", "show"))])
+    with pytest.raises(ValueError):
+        apply_ops(state(), [allow(INI, tid=9)])          # a target the view does not have
+
+
+def test_additive_ops_are_those_that_only_add() -> None:
+    new = ops_for(entry(chap=Chap("alice", "pw"), mutual=Chap("t", "tpw")), state(portals=()), None,
+                  {"d1": entry(chap=Chap("alice", "pw"), mutual=Chap("t", "tpw"))}, S)
+    assert additive(new) and additive([AddPortal("10.0.0.2:3260")]) and additive([])
+    for _, e, st, prev, others, want in CASES:
+        takes = any(isinstance(op, (DeletePortal, DeleteTarget, CloseConnection)) or (
+            isinstance(op, Call) and ("unbind" in op.args or "delete" in op.args)) for op in want)
+        assert additive(want) is not takes, want
+
+
+def test_configuration_leaves_the_sessions_out() -> None:
+    st = state(target(sessions=[sess(1, INI)]))
+    view = configuration(st)
+    assert view.targets[IQN].it_nexus == [] and st.targets[IQN].sessions == 1
+    assert view.targets[IQN].luns == st.targets[IQN].luns and view.portals == st.portals
+
+
+def test_ops_for_copies_only_the_targets_it_changes() -> None:
+    others = {f"iqn.x:o{i}": target(tid=i + 2, iqn=f"iqn.x:o{i}") for i in range(50)}
+    st = state(target(), *others.values(), portals=("10.0.0.1:3260",))
+    before = {n: id(t) for n, t in st.targets.items()}
+    assert ops_for(entry(paths={1: "10.0.0.1", 2: "10.0.0.2"}), st, entry(), {}, S) == [AddPortal("10.0.0.2:3260")]
+    assert {n: id(t) for n, t in st.targets.items()} == before and st.portals == {"10.0.0.1:3260"}
+
+
+# ------------------------------------------------------------------------------------------------ the journal
+
+def stored(*entries: Entry, tgtd: str = "7 70", fence: str = "m1") -> Stored:
+    return Stored(tgtd=tgtd, fence=fence, disks={e.disk: e for e in entries})
+
+
+def test_replay_applies_the_lines_of_this_base_and_tgtd_in_order() -> None:
+    d2 = entry(disk="d2", iqn="iqn.x:d2")
+    data = (journal_line("B", "7 70", "m1", "d2", d2) + journal_line("B", "7 70", "m2", "d1", None)
+            + journal_line("OLD", "7 70", "m3", "d3", entry(disk="d3"))      # before a compaction: stale
+            + journal_line("B", "6 60", "m4", "d4", entry(disk="d4")))       # another tgtd: stale
+    rec, lines, torn = replay(stored(entry()), "B", data)
+    assert rec.disks == {"d2": d2} and rec.fence == "m2" and rec.tgtd == "7 70"
+    assert (lines, torn) == (4, False)
+
+
+def test_replay_ignores_a_torn_tail_and_says_so() -> None:
+    line = journal_line("B", "7 70", "m1", "d2", entry(disk="d2"))
+    rec, lines, torn = replay(stored(), "B", line + line[:20])
+    assert set(rec.disks) == {"d2"} and (lines, torn) == (2, True)
+    rec, _, torn = replay(stored(), "B", line[:20] + b"\n" + line)    # appended after a torn line: distrusted
+    assert rec.disks == {} and torn
+
+
+def test_replay_needs_a_base_of_a_tgtd() -> None:
+    line = journal_line("", "", "m1", "d2", entry(disk="d2"))
+    assert replay(Stored(tgtd="", disks={}), "", line)[0].disks == {}
+    assert replay(Stored(tgtd=None, disks={}), "B", journal_line("B", "7 70", "m", "d2", entry()))[0].disks == {}
+
+
+def test_record_store_appends_compacts_and_forgets_a_stale_journal(tmp_path: Path) -> None:
+    base = RecordFile(str(tmp_path / "tgt" / "exports.json"))
+    store = RecordStore(base, str(tmp_path / "tgt" / "exports.log"))
+    stamp, tag = store.save("7 70", "m1", {"d1": entry()})
+    assert stamp == store.stamp() and stamp[1] is None and tag == tag_of(stamp[0])
+    d2 = entry(disk="d2", iqn="iqn.x:d2")
+    stamp2 = store.append(tag, "7 70", "m1", "d2", d2)
+    assert stamp2 == store.stamp() and stamp2[1] is not None
+    assert stat.S_IMODE(os.stat(store.journal).st_mode) == 0o600          # entries hold CHAP secrets
+    loaded = store.load()
+    assert loaded.stored.disks == {"d1": entry(), "d2": d2} and loaded.lines == 1 and not loaded.torn
+    assert loaded.stamp == stamp2
+    # the base alone (what an older agent reads) does not have d2 until a compaction
+    assert set(json.load(open(base.path))["disks"]) == {"d1"}
+    old_journal = open(store.journal, "rb").read()
+    _, tag3 = store.save("7 70", "m1", {"d2": d2})
+    assert not os.path.exists(store.journal) and set(json.load(open(base.path))["disks"]) == {"d2"}
+    # a crash between the base and the removal of the journal: its lines name the old base, and are stale
+    open(store.journal, "wb").write(old_journal + journal_line("OLD-BASE", "7 70", "m1", "d1", None))
+    assert store.load().stored.disks == {"d2": d2}
+    store.append(tag3, "7 70", "m1", "d1", entry())
+    assert store.load().stored.disks == {"d1": entry(), "d2": d2}
