@@ -14,22 +14,31 @@ the caller's network namespace. Prose, record format and measurements: ``docs/ne
   for), then the record rewritten. ``up`` that overlapped a ``fence`` of the same instance undoes itself.
 - ``active`` reads the kernel. Netlink errors are ``TransientBackendError``, a missing interface or an
   invalid address ``PermanentBackendError``; IPv4 only.
+- ``up``/``down``/``active`` cost the same whatever the number of addresses: they read the kernel's
+  addresses and interface names from an ``AddressMirror``, which follows the kernel's own rtnetlink
+  notifications (drained at each call: a change completed before the call is in it) and dumps only when
+  it starts, when it lost notifications, and every ``RESYNC_EVERY`` seconds; the record is read again only
+  when its file changed, and written at most once per call. ``fence`` does not use either.
 """
 from __future__ import annotations
 
+import errno
 import ipaddress
 import itertools
+import json
 import logging
 import os
 import select
 import shutil
 import signal
 import socket
+import struct
 import subprocess
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 from agent import statefile
 from agent.backend import NetworkBackend, PluginContext
@@ -50,6 +59,12 @@ KILL_WAIT = 0.2
 _GATE = 'read -r go && exec "$@"'
 
 _Record = dict[str, dict[str, Any]]
+FileKey = tuple[int, int, int]    # (inode, size, mtime in ns)
+
+#: the mirror dumps the kernel's addresses again after this many seconds even when no notification was lost
+RESYNC_EVERY = 60.0
+#: receive buffer of the mirror's netlink socket (a burst of notifications beyond it is a resync, not an error)
+MIRROR_RCVBUF = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -65,6 +80,326 @@ class _Child:
     proc: subprocess.Popen[bytes]
     ip: str
     start: int | None     # /proc start time (clock ticks after boot); None: it was gone at once
+
+# ------------------------------------------------------------------------------------------------ the mirror
+
+NETLINK_ROUTE = 0
+RTMGRP_LINK = 0x1
+RTMGRP_IPV4_IFADDR = 0x10
+RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK = 16, 17, 18
+RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 20, 21, 22
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
+IFA_ADDRESS, IFA_LOCAL, IFA_LABEL = 1, 2, 3
+IFLA_IFNAME = 3
+_NLMSG = struct.Struct("=IHHII")          # nlmsghdr: len, type, flags, seq, pid
+_IFADDR = struct.Struct("=BBBBI")         # ifaddrmsg: family, prefixlen, flags, scope, index
+_IFINFO = struct.Struct("=BxHiII")        # ifinfomsg: family, type, index, flags, change
+_RTA = struct.Struct("=HH")               # rtattr: len, type
+
+
+@dataclass(frozen=True)
+class NlEvent:
+    """One rtnetlink message about an address or an interface: ``new`` (RTM_NEWADDR/NEWLINK, also a dump
+    answer) or gone (RTM_DELADDR/DELLINK); ``addr`` for an address (``peer``: its IFA_ADDRESS), ``index``
+    and ``name`` for an interface."""
+
+    new: bool
+    addr: _Addr | None = None
+    peer: str = ""
+    index: int = 0
+    name: str = ""
+
+
+def _attrs(data: bytes, off: int, end: int) -> Iterator[tuple[int, bytes]]:
+    while off + _RTA.size <= end:
+        alen, atype = _RTA.unpack_from(data, off)
+        if alen < _RTA.size:
+            return
+        yield atype & 0x3FFF, data[off + _RTA.size:off + alen]
+        off += (alen + 3) & ~3
+
+
+def parse_netlink(data: bytes, seq: int) -> tuple[list[NlEvent], bool, int]:
+    """The address (IPv4) and interface messages in one netlink datagram, in order; whether it holds the
+    end of dump ``seq`` (NLMSG_DONE), and the errno of an error answer to ``seq`` (0: none). Interface
+    messages of another family than AF_UNSPEC (a bridge port's, AF_BRIDGE) are not about the interface
+    itself and are left out. Pure."""
+    out: list[NlEvent] = []
+    done, err = False, 0
+    off = 0
+    while off + _NLMSG.size <= len(data):
+        length, mtype, _flags, mseq, _pid = _NLMSG.unpack_from(data, off)
+        if length < _NLMSG.size or off + length > len(data):
+            break
+        body = off + _NLMSG.size
+        end = off + length
+        if mtype == NLMSG_DONE and mseq == seq:
+            done = True
+        elif mtype == NLMSG_ERROR and mseq == seq and end - body >= 4:
+            code = -struct.unpack_from("=i", data, body)[0]
+            if code:
+                err = code
+        elif mtype in (RTM_NEWADDR, RTM_DELADDR) and end - body >= _IFADDR.size:
+            family, prefix, _fl, _scope, index = _IFADDR.unpack_from(data, body)
+            if family == socket.AF_INET:
+                local = address = label = None
+                for atype, value in _attrs(data, body + _IFADDR.size, end):
+                    if atype == IFA_LOCAL and len(value) == 4:
+                        local = socket.inet_ntoa(value)
+                    elif atype == IFA_ADDRESS and len(value) == 4:
+                        address = socket.inet_ntoa(value)
+                    elif atype == IFA_LABEL:
+                        label = value.split(b"\0", 1)[0].decode(errors="replace")
+                ip = local or address
+                if ip:
+                    out.append(NlEvent(mtype == RTM_NEWADDR, _Addr(ip, prefix, index, label), peer=address or ""))
+        elif mtype in (RTM_NEWLINK, RTM_DELLINK) and end - body >= _IFINFO.size:
+            family, _type, index, _fl, _change = _IFINFO.unpack_from(data, body)
+            if family == socket.AF_UNSPEC:
+                name = ""
+                for atype, value in _attrs(data, body + _IFINFO.size, end):
+                    if atype == IFLA_IFNAME:
+                        name = value.split(b"\0", 1)[0].decode(errors="replace")
+                out.append(NlEvent(mtype == RTM_NEWLINK, index=index, name=name))
+        off += (length + 3) & ~3
+    return out, done, err
+
+
+_Key = tuple[str, str, int, int]          # (local, peer, prefix, index): one kernel address
+
+
+def _net(ip: str, prefix: int) -> tuple[int, int]:
+    n = int(ipaddress.IPv4Address(ip))
+    return (n & ~((1 << (32 - prefix)) - 1) & 0xFFFFFFFF if prefix else 0), prefix
+
+
+class AddressState:
+    """The IPv4 addresses and interface names of one network namespace as ``NlEvent``s describe them,
+    indexed for the questions the backend asks: the addresses with a given IP (``at``), those whose subnet
+    contains an IP and that do not carry ``<their interface>:<label>`` (``candidates``: what ``_choose``
+    looks at), whether an IP is on an interface (``present``). Pure (no I/O)."""
+
+    def __init__(self, label: str) -> None:
+        self.suffix = f":{label}"
+        self.links: dict[int, str] = {}
+        self.addrs: dict[_Key, _Addr] = {}
+        self._by_ip: dict[str, set[_Key]] = {}
+        self._plain: dict[tuple[int, int], set[_Key]] = {}    # subnet -> addresses not labelled ours
+
+    def clear(self) -> None:
+        self.links.clear()
+        self.addrs.clear()
+        self._by_ip.clear()
+        self._plain.clear()
+
+    def _labelled(self, a: _Addr) -> bool:
+        return a.label is not None and a.label == f"{self.links.get(a.index, '')}{self.suffix}"
+
+    def apply(self, events: Iterable[NlEvent]) -> None:
+        relabel = False
+        for e in events:
+            if e.addr is None:
+                if e.new:
+                    relabel |= self.links.get(e.index) != e.name
+                    self.links[e.index] = e.name
+                elif self.links.pop(e.index, None) is not None:
+                    relabel = True
+                continue
+            a = e.addr
+            k = (a.ip, e.peer, a.prefix, a.index)
+            self._drop(k)
+            if e.new:
+                self.addrs[k] = a
+                self._by_ip.setdefault(a.ip, set()).add(k)
+                if not self._labelled(a):
+                    self._plain.setdefault(_net(a.ip, a.prefix), set()).add(k)
+        if relabel:                       # an interface came, went or was renamed: "ours by label" changed
+            self._plain.clear()
+            for k, a in self.addrs.items():
+                if not self._labelled(a):
+                    self._plain.setdefault(_net(a.ip, a.prefix), set()).add(k)
+
+    def _drop(self, k: _Key) -> None:
+        a = self.addrs.pop(k, None)
+        if a is None:
+            return
+        _discard(self._by_ip, a.ip, k)
+        _discard(self._plain, _net(a.ip, a.prefix), k)
+
+    def at(self, ip: str) -> list[_Addr]:
+        return [self.addrs[k] for k in sorted(self._by_ip.get(ip, ()))]
+
+    def present(self, ip: str, ifname: str) -> bool:
+        return any(self.links.get(k[3]) == ifname for k in self._by_ip.get(ip, ()))
+
+    def candidates(self, ip: str) -> list[_Addr]:
+        """Addresses whose subnet contains ``ip``, but for those labelled ``<their interface>:<label>``."""
+        out = []
+        for prefix in range(33):
+            for k in sorted(self._plain.get(_net(ip, prefix), ())):
+                out.append(self.addrs[k])
+        return out
+
+
+def _discard(index: dict[Any, set[_Key]], key: Any, k: _Key) -> None:
+    bucket = index.get(key)
+    if bucket is not None:
+        bucket.discard(k)
+        if not bucket:
+            del index[key]
+
+
+class AddressMirror:
+    """``AddressState`` kept current from the kernel: a netlink socket of this network namespace that
+    receives every address and interface notification (RTMGRP_IPV4_IFADDR, RTMGRP_LINK). The kernel
+    queues a notification before it acknowledges the change, so draining the socket at the start of a
+    call (``refresh``) gives the state after every change completed before it. A dump (interfaces, then
+    addresses) on the same socket starts it over: when it opens, after the receive buffer overflowed
+    (ENOBUFS: notifications were lost), in another network namespace than before, and every
+    ``RESYNC_EVERY`` seconds. Used under the backend's lock only; ``close`` releases the socket."""
+
+    def __init__(self, label: str) -> None:
+        self.state = AddressState(label)
+        self._sock: socket.socket | None = None
+        self._netns: tuple[int, int] | None = None
+        self._synced = 0.0
+        self._seq = itertools.count(1)
+        self.resyncs = 0
+
+    @staticmethod
+    def _namespace() -> tuple[int, int]:
+        st = os.stat("/proc/thread-self/ns/net")
+        return st.st_dev, st.st_ino
+
+    def refresh(self) -> AddressState:
+        """The state now. ``OSError`` when netlink fails (the caller translates it)."""
+        ns = self._namespace()
+        if self._sock is None or ns != self._netns:
+            self.close()
+            s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC,
+                              NETLINK_ROUTE)
+            try:
+                for opt in (33, socket.SO_RCVBUF):          # SO_RCVBUFFORCE (root), else what is allowed
+                    try:
+                        s.setsockopt(socket.SOL_SOCKET, opt, MIRROR_RCVBUF)
+                        break
+                    except OSError:
+                        continue
+                s.bind((0, RTMGRP_LINK | RTMGRP_IPV4_IFADDR))
+            except BaseException:
+                s.close()
+                raise
+            self._sock, self._netns = s, ns
+            self._resync()
+        elif time.monotonic() - self._synced > RESYNC_EVERY:
+            self._resync()
+        else:
+            try:
+                self._drain()
+            except OSError as e:
+                if e.errno != errno.ENOBUFS:
+                    raise
+                log.info("iproute: address notifications were lost (the receive buffer overflowed); dumping again")
+                self._resync()
+        return self.state
+
+    def _drain(self) -> None:
+        assert self._sock is not None
+        while True:
+            try:
+                data = self._sock.recv(1 << 16)
+            except BlockingIOError:
+                return
+            self.state.apply(parse_netlink(data, -1)[0])
+
+    def _resync(self) -> None:
+        """Start over: throw away what is queued (older than the dump, and incomplete after an overflow),
+        then dump interfaces and addresses, applying notifications that arrive meanwhile in order."""
+        assert self._sock is not None
+        for attempt in range(3):
+            try:
+                while True:
+                    try:
+                        self._sock.recv(1 << 16)
+                    except BlockingIOError:
+                        break
+                    except OSError as e:
+                        if e.errno != errno.ENOBUFS:
+                            raise
+                self.state.clear()
+                self._dump(RTM_GETLINK, struct.pack("=BxHiII", socket.AF_UNSPEC, 0, 0, 0, 0))
+                self._dump(RTM_GETADDR, _IFADDR.pack(socket.AF_INET, 0, 0, 0, 0))
+                self._synced = time.monotonic()
+                self.resyncs += 1
+                return
+            except OSError as e:
+                if e.errno != errno.ENOBUFS or attempt == 2:
+                    raise
+
+    def _dump(self, mtype: int, body: bytes, timeout: float = 2.0) -> None:
+        """Ask for a dump and apply everything the socket receives until its end (notifications that
+        arrive in between are applied in the order they came)."""
+        assert self._sock is not None
+        seq = next(self._seq)
+        self._sock.send(_NLMSG.pack(_NLMSG.size + len(body), mtype, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body)
+        end = time.monotonic() + timeout
+        while True:
+            try:
+                data = self._sock.recv(1 << 16)
+            except BlockingIOError:
+                left = end - time.monotonic()
+                if left <= 0 or not select.select([self._sock], [], [], left)[0]:
+                    raise OSError(errno.ETIMEDOUT, "no answer to a netlink dump") from None
+                continue
+            events, done, err = parse_netlink(data, seq)
+            self.state.apply(events)
+            if err:
+                raise OSError(err, os.strerror(err))
+            if done:
+                return
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        self.state.clear()
+
+
+def record_text(fragments: Mapping[str, str]) -> str:
+    """The record file's text from each path's entry already encoded (``json.dumps(entry, sort_keys=True)``):
+    the same text as ``json.dumps({"addresses": entries}, sort_keys=True)``, without encoding every entry
+    again at each write. Pure."""
+    return '{"addresses": {' + ", ".join(f"{json.dumps(k)}: {fragments[k]}" for k in sorted(fragments)) + "}}"
+
+
+def _write_text(path: str, text: str) -> FileKey:
+    """Replace ``path`` atomically with ``text`` (what ``statefile.write`` does) and return the new file's
+    key, taken from the file written (so a later replace by another writer is told apart)."""
+    d = os.path.dirname(path) or "."
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            st = os.fstat(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _file_key(path: str) -> FileKey | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 class IprouteNetwork(NetworkBackend):
@@ -108,6 +443,11 @@ class IprouteNetwork(NetworkBackend):
         self._fence_count = itertools.count(1)
         self._fences = 0                         # changes at the start and at the end of every fence
         self._fencing: set[object] = set()       # the fences running now
+        self._mirror = AddressMirror(self.label)  # opened at the first up/down/active (never by fence)
+        self._rec: _Record | None = None         # the record as last read or written by up/down (under _lock)
+        self._rec_key: FileKey | None = None     # ... and the file it came from
+        self._by_ipif: dict[tuple[str, str], set[str]] = {}   # (ip, ifname) -> recorded paths
+        self._frags: dict[str, str] = {}         # path -> its entry as JSON (what _commit writes)
         try:
             from pyroute2 import IPRoute
             self._iproute: Any = IPRoute
@@ -119,7 +459,8 @@ class IprouteNetwork(NetworkBackend):
 
     def up(self, path: PathKey, spec: PathSpec) -> None:
         """Add and announce ``spec.ip/spec.prefix`` for ``path``. Idempotent (no second announcement when
-        the address is already ours and present)."""
+        the address is already ours and present). The record (with the announcement, started gated) is
+        written once, before the address is added."""
         ip = self._ipv4(spec.ip)
         if not 0 < spec.prefix <= 32:
             raise PermanentBackendError(f"path {path}: prefix length {spec.prefix} is not valid for IPv4")
@@ -127,57 +468,63 @@ class IprouteNetwork(NetworkBackend):
         with self._lock:
             since = (self._fences, bool(self._fencing))
             self._reap()
-            record = self._load()
-            with self._ipr() as ipr:
-                links = self._links(ipr)
-                addrs = self._addrs(ipr)
-                ifname = self._choose(path, ip, addrs, links, record)
-                index = next(i for i, n in links.items() if n == ifname)
-                label = self._label_for(ifname)
-                mine = record.get(key)
-                for a in addrs:
-                    if a.ip != ip:
-                        continue
-                    on = links.get(a.index, str(a.index))
-                    if not self._ours(a, links, record):
-                        raise PermanentBackendError(
-                            f"path {path}: {ip} is already configured on {on} and was not "
-                            "added by pathagent; refusing to take it over")
-                    others = self._sharing(record, key, ip, on)
-                    if others:
-                        raise PermanentBackendError(
-                            f"path {path}: {ip} is already up on {on} for path {others[0]}; two paths cannot "
-                            "share one IP (fix the disk definitions)")
-                    if a.index == index and a.prefix == spec.prefix:
-                        if mine is None or mine.get("ip") != ip or mine.get("ifname") != ifname:
-                            record[key] = {"ip": ip, "prefix": spec.prefix, "ifname": ifname}
-                            self._save(record)
-                        if self._fenced_since(since):
-                            raise TransientBackendError(f"path {path}: a fence ran while {ip} was being "
-                                                        f"brought up on {ifname}")
-                        return
-                    # ours, but on another interface or with another prefix: move it
+            record = self._records()
+            kernel = self._kernel()
+            links = kernel.links
+            ifname = self._choose(path, ip, kernel, links)
+            index = next(i for i, n in links.items() if n == ifname)
+            label = self._label_for(ifname)
+            mine = record.get(key)
+            for a in kernel.at(ip):
+                on = links.get(a.index, str(a.index))
+                if not self._ours_now(a, links):
+                    raise PermanentBackendError(
+                        f"path {path}: {ip} is already configured on {on} and was not "
+                        "added by pathagent; refusing to take it over")
+                others = self._sharing_now(key, ip, on)
+                if others:
+                    raise PermanentBackendError(
+                        f"path {path}: {ip} is already up on {on} for path {others[0]}; two paths cannot "
+                        "share one IP (fix the disk definitions)")
+                if a.index == index and a.prefix == spec.prefix:
+                    if mine is None or mine.get("ip") != ip or mine.get("ifname") != ifname:
+                        self._rec_set(key, {"ip": ip, "prefix": spec.prefix, "ifname": ifname})
+                        self._commit()
+                    if self._fenced_since(since):
+                        raise TransientBackendError(f"path {path}: a fence ran while {ip} was being "
+                                                    f"brought up on {ifname}")
+                    return
+                # ours, but on another interface or with another prefix: move it
+                with self._ipr() as ipr:
                     self._del(ipr, a, key)
-                    self._stop_announcements(ip, [mine] if mine else [])
-                record[key] = {"ip": ip, "prefix": spec.prefix, "ifname": ifname}
-                self._save(record)
+                self._stop_announcements(ip, [mine] if mine else [])
+            child = self._spawn_announcement(ifname, ip)
+            entry: dict[str, Any] = {"ip": ip, "prefix": spec.prefix, "ifname": ifname}
+            if child is not None and child.start is not None:
+                entry["arping"] = {"pid": child.proc.pid, "start": child.start}
+            try:
+                self._rec_set(key, entry)
+                self._commit()
                 if self.promote:
                     self._promote(ifname)
                 if not self.may_serve():         # the host's lease, right before the address goes up
-                    del record[key]
-                    self._save(record)
                     raise TransientBackendError(f"path {path}: not bringing {ip} up: this node may not serve now")
                 try:
                     kw: dict[str, Any] = {"index": index, "address": ip, "prefixlen": spec.prefix}
                     if label is not None:
                         kw["label"] = label
-                    ipr.addr("add", **kw)
+                    with self._ipr() as ipr:
+                        ipr.addr("add", **kw)
+                except BackendError:
+                    raise
                 except Exception as e:
-                    del record[key]
-                    self._save(record)
                     raise self._translate(f"add {ip}/{spec.prefix} on {ifname} for {path}", e) from None
+            except BaseException:
+                self._let_go(child, False)
+                self._forget_entry(key)
+                raise
             log.info("iproute: %s/%d up on %s for %s", ip, spec.prefix, ifname, path)
-            self._announce(key, ifname, ip, record, since)
+            self._let_go(child, not self._fenced_since(since) and self.may_serve())
             if self._fenced_since(since):
                 self._undo(key, _Addr(ip, spec.prefix, index, label))
                 raise TransientBackendError(
@@ -191,55 +538,53 @@ class IprouteNetwork(NetworkBackend):
         key = str(path)
         with self._lock:
             self._reap()
-            record = self._load()
+            record = self._records()
             mine = record.get(key)
             ip = str(mine["ip"]) if mine else (self._ipv4(spec.ip) if spec is not None else None)
             if ip is None:
                 return
             left: list[str] = []
             shared = False
-            with self._ipr() as ipr:
-                links = self._links(ipr)
-                for a in self._addrs(ipr):
-                    if a.ip != ip:
-                        continue
-                    on = links.get(a.index, str(a.index))
-                    others = self._sharing(record, key, ip, on)
-                    if others:
-                        shared = True
-                        left.append(f"{ip}/{a.prefix} on {on} is also the address of path {others[0]} on this "
-                                    f"node (two paths with one IP): take {others[0]} down first")
-                    elif (mine is not None and mine.get("ifname") == on) or self._labelled(a, on):
+            kernel = self._kernel()
+            links = kernel.links
+            for a in kernel.at(ip):
+                on = links.get(a.index, str(a.index))
+                others = self._sharing_now(key, ip, on)
+                if others:
+                    shared = True
+                    left.append(f"{ip}/{a.prefix} on {on} is also the address of path {others[0]} on this "
+                                f"node (two paths with one IP): take {others[0]} down first")
+                elif (mine is not None and mine.get("ifname") == on) or self._labelled(a, on):
+                    with self._ipr() as ipr:
                         self._del(ipr, a, key)
-                        log.info("iproute: %s/%d down on %s for %s", ip, a.prefix, on, path)
-                    else:
-                        left.append(
-                            f"{ip}/{a.prefix} is up on {on} but pathagent does not know it as its own (no record "
-                            f"in {self.path}, no label {self._label_for(on) or '(none fits)'}); the path stays "
-                            f"held until it is gone: if pathagent added it (record lost), remove it with "
-                            f"'ip addr del {ip}/{a.prefix} dev {on}', otherwise free {ip} from whatever uses it")
+                    log.info("iproute: %s/%d down on %s for %s", ip, a.prefix, on, path)
+                else:
+                    left.append(
+                        f"{ip}/{a.prefix} is up on {on} but pathagent does not know it as its own (no record "
+                        f"in {self.path}, no label {self._label_for(on) or '(none fits)'}); the path stays "
+                        f"held until it is gone: if pathagent added it (record lost), remove it with "
+                        f"'ip addr del {ip}/{a.prefix} dev {on}', otherwise free {ip} from whatever uses it")
             if not shared:
                 self._stop_announcements(ip, [mine] if mine else [])
             if left:
                 raise TransientBackendError(f"path {path}: cannot take {ip} down: " + "; ".join(left),
                                             retry_after=5.0)
             if mine is not None:
-                del record[key]
-                self._save(record)
+                self._rec_del(key)
+                self._commit()
 
     def active(self) -> frozenset[PathKey]:
-        """Recorded paths whose address is present on the recorded interface (read from the kernel)."""
+        """Recorded paths whose address is present on the recorded interface (read from the kernel, through
+        the mirror of its notifications)."""
         with self._lock:
             self._reap()
-            record = self._load()
+            record = self._records()
             if not record:
                 return frozenset()
-            with self._ipr() as ipr:
-                links = self._links(ipr)
-                present = {(a.ip, links.get(a.index)) for a in self._addrs(ipr)}
+            kernel = self._kernel()
             out = set()
             for k, v in record.items():
-                if (v.get("ip"), v.get("ifname")) in present:
+                if kernel.present(str(v.get("ip")), str(v.get("ifname"))):
                     disk, _, idx = k.rpartition("/")
                     out.add(PathKey(disk, int(idx)))
             return frozenset(out)
@@ -309,6 +654,7 @@ class IprouteNetwork(NetworkBackend):
         so a later fence, in this process or another, still stops them); addresses stay."""
         with self._lock:
             self._reap()
+            self._mirror.close()
 
     # ---------------------------------------------------------------- helpers
 
@@ -335,13 +681,7 @@ class IprouteNetwork(NetworkBackend):
             return True
         return self._labelled(a, ifname)
 
-    @staticmethod
-    def _sharing(record: Mapping[str, Mapping[str, Any]], key: str, ip: str, ifname: str) -> list[str]:
-        """Other recorded paths whose address is ``ip`` on ``ifname``."""
-        return sorted(k for k, v in record.items() if k != key and v.get("ip") == ip and v.get("ifname") == ifname)
-
-    def _choose(self, path: PathKey, ip: str, addrs: list[_Addr], links: Mapping[int, str],
-                record: Mapping[str, Mapping[str, Any]]) -> str:
+    def _choose(self, path: PathKey, ip: str, kernel: AddressState, links: Mapping[int, str]) -> str:
         addr = ipaddress.IPv4Address(ip)
         for net, ifname in self.interfaces:
             if addr in net:
@@ -349,12 +689,11 @@ class IprouteNetwork(NetworkBackend):
                     raise PermanentBackendError(f"path {path}: interface {ifname} (for {net}) does not exist")
                 return ifname
         best: dict[str, int] = {}
-        for a in addrs:
-            if a.ip == ip or self._ours(a, links, record) or a.index not in links:
+        for a in kernel.candidates(ip):      # every address whose subnet has ip, but those labelled ours
+            if a.ip == ip or self._ours_now(a, links) or a.index not in links:
                 continue
-            if addr in ipaddress.IPv4Network(f"{a.ip}/{a.prefix}", strict=False):
-                name = links[a.index]
-                best[name] = max(best.get(name, -1), a.prefix)
+            name = links[a.index]
+            best[name] = max(best.get(name, -1), a.prefix)
         if not best:
             raise PermanentBackendError(f"path {path}: no interface has an address in a subnet containing {ip}; "
                                         "name one in [network.iproute] interfaces")
@@ -405,9 +744,7 @@ class IprouteNetwork(NetworkBackend):
         self._stop_announcements(a.ip, [])
         with self._ipr() as ipr:
             self._del(ipr, a, key)
-        record = self._load()
-        if record.pop(key, None) is not None:
-            self._save(record)
+        self._forget_entry(key)
 
     @staticmethod
     def _translate(what: str, e: Exception) -> Exception:
@@ -431,15 +768,15 @@ class IprouteNetwork(NetworkBackend):
         bool(self._fencing))``): one was running then or is now, or one started or ended in between."""
         return since[1] or bool(self._fencing) or self._fences != since[0]
 
-    def _announce(self, key: str, ifname: str, ip: str, record: _Record, since: tuple[int, bool]) -> None:
-        """Start the gratuitous ARPs for ``ip``: the child is gated on its stdin, recorded under ``key``,
-        and only then let go (unless a fence ran meanwhile)."""
+    def _spawn_announcement(self, ifname: str, ip: str) -> _Child | None:
+        """Start the gratuitous ARPs for ``ip``, gated: the child waits on its stdin (``_let_go``) and is
+        recorded by the caller before it may send. ``None`` without arping."""
         if not self.arping:
-            return
+            return None
         exe = shutil.which(self.arping)
         if exe is None:
             log.warning("iproute: %s not found: %s is up but not announced", self.arping, ip)
-            return
+            return None
         argv = ["/bin/sh", "-c", _GATE, "pathagent-arping", exe, "-q", "-U", "-c", str(ANNOUNCEMENTS),
                 "-w", str(ANNOUNCEMENTS), "-I", ifname, ip]
         try:
@@ -447,27 +784,26 @@ class IprouteNetwork(NetworkBackend):
                                     stderr=subprocess.DEVNULL, start_new_session=True, env=child_env())
         except OSError as e:
             log.warning("iproute: cannot start %s to announce %s: %s", self.arping, ip, e)
-            return
+            return None
         child = _Child(proc, ip, _starttime(proc.pid))
         self._children.append(child)
-        go = child.start is not None
-        if go:
-            record[key] = dict(record[key], arping={"pid": proc.pid, "start": child.start})
-            try:
-                self._save(record)
-            except BackendError as e:
-                log.error("iproute: %s is up but not announced: cannot record the announcement: %s", ip, e)
-                go = False
-        go = go and not self._fenced_since(since) and self.may_serve()
-        assert proc.stdin is not None
+        return child
+
+    def _let_go(self, child: _Child | None, go: bool) -> None:
+        """Tell the gated announcement to send (``go``: the address is up, no fence overlapped, the lease
+        holds), or close its stdin unread and kill it. A child already gone at its start is never let go."""
+        if child is None:
+            return
+        go = go and child.start is not None
+        assert child.proc.stdin is not None
         try:
             if go:
-                proc.stdin.write(b"go\n")
-            proc.stdin.close()
+                child.proc.stdin.write(b"go\n")
+            child.proc.stdin.close()
         except OSError as e:   # it died already
-            log.warning("iproute: announcement of %s did not start: %s", ip, e)
+            log.warning("iproute: announcement of %s did not start: %s", child.ip, e)
         if not go:
-            _kill({proc.pid: child.start} if child.start is not None else {}, KILL_WAIT)
+            _kill({child.proc.pid: child.start} if child.start is not None else {}, KILL_WAIT)
 
     def _announcers(self, ip: str | None, entries: Any) -> dict[int, int]:
         """pid -> start time of the announcements of ``ip`` (every IP when ``None``): those this
@@ -499,7 +835,69 @@ class IprouteNetwork(NetworkBackend):
                 log.warning("iproute: gratuitous ARP for %s (arping) exited with status %d", c.ip, rc)
         self._children = still
 
-    # ---------------------------------------------------------------- the record
+    # ---------------------------------------------------------------- the record (cached, under _lock)
+
+    def _records(self) -> _Record:
+        """The record, read again only when its file is not the one this instance last read or wrote
+        (a fence, another process). Do not change it but through ``_rec_set``/``_rec_del``."""
+        k = _file_key(self.path)
+        if self._rec is None or k != self._rec_key:
+            self._rec = self._load()
+            self._rec_key = k
+            self._by_ipif = {}
+            self._frags = {p: json.dumps(v, sort_keys=True) for p, v in self._rec.items()}
+            for p, v in self._rec.items():
+                self._by_ipif.setdefault((str(v.get("ip")), str(v.get("ifname"))), set()).add(p)
+        return self._rec
+
+    def _rec_set(self, key: str, value: dict[str, Any]) -> None:
+        rec = self._records()
+        self._rec_del(key)
+        rec[key] = value
+        self._frags[key] = json.dumps(value, sort_keys=True)
+        self._by_ipif.setdefault((str(value.get("ip")), str(value.get("ifname"))), set()).add(key)
+
+    def _rec_del(self, key: str) -> None:
+        rec = self._records()
+        old = rec.pop(key, None)
+        self._frags.pop(key, None)
+        if old is not None:
+            ix = (str(old.get("ip")), str(old.get("ifname")))
+            self._by_ipif.get(ix, set()).discard(key)
+            if not self._by_ipif.get(ix, True):
+                del self._by_ipif[ix]
+
+    def _commit(self) -> None:
+        """Write the record (one atomic replace, of the entries' cached JSON); a failure leaves the cache to
+        be read again."""
+        self._records()
+        try:
+            self._rec_key = _write_text(self.path, record_text(self._frags))
+        except OSError as e:
+            self._rec = None
+            raise TransientBackendError(f"iproute record {self.path}: {e}") from e
+
+    def _forget_entry(self, key: str) -> None:
+        """Take ``key`` out of the record again (an ``up`` that did not happen or was undone)."""
+        if key in self._records():
+            self._rec_del(key)
+            self._commit()
+
+    def _kernel(self) -> AddressState:
+        try:
+            return self._mirror.refresh()
+        except OSError as e:
+            self._mirror.close()
+            raise self._translate("read the addresses", e) from None
+
+    def _ours_now(self, a: _Addr, links: Mapping[int, str]) -> bool:
+        """``_ours`` against the cached record (its (ip, ifname) index, no scan)."""
+        ifname = links.get(a.index, "")
+        return bool(self._by_ipif.get((a.ip, ifname))) or self._labelled(a, ifname)
+
+    def _sharing_now(self, key: str, ip: str, ifname: str) -> list[str]:
+        """Other recorded paths whose address is ``ip`` on ``ifname`` (the cached record's index)."""
+        return sorted(k for k in self._by_ipif.get((ip, ifname), ()) if k != key)
 
     def _load(self) -> _Record:
         try:

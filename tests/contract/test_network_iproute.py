@@ -6,7 +6,8 @@ neighbour entry, that it never removes (nor takes over) an address it did not ad
 return while the path's IP is still here, interface choice by subnet and by the ``interfaces`` table, and
 ``fence``: every address of ours and none other, also from a second instance on the same state dir (the
 guard process), without the instance's lock, killing running announcements, and undoing an ``up`` it
-overlapped."""
+overlapped; the mirror of the kernel's addresses that ``up``/``down``/``active`` read (it follows every
+change at once, also after its notifications overflowed) and one record write per ``up``."""
 from __future__ import annotations
 
 import itertools
@@ -15,6 +16,7 @@ import os
 import socket
 import stat
 import struct
+import subprocess
 import threading
 import time
 from typing import Any, Iterator
@@ -448,3 +450,83 @@ def test_two_paths_cannot_share_an_ip(gw_lab: GatewayLab, gwa: NetnsThread, net:
     assert f"{vip}/24" in addrs(gw_lab, "gwa")
     gwa.call(net.down, PathKey("s1", 1), None)
     assert f"{vip}/24" not in addrs(gw_lab, "gwa")
+
+
+# ------------------------------------------------------------------------------------------------ the mirror
+
+MIRROR_NET = "198.19.253"      # only ever inside gwa's namespace
+
+
+def kernel_addrs(gwa: NetnsThread) -> set[tuple[str, int, int, str | None]]:
+    """Every IPv4 address of gwa's namespace, from a pyroute2 dump (what the backend read before the mirror)."""
+    def dump() -> set[tuple[str, int, int, str | None]]:
+        from pyroute2 import IPRoute
+        with IPRoute() as ipr:
+            return {(str(m.get_attr("IFA_LOCAL") or m.get_attr("IFA_ADDRESS")), int(m["prefixlen"]), int(m["index"]),
+                     m.get_attr("IFA_LABEL")) for m in ipr.get_addr(family=socket.AF_INET)}
+    return gwa.call(dump)
+
+
+def mirrored(state: Any) -> set[tuple[str, int, int, str | None]]:
+    return {(a.ip, a.prefix, a.index, a.label) for a in state.addrs.values()}
+
+
+def batch(ns: str, lines: list[str]) -> None:
+    subprocess.run(["ip", "-n", ns, "-batch", "-"], input="\n".join(lines) + "\n", text=True, check=True,
+                   capture_output=True, timeout=30)
+
+
+def test_the_mirror_follows_the_kernel_and_dumps_again_after_an_overflow(
+        gw_lab: GatewayLab, gwa: NetnsThread, monkeypatch: pytest.MonkeyPatch) -> None:
+    import plugins.iproute as iproute
+    monkeypatch.setattr(iproute, "MIRROR_RCVBUF", 4096)       # the smallest buffer: a burst overflows it
+    ns = gw_lab.ns("gwa")
+    mirror = iproute.AddressMirror("pa")
+    try:
+        state = gwa.call(mirror.refresh)
+        assert mirror.resyncs == 1 and mirrored(state) == kernel_addrs(gwa)
+        ip("addr", "add", f"{MIRROR_NET}.1/24", "dev", "eth0", "label", "eth0:pa", ns=ns)
+        state = gwa.call(mirror.refresh)
+        assert mirror.resyncs == 1 and (f"{MIRROR_NET}.1", 24) in {(a.ip, a.prefix) for a in state.addrs.values()}
+        batch(ns, [f"addr add {MIRROR_NET}.{i}/24 dev eth0 label eth0:pa" for i in range(2, 202)])
+        state = gwa.call(mirror.refresh)
+        assert mirror.resyncs == 2, "200 notifications fit a 4 KiB buffer?"
+        assert mirrored(state) == kernel_addrs(gwa)
+        ip("addr", "del", f"{MIRROR_NET}.7/24", "dev", "eth0", ns=ns)
+        batch(ns, [f"addr del {MIRROR_NET}.{i}/24 dev eth0" for i in range(150, 160)])
+        state = gwa.call(mirror.refresh)
+        assert mirrored(state) == kernel_addrs(gwa)
+        assert not state.present(f"{MIRROR_NET}.7", "eth0") and state.present(f"{MIRROR_NET}.8", "eth0")
+    finally:
+        gwa.call(mirror.close)
+        batch(ns, [f"addr del {MIRROR_NET}.{i}/24 dev eth0" for i in range(1, 202)
+                   if f"{MIRROR_NET}.{i}/24" in addrs(gw_lab, "gwa")])
+
+
+def test_up_writes_the_record_once_and_sees_what_others_changed_at_once(
+        gw_lab: GatewayLab, gwa: NetnsThread, net: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import plugins.iproute as iproute
+    writes: list[str] = []
+    real = iproute._write_text
+    monkeypatch.setattr(iproute, "_write_text", lambda path, text: writes.append(path) or real(path, text))
+    ns = gw_lab.ns("gwa")
+    vip = gw_lab.vip(next(_n))
+    p, spec = PathKey("m1", 1), PathSpec(1, vip, 24)
+    gwa.call(net.up, p, spec)
+    assert len(writes) == 1
+    rec = json.load(open(tmp_path / "iproute.json"))["addresses"]["m1/1"]
+    assert rec["ip"] == vip and ("arping" in rec) is (not missing_tools("arping"))
+    gwa.call(net.up, p, spec)
+    assert len(writes) == 1                                        # idempotent: nothing written
+    ip("addr", "del", f"{vip}/24", "dev", "eth0", ns=ns)           # an admin takes it away
+    assert gwa.call(net.active) == frozenset()
+    gwa.call(net.up, p, spec)
+    assert gwa.call(net.active) == {p} and len(writes) == 2
+    other = gw_lab.vip(next(_n))
+    ip("addr", "add", f"{other}/24", "dev", "eth0", ns=ns)         # someone else's, just added
+    with pytest.raises(PermanentBackendError, match="not added by pathagent"):
+        gwa.call(net.up, PathKey("m2", 1), PathSpec(1, other, 24))
+    assert len(writes) == 2
+    ip("addr", "del", f"{other}/24", "dev", "eth0", ns=ns)
+    gwa.call(net.down, p, spec)
+    assert len(writes) == 3 and gwa.call(net.active) == frozenset()
