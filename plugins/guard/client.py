@@ -45,6 +45,7 @@ from plugins.options import Options
 log = logging.getLogger(__name__)
 
 START_BACKOFF = 5.0        # seconds between attempts to start a guard that exits at start
+START_GIVEUP = 60.0        # seconds a guard we started may take to take its lock before it is killed and replaced
 EXIT_LOCKED = 3            # the guard's status when another one holds its lock (plugins.guard.server)
 
 
@@ -81,6 +82,7 @@ class GuardWatchdog(Watchdog):
         self.config_file = os.path.abspath(context.config_file) if context.config_file else ""
         self._hash: str | None = None
         self._proc: subprocess.Popen[bytes] | None = None
+        self._started_at = 0.0
         self._lock = threading.Lock()
         self._no_start_until = -math.inf
         self._unanswered: set[str] = set()     # earlier guards that did not answer a retire (logged once)
@@ -131,6 +133,22 @@ class GuardWatchdog(Watchdog):
         if self._proc is not None and self._proc.poll() is not None:
             self._proc = None
 
+    def _starting(self) -> bool:
+        """A guard this client started is still running but holds no lock yet (its interpreter is still
+        importing: seconds on a loaded node); one stuck longer than ``START_GIVEUP`` is killed and reaped, so
+        that the next pet starts a new one."""
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            return False
+        if _now() - self._started_at < START_GIVEUP:
+            return True
+        log.warning("the guard (pid %d) did not take its lock within %gs of its start: killing it and starting "
+                    "another", proc.pid, START_GIVEUP)
+        proc.kill()
+        proc.wait()
+        self._proc = None
+        return False
+
     def _start(self, h: str) -> None:
         t = _now()
         if t < self._no_start_until:
@@ -153,6 +171,7 @@ class GuardWatchdog(Watchdog):
             raise PermanentBackendError(f"cannot start the guard with {self.python}: {e.strerror}") from None
         finally:
             os.close(out)
+        self._started_at = _now()
         log.info("started the guard (pid %d) for %s, config hash %s", self._proc.pid, self.state_dir, h)
 
     def _log(self) -> str:
@@ -177,7 +196,9 @@ class GuardWatchdog(Watchdog):
         if answer is not None:
             return answer
         holder = protocol.lock_holder(self.state_dir, h)
-        if holder is None:                     # no guard of ours, not even one starting
+        if holder is None and self._starting():   # ours, still importing before it takes the lock: wait for it
+            until = _now() + self.timeout
+        elif holder is None:                   # no guard of ours, not even one starting
             if not start:
                 return None
             self._start(h)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -303,6 +304,29 @@ def test_a_killed_guard_is_restarted_by_the_next_pet(node: Node) -> None:
     d = now() + 0.5
     w.pet(d)
     fence_time(node, d)
+
+
+def test_a_slow_starting_guard_is_waited_for_not_started_again(node: Node) -> None:
+    """A guard takes its lock only once its interpreter has imported everything (seconds on a loaded node,
+    more under emulation). Pets meanwhile wait for it instead of starting one interpreter more each."""
+    starts = node.root / "starts"
+    slow = node.root / "slow-python"
+    slow.write_text(f"#!/bin/sh\necho $$ >> {starts}\nsleep 3\nexec {sys.executable} \"$@\"\n")
+    slow.chmod(0o755)
+    node.config.write_text(node.config.read_text() + f'\n[watchdog.guard]\npython = "{slow}"\n')
+    w = node.client()
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 8:
+        try:
+            w.pet(now() + 5.0)
+            break
+        except TransientBackendError:
+            time.sleep(0.3)                      # the agent's loop pets again soon
+    else:
+        raise AssertionError(f"the guard never answered; {node.log()}")
+    assert len(starts.read_text().split()) == 1, f"started {starts.read_text().split()}"
+    assert w.pid is not None and node.ours(w.pid)
+    assert w.status() is not None
 
 
 def test_a_frozen_guard_does_not_block_the_pet(node: Node) -> None:
