@@ -63,8 +63,8 @@ class LioBackend(TargetBackend):
     """See the module docstring and docs/backend-lio.md."""
 
     config_keys: Mapping[str, str] = {
-        "backstore": "block (iblock over a krbd mapping made by the agent; default) or user:rbd (tcmu-runner, "
-                     "which must be installed and running)",
+        "backstore": "block (iblock over a krbd mapping made by the agent; default) or user:rbd (tcmu-runner's "
+                     "rbd handler as this node's data client; tcmu-runner must be installed and running)",
         "dbroot": "the kernel's LIO metadata directory (persistent reservations, ALUA); created with pr/ and "
                   "alua/ (default: rtslib-fb's own, /etc/rtslib-fb-target with Debian's python3-rtslib-fb)",
         "vendor_id": "SCSI vendor id of every LUN, at most 8 characters (default PATHAGNT); the same on every node",
@@ -277,7 +277,7 @@ class LioBackend(TargetBackend):
                                                 f"says {spec.size}: waiting for the resize", retry_after=2)
             rts.block(o.so_name, m.device, spec.serial, self._identity())
         else:
-            rts.user_rbd(o.so_name, spec.pool, spec.image, spec.size, spec.serial, self._identity())
+            rts.user_rbd(o.so_name, self._tcmu_config(spec), spec.size, spec.serial, self._identity())
         enable = (before & {t.tag for t in spec.tpgs}) | {path.index}
         dropped = rts.apply(spec, plugin, o.so_name, enable, configfs.sessions(o.iqn))
         if dropped:
@@ -319,6 +319,16 @@ class LioBackend(TargetBackend):
         log.info("lio: mapped %s/%s as client.%s at %s (%s) in %.0f ms", spec.pool, spec.image, name, m.device,
                  m.client_addr, (time.monotonic() - t0) * 1000)
         return m
+
+    def _tcmu_config(self, spec: TargetSpec) -> str:
+        """tcmu-runner's rbd handler config: the image, the Ceph conf and this node's data client name (so
+        that ``ceph-blocklist`` finds tcmu-runner's client as it finds tgtd's)."""
+        node = self._node()
+        name = self._ceph.data_id(node) if node else self._ceph.client_id
+        for what, v in (("pool", spec.pool), ("image", spec.image), ("[ceph] conf", self._ceph.conf), ("client", name)):
+            if not v or any(c in v for c in ";:") or any(c.isspace() for c in v):
+                raise PermanentBackendError(f"lio: user:rbd cannot use the {what} {v!r} (empty, or ';', ':' or a space)")
+        return f"rbd/{spec.pool}/{spec.image};conf={self._ceph.conf};id={name}"
 
     def _monitors(self) -> Monitors:
         text = self._monitors_opt

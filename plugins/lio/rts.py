@@ -140,13 +140,20 @@ class Lio:
             elif so.wwn != wwn:
                 so.wwn = wwn
 
-    def user_rbd(self, name: str, pool: str, image: str, size: int, wwn: str, ident: Identity) -> None:
-        """The tcmu-runner ``user:rbd`` storage object ``name`` for ``pool/image``."""
-        with translated(f"user:rbd storage object {name} for {pool}/{image}"):
+    def user_rbd(self, name: str, config: str, size: int, wwn: str, ident: Identity) -> None:
+        """The tcmu-runner ``user:rbd`` storage object ``name`` with handler config ``config``
+        (``rbd/<pool>/<image>;conf=...;id=...``); one with another config is replaced (its LUNs go with it).
+        The size follows the definition: a larger one is written to the object (tcmu-runner re-reads it)."""
+        with translated(f"user:rbd storage object {name} ({config.split(';')[0]})"):
             so = self._lookup_so("user", name)
+            if so is not None and so.config != config:
+                so.delete()
+                so = None
             if so is None:
-                so = UserBackedStorageObject(name, config=f"rbd/{pool}/{image}", size=size, wwn=wwn)
+                so = UserBackedStorageObject(name, config=config, size=size, wwn=wwn)
                 self._identity(so, ident)
+            elif so.size < size:
+                _write_if_present(os.path.join(so.path, "attrib", "dev_size"), str(size))
 
     def _identity(self, so: Any, ident: Identity) -> None:
         for attr, value in (("vendor_id", ident.vendor_id), ("product_id", ident.product_id),

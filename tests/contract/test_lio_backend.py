@@ -68,10 +68,10 @@ class Gateway:
         self.backends: list[RemoteBackend] = []
         self.addresses: list[str] = []
 
-    def new(self) -> RemoteBackend:
+    def new(self, conf: str = "/nonexistent", **options: Any) -> RemoteBackend:
         ctx = PluginContext(node=self.guest.name, state_dir=self.state,
-                            options={"monitors": self.monitors, "dbroot": "/etc/target"},
-                            ceph=CephConfig(conf="/nonexistent", client_id="admin", data_client_id="admin"))
+                            options={"monitors": self.monitors, "dbroot": "/etc/target", **options},
+                            ceph=CephConfig(conf=conf, client_id="admin", data_client_id="admin"))
         b = RemoteBackend(self.guest, "lio", ctx)
         self.backends.append(b)
         return b
@@ -325,3 +325,37 @@ def test_a_mapping_an_interrupted_export_left_behind_is_removed(gw: Gateway, gw_
     assert len(now) == 1 and now != orphan, (orphan, now)
     b.unexport(PathKey(d.id, 1))
     assert maps() == [], "the fresh mapping is recorded, so unexport removed it"
+
+
+def test_user_rbd_backstore_through_tcmu_runner(gw: Gateway, gw_lab: GatewayLab, images: RbdImages,
+                                                ceph: Any) -> None:
+    """``backstore = "user:rbd"``: the LUN on tcmu-runner's rbd handler (librbd in userspace, the node's data
+    client name), no krbd mapping; the same identity and data as the block backstore."""
+    g = gw.guest
+    assert g.exec(["test", "-x", "/usr/bin/tcmu-runner"]).rc == 0, "the guest image has no tcmu-runner"
+    g.write_file("/etc/ceph/ceph.conf", f"[global]\nmon host = {gw.monitors}\nauth cluster required = none\n"
+                 "auth service required = none\nauth client required = none\n", mkdir=True)
+    gw.sh("mkdir -p /run/dbus && (pidof dbus-daemon || dbus-daemon --system --fork) >/dev/null; modprobe target_core_user")
+    runner = g.spawn(["/usr/bin/tcmu-runner", "--debug"], log="/run/tcmu-runner.log")
+    try:
+        ns = gw_lab.ns("ini")
+        d = _disk(gw_lab, images, paths=1)
+        b = gw.new(conf="/etc/ceph/ceph.conf", backstore="user:rbd")
+        before = gw.sh("ls /sys/bus/rbd/devices 2>/dev/null || true").split()
+        b.export(PathKey(d.id, 1), d)
+        assert b.exported() == {PathKey(d.id, 1)}
+        assert gw.sh("ls /sys/bus/rbd/devices 2>/dev/null || true").split() == before, "no krbd mapping"
+        portal = gw.add_ip(d.paths[0])
+        pattern = bytes(range(256)) * 128
+        with iscsi.Session(portal, d.iqn, initiator=INI, netns=ns) as s:
+            assert s.serial() == d.serial and s.capacity() == (d.size // 512, 512)
+            s.write(64, pattern)
+            s.sync()
+            assert s.read(64, len(pattern) // 512) == pattern
+        assert images.read(d.image, 64 * 512, len(pattern)) == pattern
+        b.unexport(PathKey(d.id, 1))
+        assert b.exported() == frozenset()
+        assert gw.sh("ls -d /sys/kernel/config/target/core/user_*/pathagent-* 2>/dev/null || true").strip() == ""
+    finally:
+        g.signal(runner)
+        print("\ntcmu-runner log tail:\n" + g.read_text("/run/tcmu-runner.log")[-1200:])
