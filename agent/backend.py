@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from agent.config import CephConfig
-from agent.core.model import Disk, PathKey, PathSpec
+from agent.core.model import Disk, PathKey, PathSpec, Peer
 
 
 def _nothing() -> None:
@@ -145,6 +145,23 @@ class NetworkBackend(abc.ABC):
     @abc.abstractmethod
     def active(self) -> frozenset[PathKey]:
         """Paths whose address this backend has up now (read from the system, not from memory)."""
+
+    def connections(self, path: PathKey, spec: PathSpec | None) -> tuple[Peer, ...]:
+        """The TCP connections open to the path's address on this node now, as ``Peer``s (the default:
+        none, the backend cannot tell). Asked right before a ``down`` that a release of the path follows:
+        once the address is gone those connections can send nothing more (no reply, no FIN, no RST), and
+        the released key records them for the next owner's ``tickle``. Read-only and quick; an error counts
+        as none."""
+        return ()
+
+    def tickle(self, path: PathKey, spec: PathSpec, peers: tuple[Peer, ...]) -> None:
+        """Right after ``up``: make the initiators of ``peers`` (connections the previous owner left open to
+        this address, silent since it took the address down) learn at once that they are gone, rather than
+        after their own timeout, by sending each one a segment from the address that its TCP must answer
+        (a "tickle ACK"): the answer reaches this node, which resets the connection it does not know, and
+        the initiator reconnects here at once. Never waits (it may send from a thread of its own for a few
+        seconds), never brings anything up, and sends nothing once this node may not serve; harmless to a
+        connection that is alive (the answer matches it) or gone. The default does nothing."""
 
     def fence(self) -> None:
         """Take every address this backend added down now, in one bounded pass; like

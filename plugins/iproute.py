@@ -14,6 +14,13 @@ the caller's network namespace. Prose, record format and measurements: ``docs/ne
   for), then the record rewritten. ``up`` that overlapped a ``fence`` of the same instance undoes itself.
 - ``active`` reads the kernel. Netlink errors are ``TransientBackendError``, a missing interface or an
   invalid address ``PermanentBackendError``; IPv4 only.
+- ``connections`` lists the established TCP connections to a path's IP (``/proc/net/tcp`` of the
+  calling thread's namespace), read before a hand-over's ``down``; ``tickle`` sends each of them, from
+  the IP just brought up here, a bare ACK (sequence and acknowledgement 0) that its TCP answers with an
+  ACK of its own; that answer reaches this node, which resets the connection it does not know, and the
+  initiator reconnects here at once. Raw IPv4 socket bound to the path IP (the kernel refuses to send
+  from an address that is not here); rounds at ``TICKLE_AT`` on a thread of its own, stopped by a fence,
+  by ``may_serve`` turning false, by ``close``, or once the IP is no longer here.
 - ``up``/``down``/``active`` cost the same whatever the number of addresses: they read the kernel's
   addresses and interface names from an ``AddressMirror``, which follows the kernel's own rtnetlink
   notifications (drained at each call: a change completed before the call is in it) and dumps only when
@@ -43,7 +50,7 @@ from typing import Any, Iterable, Iterator, Mapping
 from agent import statefile
 from agent.backend import NetworkBackend, PluginContext
 from agent.childenv import child_env
-from agent.core.model import PathKey, PathSpec
+from agent.core.model import PathKey, PathSpec, Peer
 from agent.errors import BackendError, PermanentBackendError, TransientBackendError
 from plugins import sysctl
 from plugins.options import Options
@@ -60,6 +67,12 @@ _GATE = 'read -r go && exec "$@"'
 
 _Record = dict[str, dict[str, Any]]
 FileKey = tuple[int, int, int]    # (inode, size, mtime in ns)
+
+#: when ``tickle`` sends its rounds, in seconds after the call: the first once the announcement's first
+#: gratuitous ARP has gone out (the initiator's answer must come here, not to the old owner's MAC), then
+#: again after the 0.5 s for which Linux answers at most one out-of-window segment per connection
+#: (net.ipv4.tcp_invalid_ratelimit), in case the first answer went to the old MAC
+TICKLE_AT = (0.02, 0.6, 1.5)
 
 #: the mirror dumps the kernel's addresses again after this many seconds even when no notification was lost
 RESYNC_EVERY = 60.0
@@ -366,6 +379,50 @@ class AddressMirror:
         self.state.clear()
 
 
+#: this thread's network namespace's TCP sockets (``/proc/net`` is the process's, whatever the thread's)
+TCP_TABLE = "/proc/thread-self/net/tcp"
+#: ``connections`` reads that table again only after this many seconds (a stop of every path reads it once)
+TCP_TABLE_FOR = 0.1
+
+
+def tcp_connections(table: str = TCP_TABLE) -> dict[str, tuple[Peer, ...]]:
+    """Local IP -> (remote IP, remote port, local port) of its established TCP connections, sorted, from
+    ``table`` (``/proc/net/tcp``: addresses as the kernel's native-endian hex words)."""
+    out: dict[str, set[Peer]] = {}
+    with open(table, encoding="ascii") as f:
+        next(f, None)
+        for line in f:
+            fields = line.split()
+            if len(fields) < 4 or fields[3] != "01":          # TCP_ESTABLISHED
+                continue
+            try:
+                (lh, lp), (rh, rp) = fields[1].split(":"), fields[2].split(":")
+                local = socket.inet_ntoa(struct.pack("=I", int(lh, 16)))
+                out.setdefault(local, set()).add(
+                    (socket.inet_ntoa(struct.pack("=I", int(rh, 16))), int(rp, 16), int(lp, 16)))
+            except (ValueError, struct.error):
+                continue
+    return {ip: tuple(sorted(v)) for ip, v in out.items()}
+
+
+def _checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def tickle_segment(src: str, dst: str, sport: int, dport: int) -> bytes:
+    """A bare TCP ACK from ``src:sport`` to ``dst:dport`` with sequence and acknowledgement 0 (no options,
+    window 1024, checksum over the pseudo-header): outside any window, so a live connection answers it with
+    an ACK carrying its real numbers (RFC 793/5961), and a closed port with a reset. Pure."""
+    head = struct.pack("!HHIIBBHHH", sport, dport, 0, 0, 5 << 4, 0x10, 1024, 0, 0)
+    pseudo = socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack("!BBH", 0, socket.IPPROTO_TCP, len(head))
+    return head[:16] + struct.pack("!H", _checksum(pseudo + head)) + head[18:]
+
+
 def record_text(fragments: Mapping[str, str]) -> str:
     """The record file's text from each path's entry already encoded (``json.dumps(entry, sort_keys=True)``):
     the same text as ``json.dumps({"addresses": entries}, sort_keys=True)``, without encoding every entry
@@ -439,6 +496,8 @@ class IprouteNetwork(NetworkBackend):
         o.done()
         self.interfaces.sort(key=lambda x: -x[0].prefixlen)
         self._children: list[_Child] = []
+        self._closed = threading.Event()         # set by close: tickle threads stop
+        self._tcp: tuple[float, dict[str, tuple[Peer, ...]]] | None = None   # (when read, tcp_connections())
         self._lock = threading.Lock()            # up/down/active/close; never taken by fence
         self._fence_count = itertools.count(1)
         self._fences = 0                         # changes at the start and at the end of every fence
@@ -589,6 +648,55 @@ class IprouteNetwork(NetworkBackend):
                     out.add(PathKey(disk, int(idx)))
             return frozenset(out)
 
+    def connections(self, path: PathKey, spec: PathSpec | None) -> tuple[Peer, ...]:
+        """Established TCP connections to the path's IP here (recorded IP, else ``spec``'s; none without
+        either), from ``TCP_TABLE``."""
+        with self._lock:
+            mine = self._records().get(str(path))
+        ip = str(mine["ip"]) if mine else (self._ipv4(spec.ip) if spec is not None else None)
+        if ip is None:
+            return ()
+        now = time.monotonic()
+        if self._tcp is None or now - self._tcp[0] > TCP_TABLE_FOR:
+            try:
+                self._tcp = (now, tcp_connections())
+            except OSError as e:
+                raise TransientBackendError(f"path {path}: cannot read {TCP_TABLE}: {e}") from None
+        return self._tcp[1].get(ip, ())
+
+    def tickle(self, path: PathKey, spec: PathSpec, peers: tuple[Peer, ...]) -> None:
+        """Send ``peers`` their tickle ACKs from ``spec.ip`` at ``TICKLE_AT`` (see the module docstring), on a
+        daemon thread; returns at once."""
+        ip = self._ipv4(spec.ip)
+        todo = [(r, rp, lp) for r, rp, lp in peers if r != ip]
+        if not todo:
+            return
+        since = (self._fences, bool(self._fencing))
+        t = threading.Thread(target=self._tickle, args=(path, ip, todo, since), daemon=True,
+                             name=f"tickle-{ip}")
+        t.start()
+
+    def _tickle(self, path: PathKey, ip: str, peers: list[Peer], since: tuple[int, bool]) -> None:
+        start = time.monotonic()
+        for i, at in enumerate(TICKLE_AT):
+            if self._closed.wait(max(0.0, start + at - time.monotonic())):
+                return
+            if self._fenced_since(since) or not self.may_serve():
+                return
+            try:
+                with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP) as s:
+                    # once the IP is no longer here: EADDRNOTAVAIL from bind, or, when ip_nonlocal_bind let
+                    # the bind pass, ENETUNREACH (EINVAL) from sendto: the route lookup wants a local source
+                    s.bind((ip, 0))
+                    for remote, rport, lport in peers:
+                        s.sendto(tickle_segment(ip, remote, lport, rport), (remote, 0))
+            except OSError as e:
+                gone = e.errno in (errno.EADDRNOTAVAIL, errno.ENETUNREACH, errno.EINVAL)
+                (log.info if gone else log.warning)("iproute: tickle of %d connection(s) to %s for %s stopped: %s",
+                                                    len(peers), ip, path, e)
+                return
+            log.debug("iproute: tickled %d connection(s) to %s for %s (round %d)", len(peers), ip, path, i + 1)
+
     def fence(self) -> None:
         """Every address of ours down, then every announcement stopped, then the record rewritten without
         the removed addresses. Takes no lock (its own netlink socket), so it runs while another thread is
@@ -652,6 +760,7 @@ class IprouteNetwork(NetworkBackend):
     def close(self) -> None:
         """Reap the announcements that finished. Running ones are left to finish (their pids are recorded,
         so a later fence, in this process or another, still stops them); addresses stay."""
+        self._closed.set()                       # no more tickles
         with self._lock:
             self._reap()
             self._mirror.close()

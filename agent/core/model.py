@@ -31,6 +31,12 @@ class Chap:
         return f"Chap(user={self.user!r}, password=***)"
 
 
+#: a TCP connection to a path's floating IP, as the node that had the IP up saw it: (remote IPv4 address,
+#: remote port, local port). A planned hand-over records them in the released path key, so that the next
+#: owner can make those initiators notice at once that the connections are gone (``NetworkBackend.tickle``)
+Peer = tuple[str, int, int]
+
+
 @dataclass(frozen=True, slots=True)
 class PathSpec:
     """Where a path is served: the floating IP with its prefix length, and an optional VLAN/role."""
@@ -80,6 +86,9 @@ class PathState:
     #: a free key whose value still names the node that held it: its session ended without releasing it
     #: (a crash, a partition); the key's ModifyIndex is then the index of that invalidation
     orphan_of: str | None = None
+    #: the connections its last holder had open to the path's IP when it released it (a free key), or that
+    #: the holder took over with it (a held key): see ``Peer``
+    peers: tuple[Peer, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,16 +126,19 @@ class NodeRecord:
 
 @dataclass(frozen=True, slots=True)
 class Acquire:
-    """Lock ``path`` with our session, provided its ModifyIndex is still ``modify_index``."""
+    """Lock ``path`` with our session, provided its ModifyIndex is still ``modify_index``; ``peers`` (from
+    the released key) go into our lock value, for the ``AddressUp`` that follows."""
 
     path: PathKey
     modify_index: int
+    peers: tuple[Peer, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
 class Release:
     """Unlock ``path`` explicitly (no lock-delay for the next owner). Only after it is neither exported
-    nor has its address up here."""
+    nor has its address up here. The applier writes into the released key the connections the network
+    backend saw to the path's IP right before the address-down of the same plan (``Peer``)."""
 
     path: PathKey
 
@@ -148,10 +160,12 @@ class Unexport:
 
 @dataclass(frozen=True, slots=True)
 class AddressUp:
-    """Bring the floating IP of ``path`` up on this node (only for a held, exported path)."""
+    """Bring the floating IP of ``path`` up on this node (only for a held, exported path), then tickle
+    ``peers``: the connections the previous holder left open to that IP (``NetworkBackend.tickle``)."""
 
     path: PathKey
     spec: PathSpec
+    peers: tuple[Peer, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,7 +6,7 @@ neighbour entry, that it never removes (nor takes over) an address it did not ad
 return while the path's IP is still here, interface choice by subnet and by the ``interfaces`` table, and
 ``fence``: every address of ours and none other, also from a second instance on the same state dir (the
 guard process), without the instance's lock, killing running announcements, and undoing an ``up`` it
-overlapped; the mirror of the kernel's addresses that ``up``/``down``/``active`` read (it follows every
+overlapped; ``connections`` and ``tickle`` resetting a silent connection of the initiator at once; the mirror of the kernel's addresses that ``up``/``down``/``active`` read (it follows every
 change at once, also after its notifications overflowed) and one record write per ``up``."""
 from __future__ import annotations
 
@@ -145,6 +145,62 @@ def test_gratuitous_arp_moves_the_initiators_neighbour_entry(gw_lab: GatewayLab,
         time.sleep(0.01)
     print(f"\ninitiator's neighbour entry moved to the new gateway {time.monotonic() - t0:.3f} s after up()")
     gwa.call(net.down, PathKey("d2", 1), None)
+
+
+def test_a_silent_connection_is_reset_at_once_by_the_tickle_of_the_next_owner(
+        gw_lab: GatewayLab, gwa: NetnsThread, ini: NetnsThread, net: Any, tmp_path: Any) -> None:
+    """A planned hand-over on the wire: gwa lists the initiator's connection to the path IP, takes the IP
+    down (the connection goes silent: nothing can leave), gwb brings it up and tickles that connection: the
+    initiator's socket, which has nothing in flight and would otherwise wait forever, is reset within the
+    first tickle round; a tickle of a connection that is gone, and one of a live connection to the new
+    owner itself, are harmless."""
+    if missing_tools("arping"):
+        pytest.skip("arping (iputils-arping) is not installed")
+    from plugins.iproute import TCP_TABLE_FOR, TICKLE_AT, IprouteNetwork
+    vip = gw_lab.vip(next(_n))
+    p, spec = PathKey("d5", 1), PathSpec(1, vip, 24)
+    gwa.call(net.up, p, spec)
+    srv = gwa.call(socket.create_server, (vip, 3260))
+    cli = ini.call(socket.create_connection, (vip, 3260), 2)
+    conn, _ = gwa.call(srv.accept)
+    try:
+        peers = gwa.call(net.connections, p, spec)
+        assert peers == ((gw_lab.node_ip("ini"), cli.getsockname()[1], 3260),)
+        assert gwa.call(net.connections, PathKey("d5", 2), None) == (), "no record, no spec: nothing"
+        gwa.call(net.down, p, spec)
+        time.sleep(TCP_TABLE_FOR)
+        assert gwa.call(net.connections, p, spec) == peers, "the sockets outlive the address"
+        with NetnsThread(gw_lab.ns("gwb")) as gwb:
+            new = gwb.call(IprouteNetwork, PluginContext(node="gwb", state_dir=str(tmp_path / "gwb")))
+            try:
+                gwb.call(new.up, p, spec)
+                t0 = time.monotonic()
+                gwb.call(new.tickle, p, spec, peers + (("198.18.255.254", 9, 3260),))
+                cli.settimeout(5)
+                with pytest.raises(ConnectionResetError):
+                    cli.recv(1)
+                took = time.monotonic() - t0
+                print(f"\nthe initiator's silent connection was reset {took:.3f} s after tickle()")
+                assert took < TICKLE_AT[1], "reset by the first round"
+                # a live connection to the new owner is left alone by a tickle
+                srv2 = gwb.call(socket.create_server, (vip, 3261))
+                c2 = ini.call(socket.create_connection, (vip, 3261), 2)
+                s2, _ = gwb.call(srv2.accept)
+                live = gwb.call(new.connections, p, spec)
+                assert live == ((gw_lab.node_ip("ini"), c2.getsockname()[1], 3261),)
+                gwb.call(new.tickle, p, spec, live)
+                time.sleep(TICKLE_AT[0] + 0.1)
+                s2.sendall(b"x")
+                c2.settimeout(2)
+                assert c2.recv(1) == b"x"
+                for x in (c2, s2, srv2):
+                    x.close()
+            finally:
+                gwb.call(new.fence)
+                gwb.call(new.close)
+    finally:
+        for x in (cli, conn, srv):
+            x.close()
 
 
 def test_never_touches_a_foreign_address(gw_lab: GatewayLab, gwa: NetnsThread, net: Any) -> None:
