@@ -18,11 +18,15 @@ Invariants (tests/unit/test_planner.py):
    only after both are down (every release is preceded by an address-down of its path, even when the
    network backend does not list it, and the applier skips a release whose address-down or unexport failed
    in the same run); a path acquired now is exported by a later plan, and brought up by the one after that.
-   One exception: a path handed over by a planned move is unexported before its address goes down (its
-   sessions end while the address can still carry the goodbye). Addresses come before exports so that a
-   node with hundreds of exports to make (a start, a failover) brings up each path it has exported at its
-   next run, not only once every export is done: the applier stops after a second, and the exports alone
-   took minutes at 333 paths per node (scripts/bench-lab).
+   A path handed over by a planned move keeps that order (address down, unexport, release), so its iSCSI
+   connections end silently: no FIN or RST can leave once the address is gone, and the initiators are
+   told by the next owner instead (the released key records the connections, the next owner's
+   ``AddressUp`` carries them, and its network backend tickles them: ``NetworkBackend.tickle``). Ending
+   them while the address was still up sent the initiator back at once to the old owner, which refused it,
+   and libiscsi then waited up to a second before trying again (docs/placement.md). Addresses come before
+   exports so that a node with hundreds of exports to make (a start, a failover) brings up each path it has
+   exported at its next run, not only once every export is done: the applier stops after a second, and
+   the exports alone took minutes at 333 paths per node (scripts/bench-lab).
 4. Convergence: applying a plan and planning again gives nothing to do, and a plan interrupted after
    any prefix of its actions still converges when planned again.
 5. A path is never acquired for a disk this node cannot serve (no definition), that is stopping, or that
@@ -193,14 +197,11 @@ def plan(s: Snapshot) -> Plan:
 
     exported = s.exported
     stale = frozenset(p for p in exported & serve if s.applied.get(p) != s.definitions[p.disk])
-    # A planned move ends the path's iSCSI sessions first, while its address is still up here: the target
-    # closes the connections, so initiators notice at once and log in again (at the new owner once the
-    # address moved) instead of waiting out a timeout for a reply that can no longer leave a vanished
-    # address. Safe: we still hold the lock, so nobody else serves it meanwhile.
-    handing = frozenset(p for p in held if p in moves and moves[p] != s.node) & exported & s.addresses
-    actions = [Unexport(p) for p in sorted(handing)]
-    actions += [a for a in down if a.path not in serve or a.path not in exported]
-    actions += [Unexport(p) for p in sorted(exported - serve - handing)]
+    # A path given up (a planned move included) loses its address first: its connections go silent rather
+    # than closed (nothing can leave the vanished address), and the applier records them in the released
+    # key for the next owner to tickle (invariant 3)
+    actions = [a for a in down if a.path not in serve or a.path not in exported]
+    actions += [Unexport(p) for p in sorted(exported - serve)]
     if s.target_known:
         # an address our backend lost track of may still be up: down() it anyway before the release (it is
         # idempotent and verifies that the IP is gone from the node)
@@ -254,20 +255,20 @@ def plan(s: Snapshot) -> Plan:
         if not mine and due > s.now:
             wake.append(due)
         if not settling and (mine or due <= s.now):
-            actions.append(Acquire(p, view.paths[p].modify_index))
+            actions.append(Acquire(p, view.paths[p].modify_index, view.paths[p].peers))
 
     if s.target_known:
         for p in sorted((serve & exported) - s.addresses - no_go - stale):
             spec = s.spec(p)
             assert spec is not None
-            actions.append(AddressUp(p, spec))
+            actions.append(AddressUp(p, spec, view.paths[p].peers))
         for p in sorted(serve - no_go):
             if p not in exported or p in stale:
                 actions.append(Export(p, s.definitions[p.disk]))
         for p in sorted(((serve & exported) - s.addresses - no_go) & stale):
             spec = s.spec(p)
             assert spec is not None
-            actions.append(AddressUp(p, spec))      # after its re-export with the new definition
+            actions.append(AddressUp(p, spec, view.paths[p].peers))    # after its re-export
     return Plan(tuple(actions), min(wake) if wake else None)
 
 

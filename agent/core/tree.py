@@ -4,6 +4,9 @@ The key *names* live in ``agent.core.keys``; this module owns the *values* (docs
 
 - disk record ``{prefix}/disks/{id}``: ``{"pool", "image", "rev"?, "stopping"?}`` -> ``DiskRecord``;
 - path lock ``{prefix}/disks/{id}/{index}``: empty while free, ``{"node", "session", "since"}`` while held;
+  ``"peers"`` (``[[ip, port, local port], ...]``, see ``model.Peer``) in the value of a key released by a
+  planned hand-over (the connections its holder had open to the path's IP) and in the lock value of the node
+  that took it from there (``decode_peers``: advisory, anything malformed reads as none);
 - node record ``{prefix}/nodes/{node}``: ``{"node", "session", "since", "backend", "weight"?, "identity"?}``,
   locked by the node's session while its agent runs; only locked records count as live agents; an
   unlocked record whose value names a session is a node that failed (``NodeRecord.orphaned``), one with an
@@ -27,16 +30,19 @@ is unaffected. A path key or node record keeps counting by its session even when
 """
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Mapping
 
 from agent.core import keys
-from agent.core.model import DiskRecord, NodeRecord, PathKey, PathState
+from agent.core.model import DiskRecord, NodeRecord, PathKey, PathState, Peer
 
 #: no value of ours is anywhere near this; anything bigger is not ours
 MAX_VALUE = 16 * 1024
+#: connections recorded per path key (``peers``): more are left out
+MAX_PEERS = 64
 #: except a logins report, which lists every initiator logged in on a node: up to Consul's own limit on a
 #: value (``kv_max_value_size``, 512 KiB; a bigger one is refused by Consul when it is written)
 MAX_LOGINS_VALUE = 512 * 1024
@@ -143,6 +149,28 @@ def decode_lock_node(value: bytes | None) -> str | None:
     return node
 
 
+def decode_peers(value: bytes | None) -> tuple[Peer, ...]:
+    """The connections a path key's value records (``"peers"``); advisory, so anything malformed (the value
+    or one entry) reads as none rather than as a bad key. At most ``MAX_PEERS``."""
+    try:
+        raw = _object(value).get("peers", [])
+    except _Bad:
+        return ()
+    if not isinstance(raw, list) or len(raw) > MAX_PEERS:
+        return ()
+    out: list[Peer] = []
+    for item in raw:
+        if not (isinstance(item, list) and len(item) == 3 and isinstance(item[0], str)
+                and all(isinstance(x, int) and not isinstance(x, bool) and 0 < x < 65536 for x in item[1:])):
+            return ()
+        try:
+            ip = str(ipaddress.IPv4Address(item[0]))
+        except ValueError:
+            return ()
+        out.append((ip, item[1], item[2]))
+    return tuple(out)
+
+
 def decode_move(value: bytes | None) -> str:
     return _text(_object(value), "node")
 
@@ -207,9 +235,11 @@ def parse_tree(prefix: str, entries: Iterable[KVEntry], index: int = 0) -> Clust
                 paths[ident] = PathState(ident, e.modify_index, e.session, None)
                 if e.session:
                     node = decode_lock_node(e.value)
-                    paths[ident] = PathState(ident, e.modify_index, e.session, node)
+                    paths[ident] = PathState(ident, e.modify_index, e.session, node, None, decode_peers(e.value))
                 elif e.value:
-                    paths[ident] = PathState(ident, e.modify_index, None, None, decode_orphan(e.value))
+                    orphan = decode_orphan(e.value)
+                    paths[ident] = PathState(ident, e.modify_index, None, None, orphan,
+                                             () if orphan is not None else decode_peers(e.value))
             elif what == "node" and isinstance(ident, str):
                 if e.session:
                     nodes[ident] = e.session
@@ -314,9 +344,24 @@ def _since(now: float) -> float:
     return round(now, 3) if math.isfinite(now) else 0.0
 
 
-def lock_value(node: str, session: str, now: float) -> bytes:
-    """The value of a path key we lock (``now``: the writer's wall clock, for people; nobody compares it)."""
-    return _dump({"node": node, "session": session, "since": _since(now)})
+def _peers(peers: Iterable[Peer]) -> list[list[Any]]:
+    return [[ip, port, local] for ip, port, local in sorted(set(peers))[:MAX_PEERS]]
+
+
+def lock_value(node: str, session: str, now: float, peers: Iterable[Peer] = ()) -> bytes:
+    """The value of a path key we lock (``now``: the writer's wall clock, for people; nobody compares it);
+    ``peers``: the connections the released key recorded (kept for our ``AddressUp``)."""
+    d: dict[str, Any] = {"node": node, "session": session, "since": _since(now)}
+    if peers:
+        d["peers"] = _peers(peers)
+    return _dump(d)
+
+
+def release_value(peers: Iterable[Peer] = ()) -> bytes:
+    """The value a path key is released with: empty (an orderly release names no session), or the
+    connections to the path's IP that the next owner should tickle."""
+    p = _peers(peers)
+    return _dump({"peers": p}) if p else b""
 
 
 def node_value(node: str, session: str, now: float, backend: str, weight: float = 1.0,

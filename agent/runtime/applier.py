@@ -8,6 +8,10 @@ Rules on top of the plan's order (agent.core.planner):
   the deadline, or once our session changed, the rest of the plan is dropped and the loop plans again;
 - a path whose address could not be taken down, or whose unexport failed, is not released in that run
   (``Release`` means nothing of it is served here any more);
+- a path released in this plan: the network backend's ``connections()`` to its address, read right
+  before its address-down, are written into the released key (``tree.release_value``), and the node that
+  takes it over tickles them after its ``AddressUp`` (``NetworkBackend.tickle``; docs/placement.md); an
+  acquire that carries such connections runs alone (its lock value is its own);
 - acquires run in batches of 32 per transaction; a batch that is rolled back (a path changed meanwhile)
   is retried one path at a time; a refusal because of a lock-delay asks for another look in a second;
 - applying stops after ``budget`` seconds so that a long plan never runs on a stale snapshot: the loop
@@ -28,9 +32,10 @@ from typing import Any, Callable, Mapping
 
 from agent.backend import NetworkBackend, TargetBackend
 from agent.core.model import (Acquire, AcquireLeader, Action, AddressDown, AddressUp, CleanUp, Disk, EndMove,
-                              Export, FenceNode, LockNodeRecord, PathKey, Plan, Release, RequestMove, Unexport)
+                              Export, FenceNode, LockNodeRecord, PathKey, Peer, Plan, Release, RequestMove,
+                              Unexport)
 from agent.core.store import CoordinationStore, TxnResult
-from agent.core.tree import leader_value, lock_value, move_value, node_value
+from agent.core.tree import leader_value, lock_value, move_value, node_value, release_value
 from agent.errors import CoordinationError, TransientBackendError
 from agent.runtime.clock import Clock
 from agent.runtime.fencer import Fenced, Fencer
@@ -115,6 +120,7 @@ class Effects:
     acquired: dict[PathKey, int] = field(default_factory=dict)     # path -> ModifyIndex after our lock
     acquired_from: set[int] = field(default_factory=set)           # the ModifyIndexes they had before
     released: dict[PathKey, int] = field(default_factory=dict)
+    peers: dict[PathKey, tuple[Peer, ...]] = field(default_factory=dict)   # the connections those values record
     exported: dict[PathKey, Disk] = field(default_factory=dict)
     unexported: set[PathKey] = field(default_factory=set)
     up: set[PathKey] = field(default_factory=set)
@@ -163,7 +169,9 @@ class Applier:
         fx = Effects()
         start = self.clock.now()
         not_down: set[PathKey] = set()
-        acquires = [a for a in plan.actions if isinstance(a, Acquire)]
+        releasing = {a.path for a in plan.actions if isinstance(a, Release)}
+        handed: dict[PathKey, tuple[Peer, ...]] = {}     # connections to the address of a path released now
+        acquires = [a for a in plan.actions if isinstance(a, Acquire) and not a.peers]
         batched: set[PathKey] | None = None
         for a in plan.actions:
             self.beat()
@@ -187,7 +195,7 @@ class Applier:
                         log.error("keeping %s locked: it may still be served here", self.label(a.path))
                         continue
                     if session is not None:
-                        self._release(a.path, session, fx)
+                        self._release(a.path, session, fx, handed.get(a.path, ()))
                 elif isinstance(a, LockNodeRecord):
                     assert session is not None
                     self._lock_node_record(session, fx)
@@ -216,6 +224,8 @@ class Applier:
                         fx.moved[a.path] = None
                         log.info("leader: move request of %s ended", self.label(a.path))
                 elif isinstance(a, AddressDown):
+                    if a.path in releasing and a.path not in handed:
+                        handed[a.path] = self._connections(a)
                     if not self._guarded(a, lambda: self.network.down(a.path, a.spec), fx):
                         not_down.add(a.path)
                     else:
@@ -239,6 +249,8 @@ class Applier:
                         if self._guarded(a, lambda: self.fencer.bring_up(a.path, a.spec), fx, backoff=True):
                             fx.up.add(a.path)
                             log.info("address of %s up: %s/%d", self.label(a.path), a.spec.ip, a.spec.prefix)
+                            if a.peers:
+                                self._tickle(a)
                     except Fenced as e:
                         fx.interrupted, fx.replan = str(e), True
                         break
@@ -288,7 +300,7 @@ class Applier:
 
     def _acquire_one(self, a: Acquire, session: str, fx: Effects) -> None:
         res = self.store.acquire_many([(a.path, a.modify_index)], session,
-                                      lock_value(self.node, session, self.clock.wall()))
+                                      lock_value(self.node, session, self.clock.wall(), a.peers))
         if not res.ok:
             log.info("acquire %s refused: %s", self.label(a.path), res.reason())
             why = refusal_reason(res)
@@ -298,16 +310,40 @@ class Applier:
             return
         fx.acquired[a.path] = res.results[-1].modify_index if res.results else a.modify_index
         fx.acquired_from.add(a.modify_index)
-        log.info("acquired %s", self.label(a.path))
+        if a.peers:
+            fx.peers[a.path] = a.peers
+        log.info("acquired %s%s", self.label(a.path),
+                 f" with {len(a.peers)} connection(s) its previous owner left open" if a.peers else "")
 
-    def _release(self, path: PathKey, session: str, fx: Effects) -> None:
-        res = self.store.release(path, session)
+    def _release(self, path: PathKey, session: str, fx: Effects, peers: tuple[Peer, ...] = ()) -> None:
+        res = self.store.release(path, session, release_value(peers))
         if res.ok:
             fx.released[path] = res.results[-1].modify_index if res.results else 0
-            log.info("released %s", self.label(path))
+            if peers:
+                fx.peers[path] = peers
+            log.info("released %s%s", self.label(path),
+                     f" ({len(peers)} connection(s) recorded for the next owner)" if peers else "")
             if path in self.backoff.surrendering(self.clock.now()):
                 self.backoff.surrendered(path, self.clock.now())
                 log.warning("gave up %s; not taking it back for %.0fs", self.label(path), SURRENDER_BLOCK)
+
+    def _connections(self, a: AddressDown) -> tuple[Peer, ...]:
+        """The network backend's connections to the address of ``a.path`` (none on any error: advisory)."""
+        try:
+            return tuple(self.network.connections(a.path, a.spec))
+        except Exception as e:  # noqa: BLE001 - a plugin bug costs the next owner's tickle, nothing more
+            log.warning("connections to the address of %s not read (%s): %s", self.label(a.path),
+                        type(e).__name__, e)
+            return ()
+
+    def _tickle(self, a: AddressUp) -> None:
+        """Tickle the connections the previous owner of ``a.path`` left open (errors are logged only: the
+        initiators then notice by their own timeouts, as after a crash)."""
+        try:
+            self.network.tickle(a.path, a.spec, a.peers)
+            log.info("tickling %d connection(s) left open to %s by its previous owner", len(a.peers), a.spec.ip)
+        except Exception as e:  # noqa: BLE001 - advisory
+            log.warning("tickle of %s failed (%s): %s", self.label(a.path), type(e).__name__, e)
 
     def _acquire_leader(self, session: str, fx: Effects) -> None:
         res = self.store.acquire_leader(session, leader_value(self.node, session, self.clock.wall()))

@@ -352,11 +352,11 @@ class Agent:
         """Fold what took effect into the local facts for the next cycle."""
         for p, mi in fx.acquired.items():
             if session is not None:
-                self._own[p] = PathState(p, mi, session, self.node)
+                self._own[p] = PathState(p, mi, session, self.node, None, fx.peers.get(p, ()))
         self.takeovers += len(fx.acquired)
         self._lockable |= fx.acquired_from
         for p, mi in fx.released.items():
-            self._own[p] = PathState(p, mi, None, None)
+            self._own[p] = PathState(p, mi, None, None, None, fx.peers.get(p, ()))
         if fx.node_record:
             self._own_node = True
         if fx.leader and session is not None:

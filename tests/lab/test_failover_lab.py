@@ -10,7 +10,8 @@ overwritten (both read-backs), the writer acknowledged writes again; then per fa
 - crash, partition, Consul-only partition, stuck in flight: another gateway holds and serves the path;
 - freeze: the path never changes hands (the agent is frozen for 12 s, or for less when its liveness check
   is not designed to survive that long: ``failover.liveness_bound``);
-- planned move: the path is on the node it was moved to;
+- planned move: the path is on the node it was moved to, within less than the writer's own timeout (the new
+  owner tickles the old owner's silent connection);
 - stuck in flight (acceptance 2): writes really were stuck in the old tgtd and really were released
   after newer data was acknowledged at their LBAs, and none of them landed; a stale block written
   straight into RBD afterwards is caught (the check can fail);
@@ -36,7 +37,8 @@ from lab.iscsilab import IscsiLab, path_exported, sample
 pytestmark = pytest.mark.lab
 
 TAKEOVER_GAP = 45.0      # ~9 s with the Ceph-side fence, ~28-30 s without (the old tgtd's RBD lock)
-MOVE_GAP = 10.0          # today ~2.2 s: the writer notices the silent old connection after its 2 s timeout
+MOVE_GAP = 2.0           # ~0.1 s: the new owner tickles the old owner's silent connection; the writer's own
+                         # 2 s timeout must never be what notices a planned move
 
 
 @pytest.fixture

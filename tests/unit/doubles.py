@@ -9,7 +9,7 @@ from typing import Any, Callable, Mapping
 
 from agent.backend import Catalog, FailedNode, Fencing, NetworkBackend, TargetBackend, Watchdog
 from agent.config import Config, ConsulConfig, PluginTable
-from agent.core.model import Disk, PathKey, PathSpec
+from agent.core.model import Disk, PathKey, PathSpec, Peer
 from agent.errors import CatalogUnavailable, PermanentBackendError, TransientBackendError
 from agent.runtime.loop import Agent
 from memstore import FakeClock, MemoryStore
@@ -67,6 +67,8 @@ class MemNetwork(NetworkBackend):
         self.down_fails: set[PathKey] = set()
         self.during_up: Callable[[PathKey], None] = lambda p: None
         self.may_serve: Callable[[], bool] = lambda: True    # PluginContext.may_serve, as the real ones ask
+        self.conns: dict[PathKey, tuple[Peer, ...]] = {}     # what connections() reports while a path is up
+        self.tickles: list[tuple[PathKey, tuple[Peer, ...]]] = []
 
     def up(self, path: PathKey, spec: PathSpec) -> None:
         self.during_up(path)
@@ -84,6 +86,13 @@ class MemNetwork(NetworkBackend):
 
     def active(self) -> frozenset[PathKey]:
         return frozenset(self.up_paths)
+
+    def connections(self, path: PathKey, spec: PathSpec | None) -> tuple[Peer, ...]:
+        return self.conns.get(path, ()) if path in self.up_paths else ()
+
+    def tickle(self, path: PathKey, spec: PathSpec, peers: tuple[Peer, ...]) -> None:
+        self.tickles.append((path, peers))
+        self.log.append((self.clock.now(), "tickle", str(path)))
 
     def fence(self) -> None:
         for p in sorted(self.up_paths):

@@ -12,6 +12,7 @@ import pytest
 
 from agent.core import keys
 from agent.core.model import PathKey
+from agent.core.tree import decode_peers
 from agent.errors import DefinitionError
 from agent.runtime.applier import SURRENDER_BLOCK, UNSERVICEABLE_AFTER
 from agent.runtime.loop import TARGET_UNKNOWN_FENCE
@@ -320,6 +321,37 @@ def test_move_request_hands_a_path_over(tmp_path: Path, store: MemoryStore, cloc
         other.step()
     assert store.holder(P1) == other.session
     assert "d1/1" in other.serving() and "d1/1" not in owner.serving()
+
+
+def test_a_planned_move_goes_silent_and_the_new_owner_tickles_the_old_connections(
+        tmp_path: Path, store: MemoryStore, clock: FakeClock) -> None:
+    """The holder takes the address down before it unexports (no goodbye can leave: the connections go
+    silent), records the connections it saw in the released key, and the new owner tickles exactly those
+    once its address is up; an acquire that carries connections keeps them in its lock value."""
+    store.start_disk("d1", 2)
+    a = one(tmp_path, store, clock, "gwa")
+    b = one(tmp_path, store, clock, "gwb")
+    for _ in range(3):
+        a.step()
+        b.step()
+    owner, other = (a, b) if store.holder(P1) == a.session else (b, a)
+    peers = (("198.18.0.50", 40000, 3260),)
+    owner.network.conns[P1] = peers
+    cli = store.create_session("cli", "pathagent-cli", (), 0.0, 10.0, "delete")
+    store._txn([("lock", keys.move_key(store.prefix, P1), cli, ('{"node":"%s"}' % other.agent.node).encode())])
+    owner.step()
+    assert store.holder(P1) is None
+    assert decode_peers(store.kv[keys.path_key(store.prefix, P1)].value) == peers
+    ops = [op for _, op, p in owner.network.log if p == "d1/1"]
+    assert ops[-2:] == ["down", "unexport"], f"the address goes before the export: {owner.network.log}"
+    for _ in range(3):
+        other.step()
+    assert store.holder(P1) == other.session and "d1/1" in other.serving()
+    assert decode_peers(store.kv[keys.path_key(store.prefix, P1)].value) == peers
+    assert other.network.tickles == [(P1, peers)]
+    ops = [op for _, op, p in other.network.log if p == "d1/1"]
+    assert ops.index("up") < ops.index("tickle")
+    assert owner.network.tickles == [] and P2 not in dict(other.network.tickles)
 
 
 def test_two_nodes_never_have_the_same_address_up(tmp_path: Path, store: MemoryStore, clock: FakeClock) -> None:

@@ -9,7 +9,7 @@ import pytest
 
 from agent.core.model import (Acquire, AcquireLeader, Action, AddressDown, AddressUp, Disk, DiskRecord, EndMove,
                               Export, FenceNode, RequestMove,
-                              LockNodeRecord, NodeRecord, PathKey, PathSpec, PathState, Release, Unexport)
+                              LockNodeRecord, NodeRecord, PathKey, PathSpec, PathState, Peer, Release, Unexport)
 from agent.core.planner import Snapshot, plan
 from agent.core.tree import ClusterView
 
@@ -24,6 +24,7 @@ def disk(d: str, n: int = 2, rev: int = 0) -> Disk:
 
 
 DEFS = {d: disk(d) for d in ("d1", "d2")}
+PEERS: tuple[Peer, ...] = (("198.18.0.50", 40000, 3260), ("198.18.0.51", 40001, 3260))
 
 
 def spec(p: PathKey) -> PathSpec:
@@ -36,11 +37,14 @@ def snap(held: dict[PathKey, str | None], exported: set[PathKey] | None = None,
          addresses: set[PathKey] | None = None, *, session: str | None = S_ME,
          nodes: dict[str, str] | None = None, defined: set[str] | None = None,
          moves: dict[PathKey, str] | None = None, stopping_disks: set[str] = set(),
-         overdue: set[PathKey] = set(), leader: str | None = "sess-leader", **kw: Any) -> Snapshot:
+         overdue: set[PathKey] = set(), leader: str | None = "sess-leader",
+         peers: dict[PathKey, tuple[Peer, ...]] | None = None, **kw: Any) -> Snapshot:
     """A world: ``held`` path -> holding session; ``exported`` defaults to nothing, ``addresses`` to
     exactly what is exported (a healthy node). The leader key is held by a session of none of the nodes
-    unless ``leader`` says otherwise; every live node has its node record."""
-    paths = {p: PathState(p, 10 + i, s) for i, (p, s) in enumerate(sorted(held.items()))}
+    unless ``leader`` says otherwise; every live node has its node record; ``peers``: the connections a
+    path key records (a released one: its last holder's; a held one: those its holder took over)."""
+    paths = {p: PathState(p, 10 + i, s, peers=(peers or {}).get(p, ()))
+             for i, (p, s) in enumerate(sorted(held.items()))}
     disks = {d: DiskRecord(d, "rbd", d, stopping=d in stopping_disks) for d in {p.disk for p in held}}
     live = {ME: S_ME} if nodes is None else nodes
     view = ClusterView(disks=disks, paths=paths, nodes=live, moves=moves or {},
@@ -99,12 +103,25 @@ CASES = [
     ("overdue path assigned elsewhere is taken",
      snap({P1: None, P2: None, P3: None, P4: None}, nodes={ME: S_ME, OTHER: S_OTHER}, overdue={P1, P2, P3, P4}),
      [Acquire(P1, 10), Acquire(P2, 11), Acquire(P3, 12), Acquire(P4, 13)]),
-    ("move to another live node: unexport (its sessions end while the address is up), address down, release",
+    ("move to another live node: address down (its connections go silent), unexport, release",
      snap({P1: S_ME, P2: S_ME}, {P1, P2}, nodes={ME: S_ME, OTHER: S_OTHER}, moves={P1: OTHER}),
+     [AddressDown(P1, spec(P1)), Unexport(P1), Release(P1)]),
+    ("a move whose holder died after its address-down: re-planned, unexport, address down again, release",
+     snap({P1: S_ME, P2: S_ME}, {P1, P2}, {P2}, nodes={ME: S_ME, OTHER: S_OTHER}, moves={P1: OTHER}),
      [Unexport(P1), AddressDown(P1, spec(P1)), Release(P1)]),
-    ("a stop, unlike a move, takes the address down first",
+    ("a move whose holder died after its unexport too: address down again (idempotent), release",
+     snap({P1: S_ME, P2: S_ME}, {P2}, {P2}, nodes={ME: S_ME, OTHER: S_OTHER}, moves={P1: OTHER}),
+     [AddressDown(P1, spec(P1)), Release(P1)]),
+    ("a stop takes the address down first, as a move does",
      snap({P1: S_ME, P2: S_ME}, {P1, P2}, stopping_disks={"d1"}),
      [AddressDown(P1, spec(P1)), AddressDown(P2, spec(P2)), Unexport(P1), Unexport(P2), Release(P1), Release(P2)]),
+    ("a path moved to me is acquired with the connections its released key records",
+     snap({P1: None}, nodes={ME: S_ME, OTHER: S_OTHER}, moves={P1: ME}, peers={P1: PEERS}),
+     [Acquire(P1, 10, PEERS)]),
+    ("a held path brings its address up with the connections it took over, to tickle them",
+     snap({P1: S_ME}, {P1}, set(), peers={P1: PEERS}), [AddressUp(P1, spec(P1), PEERS)]),
+    ("an orphan's takeover carries no connections (nobody recorded them)",
+     snap({P1: None}, nodes={ME: S_ME, OTHER: S_OTHER}, moves={P1: ME}), [Acquire(P1, 10)]),
     ("move to a dead node is ignored",
      snap({P1: S_ME}, {P1}, moves={P1: THIRD}), []),
     ("free path moved to me is acquired whatever placement says",
@@ -195,7 +212,8 @@ def apply(s: Snapshot, actions: list[Action]) -> Snapshot:
         p = a.path
         if isinstance(a, Acquire):
             assert paths[p].session is None and paths[p].modify_index == a.modify_index
-            paths[p] = PathState(p, paths[p].modify_index + 1, s.session)
+            assert a.peers == paths[p].peers, "the connections of the released key are carried along"
+            paths[p] = PathState(p, paths[p].modify_index + 1, s.session, peers=a.peers)
         elif isinstance(a, Release):
             assert p not in exported and p not in addresses, "released while still served"
             paths[p] = PathState(p, paths[p].modify_index + 1, None)
@@ -224,6 +242,7 @@ WORLDS = [
     snap({P1: S_ME, P2: None}, {P1, P3}, fenced=True),
     snap({P1: S_ME, P2: S_ME, P3: None}, {P1, P2}, nodes={ME: S_ME, OTHER: S_OTHER}, moves={P1: OTHER}),
     snap({P1: S_ME, P2: S_ME, P3: S_ME}, {P1, P2, P3}, {P2}, stopping_disks={"d1"}, nodes={}),
+    snap({P1: None, P2: S_ME}, {P2}, nodes={ME: S_ME, OTHER: S_OTHER}, moves={P1: ME}, peers={P1: PEERS}),
 ]
 
 

@@ -8,8 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.core.model import PathKey, PathState
-from agent.core.tree import (KVEntry, decode_disk, decode_logins, disk_value, lock_value, login_sets, logins_by_disk,
-                             logins_value, move_value, node_value, overlay, parse_tree)
+from agent.core.tree import (MAX_PEERS, KVEntry, decode_disk, decode_logins, decode_peers, disk_value, lock_value,
+                             login_sets, logins_by_disk, logins_value, move_value, node_value, overlay, parse_tree,
+                             release_value)
 
 P = "pa"
 
@@ -83,6 +84,36 @@ def test_overlay_shows_our_newer_writes_only() -> None:
     assert stale.paths[p].session is None, "the view is newer than our write: the view wins"
     gone = overlay(parse_tree(P, []), {p: PathState(p, 6, "s1", "gwa")})
     assert p not in gone.paths, "a deleted key is not brought back"
+
+
+PEERS = (("198.18.0.50", 40000, 3260), ("198.18.0.51", 40001, 3260))
+
+
+def test_a_released_key_records_connections_and_stays_an_orderly_release() -> None:
+    p = PathKey("d1", 1)
+    assert release_value() == b"", "a plain release still writes an empty value"
+    d1 = e("disks/d1", disk_value("rbd", "i"))
+    view = parse_tree(P, [d1, e("disks/d1/1", release_value(PEERS[::-1]))])
+    assert view.paths[p] == PathState(p, 5, None, None, None, PEERS), "sorted, and no orphan"
+    held = parse_tree(P, [d1, e("disks/d1/1", lock_value("gwb", "s2", 1.0, PEERS), "s2")])
+    assert held.paths[p] == PathState(p, 5, "s2", "gwb", None, PEERS), "the taker keeps them in its lock value"
+    orphan = parse_tree(P, [d1, e("disks/d1/1", lock_value("gwb", "s2", 1.0, PEERS))])
+    assert orphan.paths[p].orphan_of == "gwb" and orphan.paths[p].peers == (), "an orphan's value is not a record"
+    assert decode_peers(release_value([("10.0.0.1", i, 3260) for i in range(1, 100)])) == tuple(
+        ("10.0.0.1", i, 3260) for i in sorted(range(1, 100))[:MAX_PEERS]), "at most MAX_PEERS are written"
+
+
+@pytest.mark.parametrize("value", [
+    b'{"peers": "x"}', b'{"peers": [["10.0.0.1", 1]]}', b'{"peers": [["10.0.0.1", 0, 3260]]}',
+    b'{"peers": [["10.0.0.1", 70000, 3260]]}', b'{"peers": [["::1", 1, 3260]]}',
+    b'{"peers": [["10.0.0.1", true, 3260]]}',
+    b'{"peers": [["x", 1, 2]]}', b"\xff", b"[1]", b'{"peers": [' + b",".join([b'["10.0.0.1", 1, 2]'] * 65) + b"]}",
+])
+def test_malformed_connection_records_read_as_none(value: bytes) -> None:
+    assert decode_peers(value) == ()
+    view = parse_tree(P, [e("disks/d1", disk_value("rbd", "i")), e("disks/d1/1", value),
+                          e("disks/d1/2", value, "s1")])
+    assert view.paths[PathKey("d1", 2)].session == "s1", "a held key counts by its session whatever its value"
 
 
 # --- logins reports ({prefix}/logins/{node}) -------------------------------------------------------------
