@@ -75,11 +75,21 @@ with ``rbd blocklist on break lock = false`` in the lab's ceph.conf (the taker b
 fencing the old tgtd) the stuck-in-flight run found all four probe writes and the writer's own stuck
 write landed over newer data, in both read-backs: the check does catch what it is for.
 
-A planned move's gap is either ~0.2 s (the writer's next segment is retransmitted after the new owner's
-gratuitous ARP and reset there, and libiscsi reconnects) or the writer's ``timeout`` + ~0.2 s: the old
-owner takes the address down before it ends its iSCSI sessions, so when its tgtd had taken a write whose
-response was still to be sent, that response (and the FIN) can no longer leave, and the initiator learns
-of the move only from its own timeout (a Linux initiator's NOP-Out would take 5-10 s).
+A planned move's gap is the takeover itself, ~0.1 s (old owner: address down, unexport, release; new
+owner: acquire, export, address up, then its tickle of the old connection, which libiscsi's TCP answers
+with an ACK that the new owner resets, so libiscsi reconnects there at once: docs/placement.md). What
+libiscsi (1.19, ``lib/connect.c``, ``lib/socket.c``, ``lib/sync.c``) does on its own, and what it cost
+before: it reconnects at once when a connection fails; a failed reconnect sets ``next_reconnect =
+time(NULL) + 1`` and polls with no events and a 1 s timeout, so it tries again either after exactly that
+1 s (1001 ms traced) or, when the refused socket keeps ``poll`` returning (POLLHUP/POLLERR: the loop
+spins), as soon as ``time(NULL)`` reaches the next whole wall-clock second (0-1 s: 0.53-0.92 s traced);
+a successful reconnect blocks the next one for 3 wall-clock seconds. When the old owner ended its sessions
+while it still had the address, the immediate reconnect reached it and was refused (its target gone), so
+the gap was that wait (median 1.01 s over 5 runs of bench-failover, 1.005 s over 10 traced ones, 6 of
+them 1.004-1.016 s). Taking the address down first without a tickle left the writer waiting for a reply
+that could no longer leave: its 2 s timeout (5 of 6 runs; 0.2 s when its last segment happened to be
+unacknowledged and was retransmitted to the new owner). A second move of the same path within 3 s of the
+first one's reconnect still waits out libiscsi's 3 s.
 """
 from __future__ import annotations
 
@@ -1142,9 +1152,13 @@ def scrape_after_takeover(lab: IscsiLab, path: str, victim: Gateway, wait: float
 
 
 def retire(lab: IscsiLab, disk_id: str) -> None:
-    """Stop and delete a disk the measurement made (frees its LUN on the gateways and its RBD memory)."""
+    """Stop and delete a disk the measurement made (frees its LUN on the gateways and its RBD memory).
+    ``--force``: the run's writer and verifier are gone, but the logins report that ``disk stop`` checks is
+    refreshed only every 5 s (``agent.runtime.logins``); a disk left behind unbalances the gateways, and the
+    leader's balancing then moves a later run's path once more right after its move (a second reconnect
+    within 3 s, which libiscsi defers: a 2-3 s gap that is not the move's)."""
     g = next(iter(lab.gw.values()))
-    for args in (("disk", "stop", disk_id), ("disk", "delete", disk_id)):
+    for args in (("disk", "stop", "--force", disk_id), ("disk", "delete", disk_id)):
         r = g.cli(*args)
         if r.returncode != 0:
             raise RuntimeError(f"pathagent {' '.join(args)}: {r.stderr.strip()}")
