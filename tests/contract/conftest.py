@@ -23,9 +23,10 @@ def require_root_netns() -> None:
 
 @pytest.fixture(scope="session")
 def gw_lab() -> Iterator[GatewayLab]:
-    """Gateways gwa, gwb and initiator ini on one bridge, plus the root-namespace leg (Ceph lives there)."""
+    """Gateways gwa, gwb and initiator ini on one bridge, plus the root-namespace leg (Ceph lives there), in a
+    /23: the contract suite gives every disk fresh path IPs, three backends' worth."""
     require_root_netns()
-    with GatewayLab(gateways=("gwa", "gwb"), initiators=("ini",)) as lab:
+    with GatewayLab(gateways=("gwa", "gwb"), initiators=("ini",), prefixlen=23) as lab:   # a /23: 400 vips
         yield lab
 
 

@@ -18,6 +18,7 @@ import itertools
 import re
 import shlex
 import subprocess
+import time
 import uuid
 from typing import Any, Iterator
 
@@ -338,6 +339,13 @@ def test_user_rbd_backstore_through_tcmu_runner(gw: Gateway, gw_lab: GatewayLab,
     gw.sh("mkdir -p /run/dbus && (pidof dbus-daemon || dbus-daemon --system --fork) >/dev/null; modprobe target_core_user")
     runner = g.spawn(["/usr/bin/tcmu-runner", "--debug"], log="/run/tcmu-runner.log")
     try:
+        # tcmu-runner is ready once it owns its D-Bus name (it loaded its handlers and listens to the kernel)
+        t0 = time.monotonic()
+        while "acquired" not in gw.sh("cat /var/log/tcmu-runner.log 2>/dev/null || true"):
+            assert time.monotonic() - t0 < 60, "tcmu-runner did not get ready: " + \
+                gw.sh("tail -5 /var/log/tcmu-runner.log 2>/dev/null || true")
+            time.sleep(0.2)
+        print(f"\ntcmu-runner ready {time.monotonic() - t0:.1f} s after its start")
         ns = gw_lab.ns("ini")
         d = _disk(gw_lab, images, paths=1)
         b = gw.new(conf="/etc/ceph/ceph.conf", backstore="user:rbd")
@@ -358,4 +366,4 @@ def test_user_rbd_backstore_through_tcmu_runner(gw: Gateway, gw_lab: GatewayLab,
         assert gw.sh("ls -d /sys/kernel/config/target/core/user_*/pathagent-* 2>/dev/null || true").strip() == ""
     finally:
         g.signal(runner)
-        print("\ntcmu-runner log tail:\n" + g.read_text("/run/tcmu-runner.log")[-1200:])
+        print("\ntcmu-runner log tail:\n" + gw.sh("tail -c 1500 /var/log/tcmu-runner.log 2>/dev/null || true"))
