@@ -23,10 +23,9 @@ def require_root_netns() -> None:
 
 @pytest.fixture(scope="session")
 def gw_lab() -> Iterator[GatewayLab]:
-    """Gateways gwa, gwb and initiator ini on one bridge, plus the root-namespace leg (Ceph lives there), in a
-    /23: the contract suite gives every disk fresh path IPs, three backends' worth."""
+    """Gateways gwa, gwb and initiator ini on one bridge, plus the root-namespace leg (Ceph lives there)."""
     require_root_netns()
-    with GatewayLab(gateways=("gwa", "gwb"), initiators=("ini",), prefixlen=23) as lab:   # a /23: 400 vips
+    with GatewayLab(gateways=("gwa", "gwb"), initiators=("ini",)) as lab:
         yield lab
 
 
@@ -73,16 +72,24 @@ def host_ceph_probe(ceph: Any) -> Iterator[Callable[[str, str], None]]:
 
 
 @pytest.fixture(scope="session")
-def lio_guest(gw_lab: GatewayLab, ceph: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """Tier 4: one LIO guest (``lab.guest``: the stock Debian kernel under QEMU TCG) on the contract lab's
-    bridge, beside the initiator namespace, reaching the micro Ceph at ``gw_lab.host_ip``. Skipped with the
-    reason where the tier cannot run (``lab.guest.lio_missing``)."""
-    from lab.guest import GuestPool, lio_missing
+def lio_lab(gw_lab: GatewayLab) -> Iterator[GatewayLab]:
+    """Tier 4's own bridge (its own path IPs and initiator namespace ``ini``); its guests reach the micro Ceph
+    at ``gw_lab.host_ip`` through the root namespace, where both labs' legs are local addresses."""
+    from lab.guest import lio_missing
     reason = lio_missing()
     if reason:
         print(f"\nSKIP lio tier: {reason}")
         pytest.skip(f"LIO guest needed: {reason}")
-    with GuestPool(gw_lab, tmp_path_factory.mktemp("lio-contract")) as pool:
+    with GatewayLab(gateways=(), initiators=("ini",)) as lab:
+        yield lab
+
+
+@pytest.fixture(scope="session")
+def lio_guest(lio_lab: GatewayLab, ceph: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """Tier 4: one LIO guest (``lab.guest``: the stock Debian kernel under QEMU TCG) on ``lio_lab``, beside its
+    initiator namespace, reaching the micro Ceph. Skipped with the reason where the tier cannot run."""
+    from lab.guest import GuestPool
+    with GuestPool(lio_lab, tmp_path_factory.mktemp("lio-contract")) as pool:
         g, = pool.boot("lioa")
         print(f"\nlio guest {g.name} ({g.ip}): boot to ready {g.boot_seconds or 0:.1f} s")
         yield g

@@ -36,15 +36,15 @@ from plugins.lio.krbd import parse_mon_host, read_conf_value
 pytestmark = pytest.mark.lio
 
 INI = "iqn.2016-05.io.pathagent.test:ini-a"
-_vips = itertools.cycle(range(60, 100))   # lab offsets no other test module uses (gateways .11+, guests .20-.49,
-                                          # initiators .50+, vips .100+); each test removes its addresses
+_vips = itertools.count(200)          # lio_lab offsets .200-.253: above the lio contract column's vips
+                                      # (.100-.199, test_target_backends), so no IP moves between guests
 
 
 @pytest.fixture(scope="module")
-def lio_guest_b(gw_lab: GatewayLab, lio_guest: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+def lio_guest_b(lio_lab: GatewayLab, lio_guest: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """A second LIO gateway on the same bridge."""
     from lab.guest import GuestPool
-    with GuestPool(gw_lab, tmp_path_factory.mktemp("lio-b")) as pool:
+    with GuestPool(lio_lab, tmp_path_factory.mktemp("lio-b")) as pool:
         g, = pool.boot("liob")
         print(f"\nlio guest {g.name} ({g.ip}): boot to ready {g.boot_seconds or 0:.1f} s")
         yield g
@@ -106,11 +106,17 @@ def gw(lio_guest: Any, ceph: Any) -> Iterator[Gateway]:
     g.close()
 
 
+def _offset() -> int:
+    n = next(_vips)
+    assert n < 254, "test_lio_backend uses more lio_lab addresses than it has"
+    return n
+
+
 def _disk(lab: GatewayLab, images: RbdImages, paths: int = 2, initiators: tuple[str, ...] | None = (INI,),
           size: int = 64 << 20) -> Disk:
     did = f"l{uuid.uuid4().hex[:8]}"
     images.create(f"img-{did}", size)
-    specs = tuple(PathSpec(index=i, ip=lab.addr(next(_vips)), prefix=24) for i in range(1, paths + 1))
+    specs = tuple(PathSpec(index=i, ip=lab.addr(_offset()), prefix=24) for i in range(1, paths + 1))
     return Disk(id=did, name=did, iqn=f"iqn.2016-05.io.pathagent:{did}", serial=str(uuid.uuid4()), paths=specs,
                 pool="rbd", image=f"img-{did}", size=size, initiators=initiators)
 
@@ -127,11 +133,11 @@ def _identity(s: iscsi.Session) -> tuple[str, list[bytes]]:
     return s.serial(), sorted(v for t, v in s.designators() if t == 3)
 
 
-def test_two_paths_one_identity_one_alua_report_and_the_same_data(gw: Gateway, gw_lab: GatewayLab,
+def test_two_paths_one_identity_one_alua_report_and_the_same_data(gw: Gateway, lio_lab: GatewayLab,
                                                                   images: RbdImages) -> None:
-    ns = gw_lab.ns("ini")
+    ns = lio_lab.ns("ini")
     b = gw.new()
-    d = _disk(gw_lab, images)
+    d = _disk(lio_lab, images)
     for i in (1, 2):
         b.export(PathKey(d.id, i), d)
     p1, p2 = (gw.add_ip(s) for s in d.paths)
@@ -158,11 +164,11 @@ def test_two_paths_one_identity_one_alua_report_and_the_same_data(gw: Gateway, g
 
 
 def test_two_gateways_report_the_same_alua_and_discovery(gw: Gateway, lio_guest_b: Any, ceph: Any,
-                                                         gw_lab: GatewayLab, images: RbdImages) -> None:
-    ns = gw_lab.ns("ini")
+                                                         lio_lab: GatewayLab, images: RbdImages) -> None:
+    ns = lio_lab.ns("ini")
     other = Gateway(lio_guest_b, ceph)
     try:
-        d = _disk(gw_lab, images, initiators=None)
+        d = _disk(lio_lab, images, initiators=None)
         a, b = gw.new(), other.new()
         a.export(PathKey(d.id, 1), d)
         b.export(PathKey(d.id, 2), d)
@@ -195,13 +201,13 @@ def _tree(gw: Gateway) -> tuple[list[str], list[str]]:
     return dirs, maps
 
 
-def test_unexport_removes_exactly_what_export_made(gw: Gateway, gw_lab: GatewayLab, images: RbdImages) -> None:
+def test_unexport_removes_exactly_what_export_made(gw: Gateway, lio_lab: GatewayLab, images: RbdImages) -> None:
     b = gw.new()
-    warm = _disk(gw_lab, images, paths=1)
+    warm = _disk(lio_lab, images, paths=1)
     b.export(PathKey(warm.id, 1), warm)                          # LIO started, modules loaded
     b.unexport(PathKey(warm.id, 1))
     empty = _tree(gw)
-    d = _disk(gw_lab, images)
+    d = _disk(lio_lab, images)
     b.export(PathKey(d.id, 1), d)
     b.export(PathKey(d.id, 2), d)
     full = _tree(gw)
@@ -239,7 +245,7 @@ else:
 """
 
 
-def test_foreign_objects_survive_exports_fences_cleanups_and_restarts(gw: Gateway, gw_lab: GatewayLab,
+def test_foreign_objects_survive_exports_fences_cleanups_and_restarts(gw: Gateway, lio_lab: GatewayLab,
                                                                       images: RbdImages) -> None:
     img = f"handmade-{uuid.uuid4().hex[:6]}"
     images.create(img, 16 << 20)
@@ -257,14 +263,14 @@ def test_foreign_objects_survive_exports_fences_cleanups_and_restarts(gw: Gatewa
             return t == "1", bool(so), maps
         assert foreign() == (True, True, [img])
         b = gw.new()
-        d = _disk(gw_lab, images)
+        d = _disk(lio_lab, images)
         b.export(PathKey(d.id, 1), d)
         b.export(PathKey(d.id, 2), d)
         b.fence()
         assert b.exported() == frozenset()
         assert foreign() == (True, True, [img]), "a fence touches only our TPGs"
         again = gw.new()                                          # a restart, then the cleanup of leftovers
-        other = _disk(gw_lab, images, paths=1)
+        other = _disk(lio_lab, images, paths=1)
         again.export(PathKey(other.id, 1), other)                 # tidies the fenced disk away
         assert gw.sh(f"ls /sys/kernel/config/target/iscsi | grep -c {d.id} || true").strip() == "0"
         again.unexport(PathKey(other.id, 1))
@@ -281,8 +287,8 @@ SUITES = ["SCSI.TestUnitReady", "SCSI.Inquiry", "SCSI.ReadCapacity10", "SCSI.Rea
           "iSCSI.iSCSITMF"]
 
 
-def test_iscsi_test_cu_subset_passes(gw: Gateway, gw_lab: GatewayLab, images: RbdImages) -> None:
-    d = _disk(gw_lab, images, paths=1, initiators=None)
+def test_iscsi_test_cu_subset_passes(gw: Gateway, lio_lab: GatewayLab, images: RbdImages) -> None:
+    d = _disk(lio_lab, images, paths=1, initiators=None)
     b = gw.new()
     b.export(PathKey(d.id, 1), d)
     portal = gw.add_ip(d.paths[0])
@@ -290,7 +296,7 @@ def test_iscsi_test_cu_subset_passes(gw: Gateway, gw_lab: GatewayLab, images: Rb
     counts = {"run": 0, "passed": 0, "failed": 0}
     failures: list[str] = []
     for suite in SUITES:
-        r = subprocess.run(["ip", "netns", "exec", gw_lab.ns("ini"), "iscsi-test-cu", "-i", INI,
+        r = subprocess.run(["ip", "netns", "exec", lio_lab.ns("ini"), "iscsi-test-cu", "-i", INI,
                             "-I", "iqn.2016-05.io.pathagent.test:ini-b", "-d", "-s", "-t", suite, url],
                            capture_output=True, text=True, timeout=300)
         m = re.search(r"tests\s+\d+\s+(\d+)\s+(\d+)\s+(\d+)", r.stdout)
@@ -305,11 +311,11 @@ def test_iscsi_test_cu_subset_passes(gw: Gateway, gw_lab: GatewayLab, images: Rb
     assert counts["run"] > 0 and not failures, "\n".join(failures)
 
 
-def test_a_mapping_an_interrupted_export_left_behind_is_removed(gw: Gateway, gw_lab: GatewayLab,
+def test_a_mapping_an_interrupted_export_left_behind_is_removed(gw: Gateway, lio_lab: GatewayLab,
                                                                 images: RbdImages) -> None:
     """The process died between the map and the record: the next export of the disk finds the mapping (this
     backend's client name with noshare, this image, recorded for no disk), removes it and maps afresh."""
-    d = _disk(gw_lab, images, paths=1)
+    d = _disk(lio_lab, images, paths=1)
     line = f"{parse_mon_host(gw.monitors).addresses[0]} name=admin,noshare rbd {d.image} -"
     gw.sh(f"modprobe rbd && echo {shlex.quote(line)} > /sys/bus/rbd/add_single_major")
 
@@ -328,7 +334,7 @@ def test_a_mapping_an_interrupted_export_left_behind_is_removed(gw: Gateway, gw_
     assert maps() == [], "the fresh mapping is recorded, so unexport removed it"
 
 
-def test_user_rbd_backstore_through_tcmu_runner(gw: Gateway, gw_lab: GatewayLab, images: RbdImages,
+def test_user_rbd_backstore_through_tcmu_runner(gw: Gateway, lio_lab: GatewayLab, images: RbdImages,
                                                 ceph: Any) -> None:
     """``backstore = "user:rbd"``: the LUN on tcmu-runner's rbd handler (librbd in userspace, the node's data
     client name), no krbd mapping; the same identity and data as the block backstore."""
@@ -346,8 +352,8 @@ def test_user_rbd_backstore_through_tcmu_runner(gw: Gateway, gw_lab: GatewayLab,
                 gw.sh("tail -5 /var/log/tcmu-runner.log 2>/dev/null || true")
             time.sleep(0.2)
         print(f"\ntcmu-runner ready {time.monotonic() - t0:.1f} s after its start")
-        ns = gw_lab.ns("ini")
-        d = _disk(gw_lab, images, paths=1)
+        ns = lio_lab.ns("ini")
+        d = _disk(lio_lab, images, paths=1)
         b = gw.new(conf="/etc/ceph/ceph.conf", backstore="user:rbd")
         before = gw.sh("ls /sys/bus/rbd/devices 2>/dev/null || true").split()
         b.export(PathKey(d.id, 1), d)

@@ -47,7 +47,8 @@ T = TypeVar("T")
 _ids = itertools.count(1)
 _vips = itertools.count(0)          # lab vip indexes (the session's one lab), below VIP_LIMIT
 _fake_vips = itertools.count(0)
-VIP_LIMIT = 300                     # test_fencing_tgt's VIP_BASE: its addresses are above
+_lio_vips = itertools.count(0)      # vip indexes in the lio column's own lab (lio_lab)
+VIP_LIMIT = 140                     # test_fencing_tgt's VIP_BASE: its addresses are above
 INI = "iqn.2016-05.io.pathagent.test:ini-a"
 OTHER_INI = "iqn.2016-05.io.pathagent.test:ini-b"
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -112,6 +113,10 @@ class Harness:
     def vip(self) -> str:
         if self.lab is None:
             return f"198.18.250.{next(_fake_vips) % 250 + 1}"
+        if self.guest is not None:
+            n = next(_lio_vips)
+            assert n < 100, "the lio column uses more lio_lab vips than it has (test_lio_backend uses the next ones)"
+            return self.lab.vip(n)
         n = next(_vips)
         assert n < VIP_LIMIT, "this module uses more lab vips than it has (test_fencing_tgt uses the next ones)"
         return self.lab.vip(n)
@@ -313,7 +318,7 @@ def _lio(request: pytest.FixtureRequest, tmp: str) -> Iterator[Harness]:
     if "lio" not in available("target"):
         pytest.skip("lio plugin is not installed (no pathagent.targets entry point 'lio')")
     guest = request.getfixturevalue("lio_guest")
-    lab: GatewayLab = request.getfixturevalue("gw_lab")
+    lab: GatewayLab = request.getfixturevalue("lio_lab")
     ceph = request.getfixturevalue("ceph")
     images: RbdImages = request.getfixturevalue("images")
     from lab.liorpc import RemoteBackend
