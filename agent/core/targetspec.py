@@ -8,15 +8,24 @@ the same identity; backends (tgt, LIO) differ only in how they make it so. Pure:
 """
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
 
 from agent.core.model import Chap, Disk
 
 
+def chap_accounts(chap: Chap | None, mutual: Chap | None) -> list[tuple[Chap, bool]]:
+    """(credentials, outgoing) pairs a target binds: the initiator's CHAP, then the target's (mutual) one."""
+    out = []
+    if chap is not None:
+        out.append((chap, False))
+    if mutual is not None:
+        out.append((mutual, True))
+    return out
+
+
 def portal_of(ip: str, port: int) -> str:
     """``ip:port`` (IPv6 in brackets), as iSCSI writes a portal."""
-    return f"[{ip}]:{port}" if ipaddress.ip_address(ip).version == 6 else f"{ip}:{port}"
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,9 +83,4 @@ class TargetSpec:
 
     def accounts(self) -> list[tuple[Chap, bool]]:
         """(credentials, outgoing) pairs: the initiator's CHAP, then the target's (mutual) one."""
-        out = []
-        if self.chap is not None:
-            out.append((self.chap, False))
-        if self.mutual_chap is not None:
-            out.append((self.mutual_chap, True))
-        return out
+        return chap_accounts(self.chap, self.mutual_chap)

@@ -31,7 +31,8 @@ from plugins.tgt import converge
 from plugins.tgt.converge import (AddPortal, Call, CloseConnection, DeletePortal, DeleteTarget, NewAccount, Op, Probe,
                                   Settings, additive, apply_ops, configuration, ops_for, prune_ops)
 from plugins.tgt.record import Entry, Record, RecordFile, Stored, check_conflicts
-from plugins.tgt.tgtadm import Tgtadm, TgtadmError, TgtState, parse_portals, portal_of
+from agent.core.targetspec import portal_of
+from plugins.tgt.tgtadm import Tgtadm, TgtadmError, TgtState, parse_portals
 from plugins.tgt.tgtd import Tgtd, TgtdConfig, TgtdSupervisor
 
 log = logging.getLogger(__name__)

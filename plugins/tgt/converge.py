@@ -18,7 +18,8 @@ from typing import Callable, Mapping, Sequence, Union
 from agent.core.model import PathKey
 from agent.errors import PermanentBackendError
 from plugins.tgt.record import Entry, passwords
-from plugins.tgt.tgtadm import TgtLun, TgtState, TgtTarget, portal_of
+from agent.core.targetspec import portal_of
+from plugins.tgt.tgtadm import TgtLun, TgtState, TgtTarget
 
 LUN = 1
 _NAME_PREFIXES = ("iqn.", "eui.", "naa.")

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 from agent import statefile
 from agent.core.model import Chap, Disk
-from agent.core.targetspec import TargetSpec
+from agent.core.targetspec import TargetSpec, chap_accounts
 from agent.errors import PermanentBackendError, TransientBackendError
 
 RECORD_VERSION = 2
@@ -74,12 +74,7 @@ class Entry:
 
     def accounts(self) -> list[tuple[Chap, bool]]:
         """(credentials, outgoing) pairs this target binds."""
-        out = []
-        if self.chap is not None:
-            out.append((self.chap, False))
-        if self.mutual_chap is not None:
-            out.append((self.mutual_chap, True))
-        return out
+        return chap_accounts(self.chap, self.mutual_chap)
 
     def acl(self) -> set[str]:
         return {"ALL"} if self.initiators is None else set(self.initiators)

@@ -160,10 +160,6 @@ def parse_accounts(text: str) -> set[str]:
             if line.strip() and line.strip() != "Account list:"}
 
 
-def portal_of(ip: str, port: int) -> str:
-    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
-
-
 # --------------------------------------------------------------------------------------------------
 # the runner
 

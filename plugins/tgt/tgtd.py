@@ -21,9 +21,10 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from agent import childenv, statefile
+from agent.core.targetspec import portal_of
 from agent.errors import PermanentBackendError, TransientBackendError
 from plugins import sysctl
-from plugins.tgt.tgtadm import Tgtadm, TgtadmError, parse_portals, portal_of
+from plugins.tgt.tgtadm import Tgtadm, TgtadmError, parse_portals
 
 log = logging.getLogger(__name__)
 

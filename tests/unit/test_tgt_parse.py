@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from plugins.tgt.tgtadm import (TgtConnection, TgtLun, TgtSession, parse_accounts, parse_portals, parse_targets,
-                                portal_of)
+from agent.core.targetspec import portal_of
+from plugins.tgt.tgtadm import TgtConnection, TgtLun, TgtSession, parse_accounts, parse_portals, parse_targets
 
 SHOW = Path(__file__).parent / "tgt-show"
 
