@@ -41,6 +41,7 @@ from typing import Any, Callable, Iterable
 from lab.ceph import MicroCeph
 from lab.consul import ConsulCluster, consul_binary, http_json
 from lab.guest import TOP, Guest, GuestError
+from lab.iscsilab import path_owners
 from lab.netns import GatewayLab
 
 PREFIX = "pathagent"
@@ -304,19 +305,7 @@ backend = "rbd"
 
     def owners(self) -> dict[str, str | None]:
         """path "disk/index" -> node holding its lock (None when free)."""
-        out: dict[str, str | None] = {}
-        for e in self._get(f"/v1/kv/{PREFIX}/disks/?recurse=true") or []:
-            rest = e["Key"][len(PREFIX) + len("/disks/"):]
-            if rest.count("/") != 1:
-                continue
-            node = None
-            if e.get("Session") and e.get("Value"):
-                try:
-                    node = json.loads(base64.b64decode(e["Value"]))["node"]
-                except (ValueError, KeyError):
-                    node = None
-            out[rest] = node
-        return out
+        return path_owners(self._get(f"/v1/kv/{PREFIX}/disks/?recurse=true") or [], PREFIX)
 
     def leader(self) -> str | None:
         """The node holding the pathagent leader key, if any."""

@@ -182,15 +182,7 @@ class Session:
 
     def device_ids(self) -> list[bytes]:
         """VPD page 0x83 designators (raw identifier bytes)."""
-        d = self._run(self._task, "INQUIRY VPD 0x83",
-                      lambda: lib().iscsi_inquiry_sync(self._ctx, self.lun, 1, 0x83, 1024))
-        end = 4 + struct.unpack(">H", d[2:4])[0]
-        out, i = [], 4
-        while i + 4 <= end:
-            n = d[i + 3]
-            out.append(d[i + 4:i + 4 + n])
-            i += 4 + n
-        return out
+        return [v for _, v in self.designators()]
 
     def designators(self) -> list[tuple[int, bytes]]:
         """VPD page 0x83 designators as (designator type, identifier): 1 T10 vendor, 3 NAA, 4 relative

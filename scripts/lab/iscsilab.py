@@ -70,6 +70,24 @@ def path_exported(samples: Samples | None) -> dict[str, float]:
             if name == "pathagent_path_exported"}
 
 
+def path_owners(entries: Iterable[dict[str, Any]], prefix: str = PREFIX) -> dict[str, str | None]:
+    """From the entries of ``GET /v1/kv/{prefix}/disks/?recurse``: path "disk/index" -> the node holding its
+    lock (None when free)."""
+    out: dict[str, str | None] = {}
+    for e in entries:
+        rest = e["Key"][len(prefix) + len("/disks/"):]
+        if rest.count("/") != 1:
+            continue
+        node = None
+        if e.get("Session") and e.get("Value"):
+            try:
+                node = json.loads(base64.b64decode(e["Value"]))["node"]
+            except (ValueError, KeyError):
+                node = None
+        out[rest] = node
+    return out
+
+
 @dataclass
 class Gateway:
     name: str
@@ -373,19 +391,7 @@ level = "INFO"
         r = requests.get(f"http://{self.http}/v1/kv/{PREFIX}/disks/?recurse=true", timeout=5)
         if r.status_code == 404:
             return {}
-        out: dict[str, str | None] = {}
-        for e in r.json():
-            rest = e["Key"][len(PREFIX) + len("/disks/"):]
-            if rest.count("/") != 1:
-                continue
-            node = None
-            if e.get("Session") and e.get("Value"):
-                try:
-                    node = json.loads(base64.b64decode(e["Value"]))["node"]
-                except (ValueError, KeyError):
-                    node = None
-            out[rest] = node
-        return out
+        return path_owners(r.json())
 
     def served_by(self) -> dict[str, str]:
         """path IP -> gateway that has it up."""
