@@ -256,8 +256,9 @@ class ErrorLog(logging.Handler):
         while True:
             self._dirty.wait()
             self._dirty.clear()
+            last = self._halt.is_set()      # read before the snapshot: a stop during the write needs one more
             self._write()
-            if self._halt.is_set():
+            if last:
                 return
             self._halt.wait(self.every)
 

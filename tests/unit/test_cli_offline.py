@@ -273,6 +273,39 @@ def test_error_log_writes_only_while_this_process_holds_the_state_dir(tmp_path: 
     assert h not in logging.getLogger().handlers
 
 
+def test_a_stop_during_a_slow_write_still_writes_the_last_state(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+    from agent import statefile
+    writing, go_on = threading.Event(), threading.Event()
+    real = statefile.write
+
+    def slow_first(path: str, value: Any, *args: Any, **kwargs: Any) -> None:
+        if path.endswith("errors.json") and not writing.is_set():
+            writing.set()
+            assert go_on.wait(10)
+        real(path, value, *args, **kwargs)
+    monkeypatch.setattr(statefile, "write", slow_first)
+    h = ErrorLog.install(str(tmp_path), limit=3)
+    log = logging.getLogger("test.errorlog.slow")
+    try:
+        log.warning("early")
+        sd = StateDir(str(tmp_path))
+        sd.lock()
+        assert writing.wait(10), "the writer thread started its first write"
+        log.error("late")                     # logged while the first write (of "early" only) is under way
+        stopper = threading.Thread(target=sd.unlock)
+        stopper.start()
+        time.sleep(0.1)                       # the stop is asked for before the slow write ends
+        go_on.set()
+        stopper.join(10)
+        data = json.loads((tmp_path / "errors.json").read_text())
+        assert [e["message"] for e in data["errors"]] == ["early", "late"]
+    finally:
+        go_on.set()
+        h.close()
+
+
 # --- renderers -----------------------------------------------------------------------------------------------
 
 ROWS: list[dict[str, Any]] = [
