@@ -444,7 +444,8 @@ def consul_state(cfg: Config, node: str | None) -> dict[str, Any]:
     """Consul's view of this node: ``reachable`` (with ``error`` when not), ``node`` (the local Consul
     agent's name unless ``[node] name`` is set), ``consul_leader``, ``sessions`` (this node's sessions named
     ``[consul] session_name``), the cluster ``leader``, ``drained``, ``paths_held`` (by those sessions),
-    ``paths_total``, ``disks_started``, ``live_nodes``. Never raises for Consul's sake."""
+    ``paths_total``, ``disks_started``, ``live_nodes``, ``backends`` (backend -> the live nodes running
+    it, from their node records). Never raises for Consul's sake."""
     from agent.adapters.consul_store import ConsulStore
     try:
         store = ConsulStore(cfg.consul)
@@ -463,7 +464,8 @@ def consul_state(cfg: Config, node: str | None) -> dict[str, Any]:
             "sessions": [{"id": s.id, "checks": list(s.checks), "lock_delay": s.lock_delay} for s in sessions],
             "leader": tree.leader_node(), "drained": name in tree.drained,
             "paths_held": sum(1 for st in tree.paths.values() if st.session in sids),
-            "paths_total": len(tree.paths), "disks_started": len(tree.disks), "live_nodes": sorted(tree.nodes)}
+            "paths_total": len(tree.paths), "disks_started": len(tree.disks), "live_nodes": sorted(tree.nodes),
+            "backends": {b: list(ns) for b, ns in tree.backends().items()}}
 
 
 def degraded_reasons(local: Mapping[str, Any], consul: Mapping[str, Any]) -> list[str]:
@@ -550,6 +552,11 @@ def status_text(data: Mapping[str, Any]) -> str:
     else:
         lines.append(f"consul:    unreachable ({c['error']})")
     lines.append(f"backend:   {data['backend']}")
+    mixed = data.get("backends") or {}
+    if len(mixed) > 1:
+        lines.append("backends:  the live gateways run different target backends ("
+                     + "; ".join(f"{b} on {', '.join(ns)}" for b, ns in mixed.items())
+                     + "): an initiator sees their paths of a disk on different LUNs; run one backend everywhere")
     lines += [f"bad disk:  {label(d, names)}: {m}" for d, m in sorted(data["bad_disks"].items())]
     if data["waiting_fence"]:
         lines.append("fencing:   waiting for the leader to fence this node's previous session (it takes no path before)")
@@ -571,10 +578,11 @@ def status_text(data: Mapping[str, Any]) -> str:
 def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
     """``pathagent status``: ``local_state`` (whatever Consul does) and ``consul_state`` merged; ``--json``
     prints the keys of both (``node``, ``consul_leader``, ``sessions``, ``leader``, ``is_leader``,
-    ``drained``, ``paths_held``, ``paths_total``, ``disks_started``, ``live_nodes``: ``None`` while Consul
-    does not answer, except ``leader``/``is_leader``/``drained`` then as the agent last recorded them),
-    ``consul: {reachable, error}``, ``backend``, ``health`` (``healthy``/``degraded``) and ``degraded`` (the
-    reasons). Exit 1 when degraded (``degraded_reasons``)."""
+    ``drained``, ``paths_held``, ``paths_total``, ``disks_started``, ``live_nodes``, ``backends``: ``None``
+    while Consul does not answer, except ``leader``/``is_leader``/``drained`` then as the agent last recorded
+    them), ``consul: {reachable, error}``, ``backend``, ``health`` (``healthy``/``degraded``) and
+    ``degraded`` (the reasons). Exit 1 when degraded (``degraded_reasons``); live gateways on different
+    target backends are a warning line, not degraded (a migration passes through it)."""
     local = local_state(cfg)
     consul = consul_state(cfg, local["node"])
     degraded = degraded_reasons(local, consul)
@@ -590,7 +598,7 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
         "leader": leader, "is_leader": bool(leader) and leader == node,
         "drained": drained, "paths_held": consul.get("paths_held"),
         "paths_total": consul.get("paths_total"), "disks_started": consul.get("disks_started"),
-        "live_nodes": consul.get("live_nodes"), "backend": cfg.target.backend,
+        "live_nodes": consul.get("live_nodes"), "backend": cfg.target.backend, "backends": consul.get("backends"),
         "health": "degraded" if degraded else "healthy", "degraded": degraded,
     }
     emit(args, data, status_text(data))

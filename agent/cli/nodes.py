@@ -28,7 +28,8 @@ def _view(store: ConsulStore) -> ClusterView:
 
 
 def rows(view: ClusterView) -> list[dict[str, Any]]:
-    """One row per known gateway: ``node``, ``live``, ``drained``, ``paths`` (held now), ``leader``."""
+    """One row per known gateway: ``node``, ``live``, ``drained``, ``paths`` (held now), ``leader``, and
+    ``backend`` (the target backend its agent recorded; ``None`` when its record names none)."""
     names = set(view.records) | set(view.drained)
     node_of = {sid: n for n, sid in view.nodes.items()}
     held: dict[str, int] = {}
@@ -41,7 +42,8 @@ def rows(view: ClusterView) -> list[dict[str, Any]]:
     for n in sorted(names):
         rec = view.records.get(n)
         row: dict[str, Any] = {"node": n, "live": n in view.nodes, "drained": n in view.drained,
-                               "paths": held.get(n, 0), "leader": n == leader}
+                               "paths": held.get(n, 0), "leader": n == leader,
+                               "backend": rec.backend or None if rec is not None else None}
         if rec is not None and rec.weight != 1.0:
             row["weight"] = rec.weight
         if rec is not None and rec.orphaned():
@@ -60,11 +62,17 @@ def list_nodes(cfg: Config) -> list[dict[str, Any]]:
 
 
 def text(table: list[dict[str, Any]]) -> str:
-    lines = [f"{'NODE':<20} {'LIVE':<5} {'DRAINED':<8} {'PATHS':>5}  LEADER"]
+    """The table of ``pathagent nodes``; a last line warns when the live agents run different backends."""
+    width = max([len(r["node"]) for r in table] + [19])
+    lines = [f"{'NODE':<{width}} {'LIVE':<5} {'DRAINED':<8} {'PATHS':>5}  {'BACKEND':<8} LEADER"]
     for r in table:
         note = " (failed, fenced)" if r.get("fenced") else " (failed, not fenced yet)" if r.get("failed") else ""
-        lines.append(f"{r['node']:<20} {'yes' if r['live'] else 'no':<5} {'yes' if r['drained'] else 'no':<8} "
-                     f"{r['paths']:>5}  {'yes' if r['leader'] else ''}{note}")
+        lines.append(f"{r['node']:<{width}} {'yes' if r['live'] else 'no':<5} {'yes' if r['drained'] else 'no':<8} "
+                     f"{r['paths']:>5}  {r.get('backend') or '-':<8} {'yes' if r['leader'] else ''}{note}")
+    live = sorted({r["backend"] for r in table if r["live"] and r.get("backend")})
+    if len(live) > 1:
+        lines.append(f"warning: the live gateways run different target backends ({', '.join(live)}); "
+                     "run one backend on every gateway (docs/deployment.md)")
     return "\n".join(lines)
 
 

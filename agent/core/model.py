@@ -110,7 +110,8 @@ class NodeRecord:
 
     ``holder``: the session locking it now (``None``: no agent runs there); ``session``: the session its
     value names (the last one that locked it; empty after an orderly stop); ``identity``: what the node
-    published for fencing it; ``weight``: its share of the paths."""
+    published for fencing it; ``weight``: its share of the paths; ``backend``: the target backend its agent
+    runs (empty when not recorded)."""
 
     node: str
     modify_index: int
@@ -118,6 +119,7 @@ class NodeRecord:
     session: str = ""
     identity: Mapping[str, Any] = field(default_factory=dict)
     weight: float = 1.0
+    backend: str = ""
 
     def orphaned(self) -> bool:
         """Its session ended without an orderly stop (nothing holds it, the value still names a session)."""

@@ -85,6 +85,17 @@ class ClusterView:
             return None
         return next((n for n, sid in self.nodes.items() if sid == self.leader), None)
 
+    def backends(self) -> Mapping[str, tuple[str, ...]]:
+        """The target backends the live agents run: backend -> its nodes (sorted); a record without one is
+        left out. More than one entry means multipath sees paths of one disk presented differently (LUN
+        number, ALUA groups): a site runs one backend on every gateway."""
+        by: dict[str, list[str]] = {}
+        for n in sorted(self.nodes):
+            rec = self.records.get(n)
+            if rec is not None and rec.backend:
+                by.setdefault(rec.backend, []).append(n)
+        return {b: tuple(ns) for b, ns in sorted(by.items())}
+
     def held_by(self, session: str | None) -> frozenset[PathKey]:
         """Path keys locked by ``session`` (none for ``None``)."""
         if session is None:
@@ -195,7 +206,9 @@ def decode_record(node: str, e: KVEntry) -> NodeRecord:
     identity = doc.get("identity", {})
     if not isinstance(identity, dict):
         raise _Bad("'identity' must be an object")
-    return NodeRecord(node, e.modify_index, e.session, session, identity, float(weight))
+    backend = doc.get("backend", "")
+    return NodeRecord(node, e.modify_index, e.session, session, identity, float(weight),
+                      backend if isinstance(backend, str) else "")       # advisory: never rejects a record
 
 
 def parse_tree(prefix: str, entries: Iterable[KVEntry], index: int = 0) -> ClusterView:

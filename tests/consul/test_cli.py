@@ -83,6 +83,37 @@ def test_status(two_agents: Any) -> None:
     assert "Consul: the same" in text.stdout
 
 
+def test_nodes_and_status_warn_of_gateways_on_different_backends(two_agents: Any) -> None:
+    import requests
+    from agent.core.tree import drain_value, node_value
+    _, agents, http = two_agents
+    cfg = agents["gwb"].config
+    base = f"http://{http}/v1"
+    assert "backends:" not in cli(cfg, "status").stdout and "warning" not in cli(cfg, "nodes").stdout
+    # a third gateway whose agent runs lio (drained first, so that nobody gives it a path)
+    assert requests.put(f"{base}/kv/pathagent/drain/gwx", data=drain_value(time.time()), timeout=5).json()
+    sid = requests.put(f"{base}/session/create", json={"Name": "iSCSITarget", "TTL": "60s"}, timeout=5).json()["ID"]
+    try:
+        assert requests.put(f"{base}/kv/pathagent/nodes/gwx?acquire={sid}",
+                            data=node_value("gwx", sid, time.time(), "lio"), timeout=5).json() is True
+        table = {r["node"]: r for r in json.loads(cli(cfg, "nodes", "--json").stdout)}
+        assert {n: (r["live"], r["backend"]) for n, r in table.items()} == \
+            {"gwa": (True, "fake"), "gwb": (True, "fake"), "gwx": (True, "lio")}
+        text = cli(cfg, "nodes").stdout.splitlines()
+        assert text[0].split() == ["NODE", "LIVE", "DRAINED", "PATHS", "BACKEND", "LEADER"]
+        assert text[-1].startswith("warning: the live gateways run different target backends (fake, lio)")
+        st = cli(cfg, "status", "--json")
+        assert json.loads(st.stdout)["backends"] == {"fake": ["gwa", "gwb"], "lio": ["gwx"]}
+        assert st.returncode == 0, "a warning, not degraded"
+        line = [ln for ln in cli(cfg, "status").stdout.splitlines() if ln.startswith("backends:")]
+        assert line and "fake on gwa, gwb; lio on gwx" in line[0], line
+    finally:
+        requests.put(f"{base}/session/destroy/{sid}", timeout=5)
+        requests.delete(f"{base}/kv/pathagent/nodes/gwx", timeout=5)
+        requests.delete(f"{base}/kv/pathagent/drain/gwx", timeout=5)
+    assert "backends:" not in cli(cfg, "status").stdout and "warning" not in cli(cfg, "nodes").stdout
+
+
 def test_status_of_a_stopped_agent_is_degraded(two_agents: Any) -> None:
     _, agents, _ = two_agents
     agents["gwb"].stop()
@@ -243,7 +274,8 @@ def test_nodes_drain_and_undrain(two_agents: Any) -> None:
     assert all(row["live"] and not row["drained"] for row in table.values())
     assert sum(row["paths"] for row in table.values()) == 6
     assert sorted(row["leader"] for row in table.values()) == [False, True]
-    assert cli(cfg, "nodes").stdout.splitlines()[0].split() == ["NODE", "LIVE", "DRAINED", "PATHS", "LEADER"]
+    assert cli(cfg, "nodes").stdout.splitlines()[0].split() == ["NODE", "LIVE", "DRAINED", "PATHS", "BACKEND",
+                                                              "LEADER"]
 
     r = cli(cfg, "node", "drain", "gwb", "--wait", "--timeout", "60", "--json")
     assert r.returncode == 0, r.stderr

@@ -75,6 +75,17 @@ def test_node_records_count_only_when_locked() -> None:
     assert view.nodes == {"gwa": "s1"}
 
 
+def test_backends_of_the_live_agents() -> None:
+    view = parse_tree(P, [e("nodes/gwa", node_value("gwa", "s1", 1.0, "tgt"), "s1"),
+                          e("nodes/gwb", node_value("gwb", "s2", 1.0, "lio"), "s2"),
+                          e("nodes/gwc", node_value("gwc", "s3", 1.0, "tgt"), "s3"),
+                          e("nodes/gwd", node_value("gwd", "", 1.0, "fake")),         # stopped: not counted
+                          e("nodes/gwe", b'{"node": "gwe", "session": "s5", "backend": 7}', "s5")])
+    assert view.backends() == {"lio": ("gwb",), "tgt": ("gwa", "gwc")}
+    assert view.records["gwe"].backend == "" and view.nodes["gwe"] == "s5", "a bad backend never drops a record"
+    assert parse_tree(P, [e("nodes/gwa", node_value("gwa", "s1", 1.0, "tgt"), "s1")]).backends() == {"tgt": ("gwa",)}
+
+
 def test_overlay_shows_our_newer_writes_only() -> None:
     p = PathKey("d1", 1)
     view = parse_tree(P, [e("disks/d1", disk_value("rbd", "i")), e("disks/d1/1", b"", None, mi=5)])
