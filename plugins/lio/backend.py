@@ -75,6 +75,8 @@ class LioBackend(TargetBackend):
                    "when it exists; none with auth none)",
         "map_options": "extra krbd map options, comma-separated (e.g. osd_request_timeout=60); default none",
         "map_timeout": "seconds a krbd map or unmap may take before it is reported (default 30)",
+        "unmap": "report the LUNs thin provisioned and accept UNMAP / WRITE SAME with UNMAP, which discard on the "
+                 "krbd device and free the RBD space (block backstore; default true); false: fully provisioned",
         "fence_timeout": "seconds the fence's TPG disables may take before fence() reports it could not be "
                          "sure (default 0.25; with network.down_time it must fit target.stop_time)",
     }
@@ -105,6 +107,7 @@ class LioBackend(TargetBackend):
             o.problems.append(("target.lio.map_options", "name, secret and noshare are set by the backend"))
         self.map_timeout = o.number("map_timeout", 30, 1, 600)
         self.fence_timeout = o.number("fence_timeout", 0.25, 0.01, 30)
+        self.unmap = o.flag("unmap", True)
         o.done()
         self._ident = (vendor, product, revision)
         self.port = int(context.port)
@@ -219,7 +222,7 @@ class LioBackend(TargetBackend):
 
     def _identity(self) -> "Identity":
         from plugins.lio.rts import Identity
-        return Identity(*self._ident)
+        return Identity(*self._ident, unmap=self.unmap)
 
     def _serving(self, o: Owned) -> set[int]:
         return {t for t in o.tags if configfs.enabled(o.iqn, t)}
@@ -275,7 +278,10 @@ class LioBackend(TargetBackend):
                 if size < spec.size:
                     raise TransientBackendError(f"lio: {spec.pool}/{spec.image} is {size} bytes, the definition "
                                                 f"says {spec.size}: waiting for the resize", retry_after=2)
-            rts.block(o.so_name, m.device, spec.serial, self._identity())
+            why = rts.block(o.so_name, m.device, spec.serial, self._identity())
+            if why is not None:
+                log.warning("lio: %s: UNMAP stays off on %s (%s); the LUN is served fully provisioned", spec.disk,
+                            m.device, why)
         else:
             rts.user_rbd(o.so_name, self._tcmu_config(spec), spec.size, spec.serial, self._identity())
         enable = (before & {t.tag for t in spec.tpgs}) | {path.index}

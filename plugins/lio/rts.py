@@ -31,11 +31,14 @@ RTSLibError: type[Exception] = getattr(rtslib_fb, "RTSLibError", Exception)
 
 @dataclass(frozen=True)
 class Identity:
-    """The INQUIRY strings every gateway gives the LUN (same everywhere, so multipath matches them)."""
+    """What every gateway gives the LUN (the same everywhere, so multipath matches them): the INQUIRY
+    strings, and ``unmap``: thin provisioning reported, UNMAP and WRITE SAME with UNMAP accepted (LIO's
+    ``emulate_tpu``/``emulate_tpws``; they become discards of the RBD device)."""
 
     vendor_id: str = "PATHAGNT"
     product_id: str = "RBD"
     revision: str = "0001"
+    unmap: bool = True
 
 
 @contextlib.contextmanager
@@ -126,9 +129,10 @@ class Lio:
                 return so
         return None
 
-    def block(self, name: str, dev: str, wwn: str, ident: Identity) -> None:
+    def block(self, name: str, dev: str, wwn: str, ident: Identity) -> str | None:
         """The iblock storage object ``name`` on ``dev`` with unit serial ``wwn``; one on another device is
-        replaced (its LUNs go with it: the caller re-creates them)."""
+        replaced (its LUNs go with it: the caller re-creates them). Returns why UNMAP could not be set as
+        ``ident.unmap`` asks (``None``: it is), which serves the LUN fully provisioned instead of failing."""
         with translated(f"block storage object {name} on {dev}"):
             so = self._lookup_so("block", name)
             if so is not None and so.udev_path != dev:
@@ -139,6 +143,7 @@ class Lio:
                 self._identity(so, ident)
             elif so.wwn != wwn:
                 so.wwn = wwn
+            return self._provisioning(so, ident.unmap)
 
     def user_rbd(self, name: str, config: str, size: int, wwn: str, ident: Identity) -> None:
         """The tcmu-runner ``user:rbd`` storage object ``name`` with handler config ``config``
@@ -159,6 +164,17 @@ class Lio:
         for attr, value in (("vendor_id", ident.vendor_id), ("product_id", ident.product_id),
                             ("revision", ident.revision)):
             _write_if_present(os.path.join(so.path, "wwn", attr), value)
+
+    def _provisioning(self, so: Any, unmap: bool) -> str | None:
+        """``emulate_tpu`` and ``emulate_tpws`` of ``so`` as ``unmap`` (the kernel refuses them on a device
+        without discard: the reason is returned, the attributes stay as they were)."""
+        want = "1" if unmap else "0"
+        for attr in ("emulate_tpu", "emulate_tpws"):
+            try:
+                _write_if_present(os.path.join(so.path, "attrib", attr), want)
+            except OSError as e:
+                return f"{attr}={want}: {e.strerror or e}"
+        return None
 
     def delete_so(self, plugin: str, name: str) -> None:
         with translated(f"delete storage object {name}"):

@@ -31,6 +31,24 @@ DEFAULT_LUN = 1
 _lib: Any = None
 
 
+class UnmapDescriptor(ctypes.Structure):
+    """libiscsi's ``struct unmap_list``: one (LBA, number of blocks) of an UNMAP."""
+    _fields_ = [("lba", ctypes.c_uint64), ("num", ctypes.c_uint32)]
+
+
+@dataclass(frozen=True)
+class Provisioning:
+    """Logical block provisioning as the LUN reports it: ``lbpme`` (READ CAPACITY(16): thin provisioned),
+    ``lbprz`` (unmapped blocks read as zeros), and from VPD 0xB2 ``lbpu`` (UNMAP supported), ``lbpws``
+    (WRITE SAME(16) with UNMAP supported); ``max_unmap`` (VPD 0xB0: blocks per UNMAP, 0 when not reported)."""
+
+    lbpme: bool
+    lbprz: bool
+    lbpu: bool
+    lbpws: bool
+    max_unmap: int
+
+
 def lib() -> Any:
     """libiscsi with the prototypes this module uses (loaded once)."""
     global _lib
@@ -58,6 +76,7 @@ def lib() -> Any:
         "iscsi_write16_sync": (vp, [vp, i, u64, cp, u32, i, i, i, i, i, i]),
         "iscsi_synchronizecache10_sync": (vp, [vp, i, i, i, i, i]),
         "iscsi_testunitready_sync": (vp, [vp, i]),
+        "iscsi_unmap_sync": (vp, [vp, i, i, i, ctypes.POINTER(UnmapDescriptor), i]),
         "scsi_free_scsi_task": (None, [vp]),
         "scsi_create_task": (vp, [i, cp, i, i]),
         "iscsi_scsi_command_sync": (vp, [vp, i, vp, vp]),
@@ -255,6 +274,26 @@ class Session:
         self._run(self._task, f"WRITE(16) lba {lba}",
                   lambda: lib().iscsi_write16_sync(self._ctx, self.lun, lba, data, len(data), block_size,
                                                    0, 0, int(fua), 0, 0))
+
+    def unmap(self, lba: int, blocks: int) -> None:
+        """UNMAP(10) of ``blocks`` blocks from ``lba`` (one descriptor)."""
+        desc = (UnmapDescriptor * 1)(UnmapDescriptor(lba, blocks))
+        self._run(self._task, f"UNMAP lba {lba}+{blocks}",
+                  lambda: lib().iscsi_unmap_sync(self._ctx, self.lun, 0, 0, desc, 1))
+
+    def provisioning(self) -> Provisioning:
+        rc = self._run(self._task, "READ CAPACITY(16)",
+                       lambda: lib().iscsi_readcapacity16_sync(self._ctx, self.lun))
+        vpd = self._run(self._task, "INQUIRY VPD 0xB2",
+                        lambda: lib().iscsi_inquiry_sync(self._ctx, self.lun, 1, 0xB2, 255))
+        try:
+            limits = self._run(self._task, "INQUIRY VPD 0xB0",
+                               lambda: lib().iscsi_inquiry_sync(self._ctx, self.lun, 1, 0xB0, 255))
+        except ScsiError:
+            limits = b""
+        return Provisioning(lbpme=bool(rc[14] & 0x80), lbprz=bool(rc[14] & 0x40), lbpu=bool(vpd[5] & 0x80),
+                            lbpws=bool(vpd[5] & 0x40),
+                            max_unmap=struct.unpack(">I", limits[20:24])[0] if len(limits) >= 24 else 0)
 
     def sync(self) -> None:
         self._run(self._task, "SYNCHRONIZE CACHE(10)",

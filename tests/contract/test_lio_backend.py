@@ -366,7 +366,17 @@ def test_user_rbd_backstore_through_tcmu_runner(gw: Gateway, lio_lab: GatewayLab
             s.write(64, pattern)
             s.sync()
             assert s.read(64, len(pattern) // 512) == pattern
+            p = s.provisioning()        # tcmu-runner's rbd handler answers it and handles UNMAP itself
+            assert p.lbpme and p.lbpu, p
+            obj = 4 << 20
+            for k in range(4):
+                s.write(obj // 512 + k * 2048, b"\x5a" * (1 << 20))
+            s.sync()
+            full = images.allocated(d.image)
+            s.unmap(obj // 512, obj // 512)
+            assert s.read(obj // 512, 8) == bytes(4096)
         assert images.read(d.image, 64 * 512, len(pattern)) == pattern
+        assert images.allocated(d.image) <= full - obj, "UNMAP freed the object in RBD"
         b.unexport(PathKey(d.id, 1))
         assert b.exported() == frozenset()
         assert gw.sh("ls -d /sys/kernel/config/target/core/user_*/pathagent-* 2>/dev/null || true").strip() == ""
