@@ -1,5 +1,5 @@
 """A disposable micro Ceph cluster for tests, benchmarks and the demo: one monitor, one OSD (memstore),
-no auth, every file under one directory, started in about half a second.
+no auth (or cephx, ``cephx=True``), every file under one directory, started in about half a second.
 
 ```python
 with MicroCeph(tmp_path / "ceph") as ceph:      # or ceph.start() ... ceph.stop()
@@ -11,7 +11,12 @@ Command line (``scripts/micro-ceph`` wraps it): ``python -m lab.ceph start DIR [
 starts a cluster, writes ``DIR/ceph.conf``, prints it and stays in the foreground until SIGTERM/SIGINT,
 then stops and purges the cluster; ``python -m lab.ceph stop DIR`` stops one started elsewhere.
 
-Layout: ``DIR/{ceph.conf, monmap, mon/, osd/, log/, run/}``. Ports: the monitor listens on ``mon_port``
+With ``cephx=True`` every client must authenticate: the conf names one keyring per entity,
+``DIR/keys/ceph.<entity>.keyring`` (``keyring = .../$cluster.$name.keyring``), so any client given only an
+id finds its key; ``client.admin`` has every cap, and ``add_user(entity, caps)`` creates a user with exactly
+the caps given (``ceph auth get-or-create``), as a site's admin would.
+
+Layout: ``DIR/{ceph.conf, monmap, mon/, osd/, log/, run/, keys/}``. Ports: the monitor listens on ``mon_port``
 (msgr v2) and ``mon_port + 1`` (v1); the OSD binds inside ``mon_port + 2 .. mon_port + 15``. The block
 of 16 ports is reserved in the host-wide registry of ``lab.consul.PortReservation`` (``mon_port`` given:
 that block, else a free one), so several Ceph and Consul lab clusters coexist on one host. The start
@@ -58,19 +63,22 @@ class CephLabError(RuntimeError):
     """The micro cluster could not be started (with the reason and the log to read)."""
 
 
-def _conf_text(d: Path, fsid: str, ip: str, mon_port: int, client_timeout: float) -> str:
+def _conf_text(d: Path, fsid: str, ip: str, mon_port: int, client_timeout: float, cephx: bool = False) -> str:
     t = f"{client_timeout:g}"
-    return f"""# micro Ceph cluster written by scripts/lab/ceph.py: one mon, one memstore OSD, no auth
+    auth = "cephx" if cephx else "none"
+    keyring = f"keyring = {d}/keys/$cluster.$name.keyring\n" if cephx else ""
+    return f"""# micro Ceph cluster written by scripts/lab/ceph.py: one mon, one memstore OSD, auth {auth}
 [global]
+{keyring}
 fsid = {fsid}
 mon host = [v2:{ip}:{mon_port},v1:{ip}:{mon_port + 1}]
 public addr = {ip}
 cluster addr = {ip}
 ms bind port min = {mon_port + 2}
 ms bind port max = {mon_port + PORT_BLOCK - 1}
-auth cluster required = none
-auth service required = none
-auth client required = none
+auth cluster required = {auth}
+auth service required = {auth}
+auth client required = {auth}
 mon warn on insecure global id reclaim allowed = false
 mon mgr mkfs grace = 31536000
 paxos propose interval = 0.01
@@ -172,8 +180,10 @@ class MicroCeph:
     DAEMONS = ("mon", "osd")
 
     def __init__(self, workdir: str | os.PathLike[str], ip: str = "127.0.0.1", mon_port: int | None = None,
-                 pool: str = "rbd", client_timeout: float = 5.0, start_timeout: float = 30.0) -> None:
+                 pool: str = "rbd", client_timeout: float = 5.0, start_timeout: float = 30.0,
+                 cephx: bool = False) -> None:
         self.dir = Path(workdir).resolve()
+        self.cephx = cephx
         self.ip = ip
         self.mon_port = mon_port
         self.pool = pool
@@ -191,7 +201,22 @@ class MicroCeph:
     def mon_address(self) -> str:
         return f"{self.ip}:{self.mon_port}"
 
-    LAYOUT = frozenset({"ceph.conf", "monmap", "mon", "osd", "log", "run", "osd.journal"})
+    LAYOUT = frozenset({"ceph.conf", "monmap", "mon", "osd", "log", "run", "osd.journal", "keys"})
+
+    def keyring(self, entity: str) -> str:
+        """Where ``entity`` (e.g. ``client.admin``) finds its key with ``cephx``."""
+        return str(self.dir / "keys" / f"ceph.{entity}.keyring")
+
+    def add_user(self, entity: str, caps: list[str]) -> str:
+        """``ceph auth get-or-create ENTITY CAPS...`` (``caps`` as the CLI takes them: ``["mon", "profile
+        rbd", "osd", "profile rbd pool=rbd"]``) into its keyring; returns the keyring's path."""
+        if not self.cephx:
+            raise CephLabError("add_user needs a cluster started with cephx=True")
+        out = self.keyring(entity)
+        self._run(["ceph", "-c", self.conf_path, "--name", "client.admin", "auth", "get-or-create", entity, *caps,
+                   "-o", out])
+        os.chmod(out, 0o600)
+        return out
 
     def _removable(self) -> bool:
         """True when ``workdir`` holds nothing but a micro cluster's files (never remove anything else)."""
@@ -253,19 +278,31 @@ class MicroCeph:
         self.mon_port = self._ports.lo
         if self.dir.exists():
             shutil.rmtree(self.dir)
-        for sub in ("mon", "osd", "log", "run"):
+        for sub in ("mon", "osd", "log", "run") + (("keys",) if self.cephx else ()):
             (self.dir / sub).mkdir(parents=True)
         self.fsid = str(uuid.uuid4())
         conf = self.conf_path
-        Path(conf).write_text(_conf_text(self.dir, self.fsid, self.ip, self.mon_port, self.client_timeout))
+        Path(conf).write_text(_conf_text(self.dir, self.fsid, self.ip, self.mon_port, self.client_timeout,
+                                         self.cephx))
         monmap = str(self.dir / "monmap")
         try:
             self._run(["monmaptool", "--create", "--fsid", self.fsid, "--addv", "a",
                        f"[v2:{self.ip}:{self.mon_port},v1:{self.ip}:{self.mon_port + 1}]", monmap])
-            self._run(["ceph-mon", "-c", conf, "--id", "a", "--mkfs", "--monmap", monmap, "--keyring", "/dev/null"])
+            mon_keyring = "/dev/null"
+            if self.cephx:
+                mon_keyring, admin = self.keyring("mon"), self.keyring("client.admin")
+                self._run(["ceph-authtool", "--create-keyring", mon_keyring, "--gen-key", "-n", "mon.",
+                           "--cap", "mon", "allow *"])
+                self._run(["ceph-authtool", "--create-keyring", admin, "--gen-key", "-n", "client.admin",
+                           "--cap", "mon", "allow *", "--cap", "osd", "allow *", "--cap", "mgr", "allow *"])
+                self._run(["ceph-authtool", mon_keyring, "--import-keyring", admin])
+            self._run(["ceph-mon", "-c", conf, "--id", "a", "--mkfs", "--monmap", monmap, "--keyring", mon_keyring])
             self._daemon("mon", ["ceph-mon", "-c", conf, "--id", "a"])
             self._python_step("bootstrap")
-            self._run(["ceph-osd", "-c", conf, "--id", "0", "--mkfs"])
+            self._run(["ceph-osd", "-c", conf, "--id", "0", "--mkfs"] + (["--mkkey", "--no-mon-config"] if self.cephx else []))
+            if self.cephx:
+                self._run(["ceph", "-c", conf, "--name", "client.admin", "auth", "add", "osd.0", "osd", "allow *",
+                           "mon", "allow profile osd", "-i", self.keyring("osd.0")])
             self._daemon("osd", ["ceph-osd", "-c", conf, "--id", "0"])
             self._python_step("ready")
         except BaseException:
@@ -314,7 +351,7 @@ class MicroCeph:
 # --- command line ------------------------------------------------------------------------------------
 
 def _cmd_start(a: argparse.Namespace) -> int:
-    ceph = MicroCeph(a.dir, ip=a.ip, mon_port=a.mon_port, pool=a.pool)
+    ceph = MicroCeph(a.dir, ip=a.ip, mon_port=a.mon_port, pool=a.pool, cephx=a.cephx)
     done = threading.Event()
 
     def on_signal(signum: int, frame: Any) -> None:
@@ -368,6 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--ip", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     s.add_argument("--mon-port", type=int, default=None, help="monitor v2 port (default: a free block)")
     s.add_argument("--pool", default="rbd")
+    s.add_argument("--cephx", action="store_true", help="require cephx (keyrings under DIR/keys)")
     s.set_defaults(func=_cmd_start)
     t = sub.add_parser("stop", help="stop the cluster running in DIR (by its pid files) and remove DIR")
     t.add_argument("dir")

@@ -5,7 +5,9 @@ the demo.
 
 - a ``GatewayLab``: gateway namespaces (default gwa, gwb, gwc) and an initiator namespace ``ini`` on one
   bridge, in a free ``198.18.X.0/24`` (or ``prefixlen``), the root namespace at ``.1``;
-- a micro Ceph (``lab.ceph.MicroCeph``) bound to ``.1``;
+- a micro Ceph (``lab.ceph.MicroCeph``) bound to ``.1``; with ``cephx=True`` it requires cephx and has
+  exactly the Ceph users that docs/deployment.md tells an admin to create (``guide_users``: parsed from the
+  guide's commands, so the guide is what runs), and the agents run as the guide's ``client_id``;
 - ``lab.consul.ConsulCluster`` in netns mode: a server in the root namespace on ``.1`` and one client
   agent inside each gateway namespace (node name = gateway name; HTTP on 127.0.0.1:8500 inside it);
 - one ``pathagent run`` per gateway namespace (``[target] backend = "tgt"``, ``[network] backend =
@@ -48,6 +50,26 @@ METRICS_PORT = 9120
 
 #: one scrape: (sample name, its labels sorted) -> value
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+GUIDE = REPO / "docs" / "deployment.md"
+GUIDE_CLIENT_ID = "pathagent"       # the guide's `[ceph] client_id`
+
+
+def guide_users(gateways: Iterable[str], guide: Path = GUIDE) -> list[tuple[str, list[str]]]:
+    """The Ceph users (entity, caps as ``ceph auth`` takes them) that the deployment guide's
+    ``ceph auth get-or-create`` commands create, with ``$gw`` as each of ``gateways``."""
+    import re
+    import shlex
+    text = guide.read_text().replace("\\\n", " ")
+    out: list[tuple[str, list[str]]] = []
+    for m in re.finditer(r"ceph auth get-or-create (\S+)(.*?)>", text):
+        entity, caps = m.group(1), shlex.split(m.group(2))
+        names = list(gateways) if "$gw" in entity else [""]
+        out += [(entity.replace("$gw", n), caps) for n in names]
+    if not out:
+        raise AssertionError(f"no `ceph auth get-or-create` command in {guide}")
+    return out
 
 
 def parse_metrics(text: str) -> Samples:
@@ -204,8 +226,10 @@ class IscsiLab:
                  agent_extra: str = "", catalog: str = "rbd", lock_delay: float = 5.5,
                  fence_after: float = 2.5, stop_time: float = 1.0, prefixlen: int = 24,
                  tgt_extra: str = "", consul_extra: str = "", shipped_timings: bool = False,
-                 placement_extra: str = "") -> None:
+                 placement_extra: str = "", cephx: bool = False) -> None:
         self.dir = Path(workdir)
+        self.cephx = cephx
+        self.client_id = "admin"
         self.names = list(gateways)
         self.agent_extra = agent_extra
         self.placement_extra = placement_extra      # keys added to every agent's [placement] table
@@ -242,7 +266,11 @@ class IscsiLab:
     def _start(self, agents: bool) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.net.up()
-        self.ceph = MicroCeph(self.dir / "ceph", ip=self.net.host_ip).start()
+        self.ceph = MicroCeph(self.dir / "ceph", ip=self.net.host_ip, cephx=self.cephx).start()
+        if self.cephx:
+            for entity, caps in guide_users(self.names):
+                self.ceph.add_user(entity, caps)
+            self.client_id = GUIDE_CLIENT_ID
         import rados
         self._cluster = rados.Rados(conffile=self.ceph.conf_path)
         self._cluster.connect(timeout=10)
@@ -289,7 +317,7 @@ address = "127.0.0.1:8500"
 {self.consul_extra}
 [ceph]
 conf = "{self.ceph.conf_path}"
-client_id = "admin"
+client_id = "{self.client_id}"
 pool = "rbd"
 refresh = 5
 timeout = 5

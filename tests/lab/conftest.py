@@ -87,3 +87,14 @@ def failover_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[IscsiLab]
 def placement_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[IscsiLab]:
     """Three gateways on the shipped defaults, room for 60 path IPs (tests/lab/test_placement_lab.py)."""
     yield from started_lab(tmp_path_factory.mktemp("placement"), shipped_timings=True, prefixlen=22)
+
+
+@pytest.fixture(scope="module")
+def cephx_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[IscsiLab]:
+    """A lab on a cephx micro Ceph with the deployment guide's users only (tests/lab/test_cephx_lab.py), the
+    shipped timings and the Ceph-side fence."""
+    from agent.plugins import available
+    if "ceph-blocklist" not in available("fencing"):
+        pytest.fail("the ceph-blocklist fencing plugin is not registered (setup.cfg; rerun scripts/setup)")
+    yield from started_lab(tmp_path_factory.mktemp("cephx"), cephx=True, shipped_timings=True,
+                           agent_extra='[fencing]\nbackend = "ceph-blocklist"\n', placement_extra="moves = 0\n")
