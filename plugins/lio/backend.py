@@ -321,7 +321,15 @@ class LioBackend(TargetBackend):
         req = MapRequest(monitors=self._monitors(), name=name, pool=spec.pool, image=spec.image,
                          secret=self._secret(name), options=self._map_options)
         t0 = time.monotonic()
-        m = self._krbd.map(req)
+        try:
+            m = self._krbd.map(req)
+        except TransientBackendError as e:
+            if req.secret:
+                raise
+            # the usual cause: a cephx cluster, and this node's data client has no keyring where we look
+            raise TransientBackendError(f"{e}; no cephx key was given: with cephx, client.{name} needs "
+                                        f"/etc/ceph/ceph.client.{name}.keyring (or [target.lio] keyring)",
+                                        retry_after=e.retry_after) from None
         log.info("lio: mapped %s/%s as client.%s at %s (%s) in %.0f ms", spec.pool, spec.image, name, m.device,
                  m.client_addr, (time.monotonic() - t0) * 1000)
         return m

@@ -31,7 +31,7 @@ from lab import iscsi
 from lab.gwtools import RbdImages
 from lab.liorpc import RemoteBackend
 from lab.netns import GatewayLab
-from plugins.lio.krbd import parse_mon_host, read_conf_value
+from plugins.lio.krbd import parse_keyring, parse_mon_host, read_conf_value
 
 pytestmark = pytest.mark.lio
 
@@ -69,10 +69,10 @@ class Gateway:
         self.backends: list[RemoteBackend] = []
         self.addresses: list[str] = []
 
-    def new(self, conf: str = "/nonexistent", **options: Any) -> RemoteBackend:
+    def new(self, conf: str = "/nonexistent", data_client_id: str = "admin", **options: Any) -> RemoteBackend:
         ctx = PluginContext(node=self.guest.name, state_dir=self.state,
                             options={"monitors": self.monitors, "dbroot": "/etc/target", **options},
-                            ceph=CephConfig(conf=conf, client_id="admin", data_client_id="admin"))
+                            ceph=CephConfig(conf=conf, client_id="admin", data_client_id=data_client_id))
         b = RemoteBackend(self.guest, "lio", ctx)
         self.backends.append(b)
         return b
@@ -383,3 +383,51 @@ def test_user_rbd_backstore_through_tcmu_runner(gw: Gateway, lio_lab: GatewayLab
     finally:
         g.signal(runner)
         print("\ntcmu-runner log tail:\n" + gw.sh("tail -c 1500 /var/log/tcmu-runner.log 2>/dev/null || true"))
+
+
+def test_block_backstore_on_cephx_with_the_guides_data_client_caps(gw: Gateway, lio_lab: GatewayLab,
+                                                                   gw_lab: GatewayLab, tmp_path: Any) -> None:
+    """krbd as the gateway's data client on a cephx cluster, with exactly the caps docs/deployment.md gives
+    it (parsed from the guide): the map authenticates with the key from the default keyring path, the LUN
+    serves I/O that RBD reads back, the key appears in no record and no log, and unexport unmaps."""
+    from lab.ceph import MicroCeph
+    from lab.iscsilab import guide_users
+    node = gw.guest.name
+    data = f"pathagent-{node}"
+    with MicroCeph(tmp_path / "cephx", ip=gw_lab.host_ip, cephx=True) as cx:
+        (entity, caps), = [(e, c) for e, c in guide_users([node]) if e == f"client.{data}"]
+        with open(cx.add_user(entity, caps)) as f:
+            keyring = f.read()
+        key = parse_keyring(keyring, data)
+        assert key
+        with open(cx.conf_path) as f:
+            monitors = read_conf_value(f.read(), "mon host") or ""
+        images = RbdImages(cx.conf_path)            # client.admin, from the cluster's keys
+        try:
+            d = _disk(lio_lab, images, paths=1)
+            b = gw.new(data_client_id=data, monitors=monitors)
+            with pytest.raises(Exception) as no_key:       # no keyring on the gateway yet
+                b.export(PathKey(d.id, 1), d)
+            print(f"\nwithout its keyring: {type(no_key.value).__name__}: {no_key.value}")
+            assert f"/etc/ceph/ceph.client.{data}.keyring" in str(no_key.value), "the error says what is missing"
+            assert b.exported() == frozenset()
+            gw.guest.write_file(f"/etc/ceph/ceph.client.{data}.keyring", keyring, mode=0o600, mkdir=True)
+            b.export(PathKey(d.id, 1), d)
+            assert b.exported() == {PathKey(d.id, 1)}
+            dev = gw.sh("grep -l 'name=" + data + ",' /sys/bus/rbd/devices/*/config_info || true").split()
+            assert len(dev) == 1, "one krbd mapping, as the data client"
+            portal = gw.add_ip(d.paths[0])
+            pattern = bytes(range(256)) * 256
+            with iscsi.Session(portal, d.iqn, initiator=INI, netns=lio_lab.ns("ini")) as s:
+                s.write(128, pattern)
+                s.sync()
+                assert s.read(128, len(pattern) // 512) == pattern
+            assert images.read(d.image, 128 * 512, len(pattern)) == pattern
+            leaked = gw.sh(f"grep -rl -F '{key}' {gw.state} /run /var/log 2>/dev/null || true").split()
+            assert leaked == [], f"the cephx key is in {leaked}"
+            b.unexport(PathKey(d.id, 1))
+            assert gw.sh("grep -l 'name=" + data + ",' /sys/bus/rbd/devices/*/config_info 2>/dev/null || true"
+                         ).split() == [], "unexport unmapped it"
+        finally:
+            gw.guest.exec(["rm", "-f", f"/etc/ceph/ceph.client.{data}.keyring"])
+            images.close()
