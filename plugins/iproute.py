@@ -51,6 +51,7 @@ from agent import statefile
 from agent.backend import NetworkBackend, PluginContext
 from agent.childenv import child_env
 from agent.core.model import PathKey, PathSpec, Peer
+from agent.core.schema import ROLE_RE
 from agent.errors import BackendError, PermanentBackendError, TransientBackendError
 from plugins import sysctl
 from plugins.options import Options
@@ -465,6 +466,8 @@ class IprouteNetwork(NetworkBackend):
     config_keys: Mapping[str, str] = {
         "interfaces": 'table subnet -> interface name, e.g. {"198.18.0.0/24" = "eth0"}; a path IP in a listed '
                       "subnet goes on that interface (default: the interface that has an address in the subnet)",
+        "roles": 'table role -> interface name, e.g. {"iscsi-a" = "eth1"}: a path with that role in its '
+                 "definition goes on that interface (before its vlan, if any); a role not listed is an error",
         "label": "suffix of the address label <ifname>:<label> marking our addresses (default pa)",
         "arping": "path of arping (iputils) used for the gratuitous ARPs (default arping); empty: no announcement",
         "promote_secondaries": "set net.ipv4.conf.<if>.promote_secondaries=1 before adding (default true)",
@@ -493,6 +496,13 @@ class IprouteNetwork(NetworkBackend):
                 o.problems.append((f"network.iproute.interfaces.{net}", "an IPv4 subnet -> an interface name"))
                 continue
             self.interfaces.append((n, ifname))
+        self.roles: dict[str, str] = {}
+        for role, ifname in o.str_table("roles").items():
+            if not ROLE_RE.fullmatch(role) or len(ifname) > IFNAMSIZ:
+                o.problems.append((f"network.iproute.roles.{role}", "a role (lowercase, as in disk definitions) -> "
+                                                                   "an interface name"))
+                continue
+            self.roles[role] = ifname
         o.done()
         self.interfaces.sort(key=lambda x: -x[0].prefixlen)
         self._children: list[_Child] = []
@@ -530,8 +540,7 @@ class IprouteNetwork(NetworkBackend):
             record = self._records()
             kernel = self._kernel()
             links = kernel.links
-            ifname = self._choose(path, ip, kernel, links)
-            index = next(i for i, n in links.items() if n == ifname)
+            ifname, index = self._place(path, spec, ip, kernel, links)
             label = self._label_for(ifname)
             mine = record.get(key)
             for a in kernel.at(ip):
@@ -789,6 +798,65 @@ class IprouteNetwork(NetworkBackend):
         if any(v.get("ip") == a.ip and v.get("ifname") == ifname for v in record.values()):
             return True
         return self._labelled(a, ifname)
+
+    def _place(self, path: PathKey, spec: PathSpec, ip: str, kernel: AddressState,
+               links: Mapping[int, str]) -> tuple[str, int]:
+        """The interface (name, index) the address of ``path`` goes on: the one ``roles`` names for
+        ``spec.role``, else the one for its subnet (``_choose``); with ``spec.vlan``, the VLAN interface with
+        that id on it (created as ``<interface>.<vlan>`` when there is none; never removed)."""
+        if spec.role is not None:
+            base = self.roles.get(spec.role)
+            if base is None:
+                raise PermanentBackendError(f"path {path}: role {spec.role!r} is not in [network.iproute] roles "
+                                            f"({', '.join(sorted(self.roles)) or 'none configured'})")
+            if base not in links.values():
+                raise PermanentBackendError(f"path {path}: interface {base} (role {spec.role}) does not exist")
+        else:
+            base = self._choose(path, ip, kernel, links)
+        index = next(i for i, n in links.items() if n == base)
+        if spec.vlan is None:
+            return base, index
+        return self._vlan(path, base, index, spec.vlan)
+
+    def _vlan(self, path: PathKey, base: str, index: int, vid: int) -> tuple[str, int]:
+        """The VLAN interface with id ``vid`` on ``base`` (``base`` itself when it is one), brought up;
+        created as ``<base>.<vid>`` when none exists."""
+        with self._ipr() as ipr:
+            try:
+                for m in ipr.get_links():
+                    info = m.get_attr("IFLA_LINKINFO")
+                    if info is None or info.get_attr("IFLA_INFO_KIND") != "vlan":
+                        continue
+                    data = info.get_attr("IFLA_INFO_DATA")
+                    if data is None or data.get_attr("IFLA_VLAN_ID") != vid:
+                        continue
+                    if int(m["index"]) == index or m.get_attr("IFLA_LINK") == index:
+                        name, found = str(m.get_attr("IFLA_IFNAME")), int(m["index"])
+                        if not int(m["flags"]) & 1:              # IFF_UP
+                            ipr.link("set", index=found, state="up")
+                        return name, found
+                name = f"{base}.{vid}"
+                if len(name) > IFNAMSIZ:
+                    raise PermanentBackendError(f"path {path}: VLAN interface name {name} is longer than "
+                                                f"{IFNAMSIZ} characters; create the VLAN {vid} interface on "
+                                                f"{base} yourself (any name)")
+                if ipr.link_lookup(ifname=name):
+                    raise PermanentBackendError(f"path {path}: {name} exists but is not VLAN {vid} on {base}")
+                try:
+                    ipr.link("add", ifname=name, kind="vlan", link=index, vlan_id=vid)
+                except Exception as e:
+                    if getattr(e, "code", None) == errno.EOPNOTSUPP:
+                        raise PermanentBackendError(f"path {path}: this kernel has no 802.1Q VLAN support "
+                                                    f"(load the 8021q module) for VLAN {vid} on {base}") from None
+                    raise
+                new = int(ipr.link_lookup(ifname=name)[0])
+                ipr.link("set", index=new, state="up")
+            except BackendError:
+                raise
+            except Exception as e:
+                raise self._translate(f"VLAN {vid} on {base} for {path}", e) from None
+        log.info("iproute: created VLAN interface %s (VLAN %d on %s) for %s", name, vid, base, path)
+        return name, new
 
     def _choose(self, path: PathKey, ip: str, kernel: AddressState, links: Mapping[int, str]) -> str:
         addr = ipaddress.IPv4Address(ip)

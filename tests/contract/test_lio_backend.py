@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import re
 import shlex
 import subprocess
@@ -431,3 +432,60 @@ def test_block_backstore_on_cephx_with_the_guides_data_client_caps(gw: Gateway, 
         finally:
             gw.guest.exec(["rm", "-f", f"/etc/ceph/ceph.client.{data}.keyring"])
             images.close()
+
+
+_VLAN_SCRIPT = """
+import json, sys
+from agent.backend import PluginContext
+from agent.core.model import PathKey, PathSpec
+from plugins.iproute import IprouteNetwork
+op, state, vlan = sys.argv[1], sys.argv[2], int(sys.argv[3])
+net = IprouteNetwork(PluginContext(node="g", state_dir=state,
+                                   options={"interfaces": {"198.19.250.0/24": "eth0"}, "arping": ""}))
+p, spec = PathKey("vl", 1), PathSpec(1, "198.19.250.10", 24, vlan=vlan)
+net.up(p, spec) if op == "up" else net.down(p, spec)
+print(json.dumps(sorted(str(x) for x in net.active())))
+net.close()
+"""
+
+
+def test_a_vlan_path_is_reached_over_its_vlan(lio_guest: Any, lio_guest_b: Any) -> None:
+    """The ``iproute`` network backend in a stock kernel (802.1Q): a path with ``vlan = 20`` goes on
+    ``eth0.20``, made by the backend on the interface of its subnet; another host on the same bridge reaches
+    it over its own VLAN 20 interface, nothing of it is untagged, and ``down`` takes it away (the VLAN
+    interface stays)."""
+    from lab.guest import TOP
+    a, b = lio_guest, lio_guest_b
+    state = f"/run/pa-vlan-{uuid.uuid4().hex[:6]}"
+
+    def run(op: str) -> list[str]:
+        r = a.exec([str(TOP / ".venv" / "bin" / "python"), "-c", _VLAN_SCRIPT, op, state, "20"], cwd=str(TOP),
+                   env={"PYTHONPATH": str(TOP)}, timeout=60)
+        assert r.rc == 0, r.stderr
+        return list(json.loads(r.stdout.strip().splitlines()[-1]))
+
+    def sh(g: Any, cmd: str) -> str:
+        r = g.exec(["sh", "-c", cmd], timeout=30)
+        assert r.rc == 0, f"{cmd}: {r.stderr}"
+        return str(r.stdout)
+    try:
+        assert run("up") == ["vl/1"]
+        link = json.loads(sh(a, "ip -d -j link show eth0.20"))[0]
+        assert link["linkinfo"]["info_kind"] == "vlan" and link["linkinfo"]["info_data"]["id"] == 20
+        assert link["link"] == "eth0" and "UP" in link["flags"]
+        assert "198.19.250.10" in sh(a, "ip -4 -o addr show dev eth0.20")
+        assert "198.19.250.10" not in sh(a, "ip -4 -o addr show dev eth0"), "nothing untagged"
+        sh(b, "ip link add link eth0 name eth0.20 type vlan id 20 && ip addr add 198.19.250.2/24 dev eth0.20 "
+              "&& ip link set eth0.20 up")
+        t0 = time.monotonic()
+        while b.exec(["ping", "-c", "1", "-W", "1", "198.19.250.10"], timeout=10).rc != 0:
+            assert time.monotonic() - t0 < 10, "the path IP is not reachable over VLAN 20"
+        sh(b, "ip link set eth0.20 down")
+        assert b.exec(["ping", "-c", "1", "-W", "1", "198.19.250.10"], timeout=10).rc != 0, \
+            "not reachable once the other host leaves VLAN 20"
+        assert run("down") == []
+        assert "198.19.250.10" not in sh(a, "ip -4 -o addr show")
+        assert sh(a, "ip -o link show eth0.20").strip(), "the VLAN interface stays"
+    finally:
+        for g in (a, b):
+            g.exec(["ip", "link", "del", "eth0.20"], timeout=10)

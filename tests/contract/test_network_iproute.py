@@ -248,6 +248,49 @@ def test_interface_choice(gw_lab: GatewayLab, gwa: NetnsThread, tmp_path: Any) -
         json.load(open(tmp_path / "c" / "iproute.json"))["addresses"] == {}
 
 
+def vlan_support(ns: str) -> bool:
+    """Whether the kernel makes 802.1Q VLAN interfaces (the 8021q module); probes in namespace ``ns``."""
+    r = ip("link", "add", "link", "eth0", "name", "pa-vprobe", "type", "vlan", "id", "4000", ns=ns, check=False)
+    ip("link", "del", "pa-vprobe", ns=ns, check=False)
+    return r.returncode == 0
+
+
+def test_role_names_the_interface_and_vlan_the_tagged_one(gw_lab: GatewayLab, gwa: NetnsThread,
+                                                          tmp_path: Any) -> None:
+    """``role`` puts the address on the interface ``roles`` names for it (an unlisted role is an error
+    naming the path and the role). ``vlan``: on a kernel without 802.1Q support (this host's) the path
+    fails with an error that says so and nothing is added; where the kernel has it, the address goes on the
+    VLAN interface (the full check with an initiator across the VLAN runs in the guest tier,
+    tests/contract/test_lio_backend.py::test_a_vlan_path_is_reached_only_over_its_vlan)."""
+    from plugins.iproute import IprouteNetwork
+    gwa_ns = gw_lab.ns("gwa")
+    net = gwa.call(IprouteNetwork, PluginContext(
+        node="gwa", state_dir=str(tmp_path), options={"interfaces": {"198.19.240.0/20": "eth0"},
+                                                      "roles": {"san": "eth0"}, "arping": ""}))
+    try:
+        gwa.call(net.up, PathKey("r1", 1), PathSpec(1, "198.19.242.10", 24, role="san"))
+        assert addrs(gw_lab, "gwa")["198.19.242.10/24"] == "eth0:pa"
+        with pytest.raises(PermanentBackendError, match=r"path r2/1: role 'nosuch' is not in .*san"):
+            gwa.call(net.up, PathKey("r2", 1), PathSpec(1, "198.19.243.10", 24, role="nosuch"))
+        if vlan_support(gwa_ns):
+            gwa.call(net.up, PathKey("r3", 1), PathSpec(1, "198.19.244.10", 24, vlan=20))
+            on = {x["ifname"]: [i["local"] for i in x.get("addr_info", [])]
+                  for x in json.loads(ip("-4", "-j", "addr", "show", ns=gwa_ns).stdout)}
+            assert on.get("eth0.20") == ["198.19.244.10"]
+            print("\nVLAN: this kernel has 802.1Q; the address went on eth0.20")
+        else:
+            with pytest.raises(PermanentBackendError, match="no 802.1Q VLAN support"):
+                gwa.call(net.up, PathKey("r3", 1), PathSpec(1, "198.19.244.10", 24, vlan=20))
+            assert "198.19.244.10/24" not in addrs(gw_lab, "gwa")
+            print("\nVLAN: this kernel has no 802.1Q support; a VLAN path is refused with the reason")
+        assert gwa.call(net.active) <= {PathKey("r1", 1), PathKey("r3", 1)}
+    finally:
+        gwa.call(net.fence)
+        gwa.call(net.close)
+        ip("link", "del", "eth0.20", ns=gwa_ns, check=False)
+    assert "198.19.242.10/24" not in addrs(gw_lab, "gwa")
+
+
 def test_bad_options_are_config_errors(tmp_path: Any) -> None:
     from agent.errors import ConfigError
     from plugins.iproute import IprouteNetwork
