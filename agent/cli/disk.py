@@ -306,8 +306,9 @@ def _chap_opts(p: argparse.ArgumentParser) -> None:
 
 def _new_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", metavar="NAME", help="display name, unique (1-64 of A-Z a-z 0-9 . _ -)")
-    p.add_argument("--path", action="append", required=True, metavar="IP/PREFIX",
-                   help="a floating path address, unique across disks; repeat for each path (index = order given)")
+    p.add_argument("--path", action="append", required=True, metavar="IP/PREFIX[,vlan=N][,role=NAME]",
+                   help="a floating path address, unique across disks, optionally on VLAN N and the interface of "
+                        "role NAME ([network.iproute] roles); repeat for each path (index = order given)")
     p.add_argument("--iqn", help="target IQN, unique (default iqn.2016-05.io.pathagent:<id>)")
     p.add_argument("--initiator", action="append", metavar="IQN",
                    help="an initiator IQN to admit; repeat for more (default: none admitted)")

@@ -94,12 +94,29 @@ def check_serial(text: str, option: str = "--serial") -> str:
     return s
 
 
-def check_path(text: str, number: int) -> tuple[str, int]:
-    """``"198.18.0.10/24"`` -> ``("198.18.0.10", 24)``: an IPv4 unicast host address of its prefix."""
+#: one ``--path``: the address, its prefix length, the VLAN id and the role (``None``: not given)
+PathArg = tuple[str, int, int | None, str | None]
+
+
+def check_path(text: str, number: int) -> PathArg:
+    """``"198.18.0.10/24"`` -> ``("198.18.0.10", 24, None, None)``: an IPv4 unicast host address of its
+    prefix; ``"198.18.0.10/24,vlan=20,role=iscsi-a"`` adds the path's VLAN id and interface role."""
     where = f"--path {text!r} (path {number})"
-    ip, sep, prefix_s = text.partition("/")
+    addr_s, *extras = text.split(",")
+    vlan: int | None = None
+    role: str | None = None
+    for x in extras:
+        k, eq, v = x.partition("=")
+        if k == "vlan" and eq and vlan is None and re.fullmatch(r"[0-9]{1,4}", v) and 1 <= int(v) <= 4094:
+            vlan = int(v)
+        elif k == "role" and eq and role is None and schema.ROLE_RE.fullmatch(v):
+            role = v
+        else:
+            raise UsageError(f"{where}: {x!r} is not vlan=1..4094 or role=NAME (lowercase letters, digits, - _; "
+                             "each at most once)")
+    ip, sep, prefix_s = addr_s.partition("/")
     if not sep or not re.fullmatch(r"[0-9]{1,2}", prefix_s):
-        raise UsageError(f"{where}: expected IP/PREFIX, e.g. 198.18.0.10/24")
+        raise UsageError(f"{where}: expected IP/PREFIX[,vlan=N][,role=NAME], e.g. 198.18.0.10/24")
     prefix = int(prefix_s)
     try:
         addr = ipaddress.IPv4Address(ip)
@@ -110,24 +127,29 @@ def check_path(text: str, number: int) -> tuple[str, int]:
     reason = schema.host_address_problem(addr, prefix)
     if reason:
         raise UsageError(f"{where}: {reason}")
-    return str(addr), prefix
+    return str(addr), prefix, vlan, role
 
 
-def check_paths(texts: Sequence[str]) -> tuple[tuple[str, int], ...]:
+def check_paths(texts: Sequence[str]) -> tuple[PathArg, ...]:
     if len(texts) > schema.MAX_PATHS:
         raise UsageError(f"--path: at most {schema.MAX_PATHS} paths, got {len(texts)}")
-    out: list[tuple[str, int]] = []
+    out: list[PathArg] = []
     for n, t in enumerate(texts, 1):
-        ip, prefix = check_path(t, n)
-        for m, (other, _) in enumerate(out, 1):
-            if other == ip:
+        p = check_path(t, n)
+        for m, other in enumerate(out, 1):
+            if other[0] == p[0]:
                 raise UsageError(f"--path {t!r} (path {n}): the same IP as path {m}")
-        out.append((ip, prefix))
+        out.append(p)
     return tuple(out)
 
 
-def path_specs(paths: Sequence[tuple[str, int]]) -> tuple[PathSpec, ...]:
-    return tuple(PathSpec(index=i, ip=ip, prefix=prefix) for i, (ip, prefix) in enumerate(paths, 1))
+def path_arg(p: PathSpec) -> PathArg:
+    return p.ip, p.prefix, p.vlan, p.role
+
+
+def path_specs(paths: Sequence[PathArg]) -> tuple[PathSpec, ...]:
+    return tuple(PathSpec(index=i, ip=ip, prefix=prefix, vlan=vlan, role=role)
+                 for i, (ip, prefix, vlan, role) in enumerate(paths, 1))
 
 
 def check_initiators(texts: Sequence[str], option: str = "--initiator") -> tuple[str, ...]:

@@ -44,7 +44,7 @@ from agent.adapters.ceph import CephClient, CephError, CephNotFound, ImageBusy, 
 from agent.adapters.consul_store import ACQUIRE_BATCH, ConsulStore, TxnOps
 from agent.cli import failpoints
 from agent.cli.clisession import TTL, cli_session, holder_is_gone
-from agent.cli.diskargs import AccessArgs, human_size, path_specs
+from agent.cli.diskargs import AccessArgs, PathArg, human_size, path_arg, path_specs
 from agent.config import Config
 from agent.core import claims, keys, schema
 from agent.core.claims import Claim, ClaimValue, Held
@@ -121,7 +121,7 @@ class NewDisk:
     """What ``create`` and ``import`` were asked for (already checked by ``agent.cli.diskargs``)."""
 
     name: str
-    paths: tuple[tuple[str, int], ...]
+    paths: tuple[PathArg, ...]
     access: AccessArgs
     size: int = 0                      # create only
     pool: str | None = None            # create only (default ``[ceph] pool``)
@@ -450,7 +450,7 @@ class Disks:
             diff.append(f"size {human_size(disk.size)}")
         if req.op == "create" and req.pool and disk.pool != req.pool:
             diff.append(f"pool {disk.pool}")
-        if tuple((p.ip, p.prefix) for p in disk.paths) != req.paths:
+        if tuple(path_arg(p) for p in disk.paths) != req.paths:
             diff.append("paths " + " ".join(f"{p.ip}/{p.prefix}" for p in disk.paths))
         if req.iqn and disk.iqn != req.iqn:
             diff.append(f"iqn {disk.iqn}")

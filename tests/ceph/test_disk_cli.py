@@ -58,6 +58,13 @@ def test_create_json_and_options(cli: Cli) -> None:
     assert out["iqn"] == "iqn.2001-04.com.example:storage.vm2" and out["chap"] is None
     assert out["pool"] == "rbd" and out["image"] == f"pathagent-{out['id']}"
     cli.ok("disk", "delete", out["id"])
+    tagged = cli.json("disk", "create", "vm3", "--size", "1M", "--path", "198.18.2.20/25,vlan=20,role=iscsi-a",
+                      "--path", "198.18.2.21/25,role=iscsi-b", "--open")
+    shown = cli.json("disk", "show", tagged["id"])
+    assert [(p["ip"], p["vlan"], p["role"]) for p in shown["paths"]] == \
+        [("198.18.2.20", 20, "iscsi-a"), ("198.18.2.21", None, "iscsi-b")]
+    assert "1: 198.18.2.20/25 vlan 20 role iscsi-a" in cli.ok("disk", "show", tagged["id"])
+    cli.ok("disk", "delete", tagged["id"])
 
 
 @pytest.mark.parametrize("args,words", [
