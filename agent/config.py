@@ -109,6 +109,7 @@ class Config:
     metrics_listen: str = ""
     log_level: str = "INFO"
     log_format: str = "text"
+    log_audit: str = "/dev/log"      # the syslog socket the CLI's audit lines go to ("": none)
     source: str = ""
 
 
@@ -130,6 +131,16 @@ def _int(lo: int, hi: int) -> Callable[[Any], str | None]:
             return f"must be an integer, not {type(v).__name__}"
         if not lo <= v <= hi:
             return f"must be between {lo} and {hi}"
+        return None
+    return check
+
+
+def _abs_or_empty() -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        if not isinstance(v, str):
+            return f"must be a string, not {type(v).__name__}"
+        if v and not v.startswith("/"):
+            return "must be an absolute path (or empty: off)"
         return None
     return check
 
@@ -204,7 +215,8 @@ SCHEMA: dict[str, dict[str, Callable[[Any], str | None]]] = {
     "placement": {"grace": _num(0, 600), "settle": _num(0, 60), "rebalance_after": _num(0, 3600),
                   "moves": _int(0, 1000), "move_timeout": _num(1, 3600)},
     "metrics": {"listen": _address_or_empty},
-    "log": {"level": _choice("DEBUG", "INFO", "WARNING", "ERROR"), "format": _choice("text", "json")},
+    "log": {"level": _choice("DEBUG", "INFO", "WARNING", "ERROR"), "format": _choice("text", "json"),
+            "audit": _abs_or_empty()},
 }
 PLUGIN_TABLES = ("target", "network", "catalog", "watchdog", "fencing")
 
@@ -298,6 +310,7 @@ def examine(data: Mapping[str, Any], source: str = "") -> tuple[Config, list[tup
         metrics_listen=values["metrics"].get("listen", ""),
         log_level=values["log"].get("level", "INFO"),
         log_format=values["log"].get("format", "text"),
+        log_audit=values["log"].get("audit", "/dev/log"),
         source=source,
     )
     problems.extend(fencing_problems(cfg))

@@ -276,8 +276,13 @@ def _resize(args: argparse.Namespace, checked: tuple[str, int], disks: Disks) ->
 
 # --- parser ---------------------------------------------------------------------------------------------
 
+#: the disk commands that change something: each leaves a line in the audit trail (agent.cli.audit)
+AUDITED = frozenset({"create", "import", "start", "stop", "delete", "update", "resize"})
+
+
 def _leaf(sub: Any, name: str, check: Check, op: Op, help: str) -> argparse.ArgumentParser:
     p: argparse.ArgumentParser = sub.add_parser(name, help=help, description=help)
+    p.set_defaults(audit=name in AUDITED)
     try:
         p.add_argument("--json", action="store_true", dest="json", default=False, help="machine-readable output")
     except argparse.ArgumentError:

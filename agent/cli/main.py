@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
         if on:
             d.add_argument("--wait", action="store_true", help="return once NODE holds no path")
             d.add_argument("--timeout", type=float, default=300.0, help="seconds --wait waits (default 300)")
-        d.set_defaults(func=cmd_node_drain, drain_on=on)
+        d.set_defaults(func=cmd_node_drain, drain_on=on, audit=True)
 
     p = sub.add_parser("path", help="path operations", description="path operations")
     psub = p.add_subparsers(dest="path_command", metavar="SUBCOMMAND", required=True)
@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("path", metavar="DISK_ID/INDEX")
     m.add_argument("node", metavar="NODE")
     m.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the move (default 30)")
-    m.set_defaults(func=cmd_path_move)
+    m.set_defaults(func=cmd_path_move, audit=True)
     return parser
 
 
@@ -676,13 +676,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         return _config_failed(path, e)
     try:
-        return handler(args, cfg)
+        rc = handler(args, cfg)
     except ConfigError as e:
-        return _config_failed(path, e)
+        rc = _config_failed(path, e)
     except AgentError as e:
-        return fail(str(e))
+        rc = fail(str(e))
     except KeyboardInterrupt:
-        return EXIT_FAILED
+        rc = EXIT_FAILED
+    if getattr(args, "audit", False):
+        from agent.cli import audit
+        audit.send(cfg.log_audit, sys.argv[1:] if argv is None else list(argv), rc)
+    return rc
 
 
 if __name__ == "__main__":

@@ -306,6 +306,57 @@ def test_a_stop_during_a_slow_write_still_writes_the_last_state(tmp_path: Path,
         h.close()
 
 
+# --- the audit trail ---------------------------------------------------------------------------------------
+
+def _audit_socket(tmp_path: Path) -> tuple[socket.socket, str]:
+    path = str(tmp_path / "log.sock")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.bind(path)
+    s.settimeout(5)
+    return s, path
+
+
+def test_changing_commands_leave_one_audit_line_each_whatever_their_outcome(tmp_path: Path) -> None:
+    import pwd
+    sock, path = _audit_socket(tmp_path)
+    cfg = offline_config(tmp_path, f'[log]\naudit = "{path}"\n')
+    try:
+        r = cli("node", "drain", "gw9", "--config", str(cfg))              # Consul is down: exit 1
+        assert r.returncode == 1, r
+        msg = sock.recv(4096).decode()
+        me = pwd.getpwuid(os.getuid()).pw_name
+        assert msg.startswith(f"<85>pathagent-cli[") and f"]: user={me} (uid {os.getuid()}) exit=1 " in msg, msg
+        assert msg.endswith(f"node drain gw9 --config {cfg}"), msg
+        assert cli("nodes", "--config", str(cfg)).returncode == 1
+        assert cli("disk", "list", "--config", str(cfg)).returncode == 1
+        r = cli("disk", "delete", "vm1", "--config", str(cfg))
+        assert r.returncode == 1, r
+        assert sock.recv(4096).decode().endswith(f"exit=1 disk delete vm1 --config {cfg}"), \
+            "read-only commands (nodes, disk list) leave nothing; the next line is the delete's"
+    finally:
+        sock.close()
+    for sub in ("off", "gone"):
+        (tmp_path / sub).mkdir()
+    off = offline_config(tmp_path / "off", '[log]\naudit = ""\n')
+    assert cli("node", "drain", "gw9", "--config", str(off)).returncode == 1, "audit off"
+    gone = offline_config(tmp_path / "gone", f'[log]\naudit = "{tmp_path / "nosuch.sock"}"\n')
+    r = cli("node", "drain", "gw9", "--config", str(gone))
+    assert r.returncode == 1 and "audit" not in r.stderr and "Traceback" not in r.stderr, \
+        "no syslog socket: the command's outcome and output are the same"
+
+
+def test_audit_lines_mask_secret_options_and_name_the_sudo_caller(monkeypatch: pytest.MonkeyPatch) -> None:
+    from agent.cli import audit
+    assert audit.redacted(["disk", "update", "vm", "--chap-password", "s3cr3t", "--consul-token=abc",
+                           "--chap-password-file", "/etc/pw", "--name", "x"]) == \
+        ["disk", "update", "vm", "--chap-password", "***", "--consul-token=***", "--chap-password-file", "/etc/pw",
+         "--name", "x"]
+    monkeypatch.setenv("SUDO_USER", "alice")
+    text = audit.line(["disk", "stop", "vm"], 0)
+    assert text.startswith("user=alice (uid ") and text.endswith("via sudo) exit=0 disk stop vm"), text
+    assert audit.send("", ["x"], 0) is False
+
+
 # --- renderers -----------------------------------------------------------------------------------------------
 
 ROWS: list[dict[str, Any]] = [
