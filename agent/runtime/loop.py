@@ -117,6 +117,7 @@ class Agent:
         self._target_unknown_since: float | None = None
         self._fenced_blind = False                  # fenced while the target could not tell: nothing served
         self._last_summary = ""
+        self._mixed: Mapping[str, tuple[str, ...]] = {}   # the mixed backends last warned of ({}: none)
         self._ready = False
         self.cycles = 0
         self.takeovers = 0
@@ -250,6 +251,7 @@ class Agent:
                        self._own_leader[0] if self._own_leader else None, moves)
         self._view_index = view.index
         self._track(view, defs, session, now)
+        self._check_backends(view)
         self.failovers.observe(view, session, now)
         self._planned_view = view
         snap = Snapshot(node=self.node, session=session, view=view, definitions=defs, exported=self._exported,
@@ -302,6 +304,20 @@ class Agent:
         self.state.record_status(self.report.status(os.getpid()))
         wake = [t for t in (plan.wake_at, fx.retry_at) if t is not None]
         return self.report, min(wake) if wake else None, fx.progressed() or fx.replan
+
+    def _check_backends(self, view: ClusterView) -> None:
+        """One warning when the live gateways start running different target backends (and whenever which
+        run which changes), one line when they agree again: initiators would see a disk's paths on different
+        LUNs."""
+        by = view.backends()
+        mixed = by if len(by) > 1 else {}
+        if mixed and mixed != self._mixed:
+            log.warning("the live gateways run different target backends (%s): initiators see the paths of a "
+                        "disk on different LUNs; run one backend on every gateway (docs/upgrades.md)",
+                        "; ".join(f"{b} on {', '.join(ns)}" for b, ns in mixed.items()))
+        elif self._mixed and not mixed:
+            log.info("the live gateways run one target backend again (%s)", ", ".join(by) or "none recorded")
+        self._mixed = mixed
 
     def _track(self, view: ClusterView, defs: Mapping[str, Disk], session: str | None, now: float) -> None:
         """Local timing facts: when each free path was first seen free; held paths with no definition."""

@@ -647,6 +647,26 @@ def test_a_bad_disk_is_named_in_the_log_and_the_status(tmp_path: Path, store: Me
     assert read_status(n.agent.cfg.state_dir)["disk_names"] == {}
 
 
+def test_gateways_on_different_backends_are_warned_of_once(tmp_path: Path, store: MemoryStore, clock: FakeClock,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    from agent.core.tree import node_value
+    n = make_node(tmp_path, store, clock, "gwa")
+    n.start()
+    n.step()
+    caplog.set_level(logging.INFO)
+    sid = store.create_session("gwx", "iSCSITarget", (), 15.0)
+    store.set(keys.node_key(store.prefix, "gwx"), node_value("gwx", sid, clock.wall(), "lio"), session=sid)
+    for _ in range(3):
+        n.step()
+    warned = [r.getMessage() for r in caplog.records if "different target backends" in r.getMessage()]
+    assert warned == ["the live gateways run different target backends (fake on gwa; lio on gwx): initiators "
+                      "see the paths of a disk on different LUNs; run one backend on every gateway "
+                      "(docs/upgrades.md)"], "once, not every cycle"
+    store.invalidate(sid)
+    n.step()
+    assert any(r.getMessage() == "the live gateways run one target backend again (fake)" for r in caplog.records)
+
+
 def test_no_session_while_the_catalog_has_this_name_under_another_node_id(tmp_path: Path, store: MemoryStore,
                                                                         clock: FakeClock) -> None:
     """A host reinstalled under its old name comes back before its old Consul member failed: the servers
