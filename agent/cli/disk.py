@@ -92,7 +92,10 @@ def _ref(args: argparse.Namespace) -> str:
     return da.check_ref(args.id)
 
 
-def _update_check(args: argparse.Namespace) -> tuple[str, str | None, AccessChange]:
+UpdateArgs = tuple[str, "str | None", "AccessChange", "tuple[da.PathArg, ...] | None"]
+
+
+def _update_check(args: argparse.Namespace) -> UpdateArgs:
     from agent.cli.disks import AccessChange
     ref = _ref(args)
     name = da.check_name(args.name, "--name") if args.name is not None else None
@@ -113,10 +116,11 @@ def _update_check(args: argparse.Namespace) -> tuple[str, str | None, AccessChan
     mutual: Chap | None | bool = None if args.no_chap or args.no_mutual_chap else (given_mutual or True)
     change = AccessChange(initiators=inits, add=add, remove=remove, open_=args.open, admit_none=args.admit_none,
                           chap=chap, mutual_chap=mutual)
-    if name is None and change == AccessChange(admit_none=args.admit_none):
-        raise UsageError("nothing to change: give --name, --initiator, --add-initiator, --remove-initiator, "
-                         "--open, --closed, --chap-user … or --no-chap")
-    return ref, name, change
+    paths = da.check_paths(args.path) if args.path else None
+    if name is None and paths is None and change == AccessChange(admit_none=args.admit_none):
+        raise UsageError("nothing to change: give --name, --path, --initiator, --add-initiator, "
+                         "--remove-initiator, --open, --closed, --chap-user … or --no-chap")
+    return ref, name, change, paths
 
 
 # --- handlers ------------------------------------------------------------------------------------------------
@@ -243,10 +247,10 @@ def _delete(args: argparse.Namespace, ref: str, disks: Disks) -> int:
     return EXIT_OK
 
 
-def _update(args: argparse.Namespace, checked: tuple[str, str | None, AccessChange], disks: Disks) -> int:
+def _update(args: argparse.Namespace, checked: UpdateArgs, disks: Disks) -> int:
     from agent.cli.disks import access_text
-    ref, name, change = checked
-    disk, notes = disks.update(ref, args.pool, name=name, access=change)
+    ref, name, change, paths = checked
+    disk, notes = disks.update(ref, args.pool, name=name, access=change, paths=paths)
     started = disks.record(disk.id) is not None
     lines = [f"disk {disk.id} ({disk.name}) " + ("unchanged" if "nothing changed" in notes else "updated")
              + (" (its owners apply it now)" if started and "nothing changed" not in notes else "")]
@@ -376,11 +380,14 @@ def register(subparsers: Any) -> None:
                    help="with --force: how long to wait for the owners to let go (default 60)")
 
     p = _leaf(sub, "update", _update_check, _update,
-              "change a disk's name, initiators or CHAP (a started disk's owners apply it without a stop); "
-              "prints the resulting access")
+              "change a disk's name, initiators or CHAP (a started disk's owners apply it without a stop), or "
+              "its paths (a stopped disk); prints the resulting access")
     _disk_arg(p)
     _pool_opt(p, "look in")
     p.add_argument("--name", help="new display name (unique)")
+    p.add_argument("--path", action="append", metavar="IP/PREFIX[,vlan=N][,role=NAME]",
+                   help="replace the paths (repeat for each; index = order given; the disk must be stopped): the "
+                        "new addresses are claimed, the old ones released")
     p.add_argument("--initiator", action="append", metavar="IQN", help="replace the initiator list (repeatable)")
     p.add_argument("--add-initiator", action="append", metavar="IQN", help="admit one more initiator")
     p.add_argument("--remove-initiator", action="append", metavar="IQN",

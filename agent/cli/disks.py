@@ -762,15 +762,26 @@ class Disks:
 
     # --- update, resize ------------------------------------------------------------------------------
     def update(self, ref: str, pool: str | None = None, name: str | None = None,
-               access: AccessChange = AccessChange()) -> tuple[Disk, builtins.list[str]]:
-        """Change a disk's name or access, started or not; returns the new definition and notes for the
-        admin. A change of access that does more than its options say needs its flag (``NeedsFlag``):
-        closing an open disk (``--closed``), leaving no initiator admitted (``--admit-none``). A started
-        disk's owners apply the change at once (the disk key is touched)."""
+               access: AccessChange = AccessChange(),
+               paths: Sequence[PathArg] | None = None) -> tuple[Disk, builtins.list[str]]:
+        """Change a disk's name or access, started or not, or its paths (``paths`` replaces them all; only
+        while stopped: ``DiskStateError`` otherwise, as its gateways hold and serve them); returns the new
+        definition and notes for the admin. A change of access that does more than its options say needs
+        its flag (``NeedsFlag``): closing an open disk (``--closed``), leaving no initiator admitted
+        (``--admit-none``). A started disk's owners apply the change at once (the disk key is touched). The
+        claims follow the new definition (new name and addresses claimed first, the old ones dropped)."""
         held = self.claims()
         loc = self.resolve(ref, pool, held)
         old = self.load(loc)
         notes: builtins.list[str] = []
+        new_paths = old.paths
+        if paths is not None:
+            new_paths = path_specs(paths)
+            if new_paths != old.paths and loc.record is not None:
+                raise DiskStateError(f"disk {label(old.id, old.name)} is started: its gateways hold and serve its "
+                                     "paths; stop it first (`pathagent disk stop`), change the paths, start it")
+            if new_paths != old.paths:
+                notes.append("paths were " + " ".join(f"{p.ip}/{p.prefix}" for p in old.paths))
         was_open = old.initiators is None
         current = list(old.initiators or ())
         if access.initiators is not None:
@@ -803,11 +814,11 @@ class Disks:
                 raise NeedsFlag(f"disk {label(old.id, old.name)}: this leaves no initiator admitted (every "
                                 "initiator is locked out): add --admit-none to confirm")
         new = validated(dataclasses.replace(
-            old, name=name if name is not None else old.name,
+            old, name=name if name is not None else old.name, paths=new_paths,
             initiators=None if is_open else tuple(current),
             chap=old.chap if access.chap is True else (access.chap or None),
             mutual_chap=old.mutual_chap if access.mutual_chap is True else (access.mutual_chap or None)))
-        if new.name != old.name:
+        if claims.of_disk(new) != claims.of_disk(old):
             self._claim(old.id, claims.of_disk(new), ClaimValue(old.id, loc.pool, loc.image, new.name,
                                                                 loc.claim.value.op if loc.claim and
                                                                 loc.claim.value else ""),

@@ -216,3 +216,24 @@ def test_usage_and_config_errors(cli: Cli, tmp_path: Path) -> None:
     assert rc == 2
     rc, _, err = cli.run("disk", "list", config=tmp_path / "missing.toml")
     assert rc == 2 and "no such file" in err
+
+
+def test_update_replaces_the_paths_of_a_stopped_disk_and_moves_their_claims(cli: Cli) -> None:
+    c, d = cli.ips()
+    disk_id = cli.create("repath")
+    before = {p["index"]: p["ip"] for p in cli.json("disk", "show", disk_id)["paths"]}
+    old = before[1]
+    upd = cli.json("disk", "update", "repath", "--path", f"{c}/24,vlan=30", "--path", f"{before[2]}/24")
+    assert [(p["index"], p["ip"], p["vlan"]) for p in upd["paths"]] == [(1, c, 30), (2, before[2], None)]
+    assert any(n.startswith("paths were ") for n in upd["notes"]), upd["notes"]
+    assert [(p["ip"], p["vlan"]) for p in cli.json("disk", "show", disk_id)["paths"]] == [(c, 30), (before[2], None)]
+    rc, _, err = cli.run("disk", "create", "takes-new", "--size", "1M", "--path", f"{c}/24", "--open")
+    assert rc == 1 and c in err, "the new address is claimed"
+    freed = cli.json("disk", "create", "takes-old", "--size", "1M", "--path", f"{old}/24", "--open")
+    cli.ok("disk", "delete", freed["id"])                          # the old one was released
+    cli.ok("disk", "start", disk_id)
+    rc, _, err = cli.run("disk", "update", disk_id, "--path", f"{d}/24")
+    assert rc == 1 and "is started" in err and "stop it first" in err, err
+    assert cli.json("disk", "show", disk_id)["paths"][0]["ip"] == c, "refused: nothing changed"
+    cli.ok("disk", "stop", disk_id)
+    cli.ok("disk", "delete", disk_id)

@@ -106,6 +106,7 @@ BAD_ARGS: list[tuple[tuple[str, ...], str]] = [
     (CREATE + ("--path", "10.0.0.1/24,role=ISCSI"), "'role=ISCSI' is not vlan=1..4094 or role=NAME"),
     (CREATE + ("--path", "10.0.0.1/24,vlan=2,vlan=3"), "'vlan=3' is not"),
     (CREATE + ("--path", "10.0.0.1/24,mtu=9000"), "'mtu=9000' is not"),
+    (("disk", "update", "vm", "--path", "10.0.0.0/24"), "--path '10.0.0.0/24' (path 1): 10.0.0.0 is the network"),
     (CREATE + ("--path", "224.0.0.5/24"), "not a usable unicast address"),
     (CREATE + OK_PATH + ("--path", "198.18.5.10/24"), "--path '198.18.5.10/24' (path 2): the same IP as path 1"),
     (CREATE + OK_PATH + ("--iqn", "iqn.2016-05.IO.pathagent:x"), "--iqn 'iqn.2016-05.IO.pathagent:x'"),
