@@ -12,7 +12,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Generator, Mapping, Sequence, TextIO
 
 from agent import config as config_mod
@@ -658,6 +658,11 @@ def _config_failed(path: str, e: ConfigError) -> int:
     return EXIT_USAGE
 
 
+#: seconds a changing CLI command allows each Consul call (at least): Consul 1.8's consistent reads and
+#: transactions stall for up to ~4 s while the servers elect a leader (docs/fencing.md)
+CLI_CONSUL_TIMEOUT = 10.0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv``, load the config and run the command; returns the exit code. A config that cannot
     be read, decoded or parsed gets one line per problem on stderr (the file, the key) and exit 2, for
@@ -675,6 +680,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = config_mod.load(args.config)
     except ConfigError as e:
         return _config_failed(path, e)
+    if getattr(args, "audit", False):
+        # a changing command waits for Consul as long as an election can stall it (the agent's short
+        # [consul] timeout bounds its lease confirmations; an admin's command is not on that path)
+        cfg = replace(cfg, consul=replace(cfg.consul, timeout=max(cfg.consul.timeout, CLI_CONSUL_TIMEOUT)))
     try:
         rc = handler(args, cfg)
     except ConfigError as e:
