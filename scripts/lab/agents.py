@@ -55,12 +55,24 @@ def txn(http: str, ops: list[dict[str, Any]]) -> requests.Response:
 
 
 def start_disks(http: str, disk_paths: dict[str, int], prefix: str = "pathagent") -> None:
-    """Create disk keys and their path keys (what ``pathagent disk start`` does), in 64-op transactions."""
+    """Create disk keys and their path keys (what ``pathagent disk start`` does) for disks named by id, with
+    images ``rbd/pathagent-<id>``."""
+    start_records(http, [(d, "rbd", f"pathagent-{d}", range(1, n + 1)) for d, n in disk_paths.items()], prefix)
+
+
+def start_defined(http: str, disks: Iterable[Any], prefix: str = "pathagent") -> None:
+    """``start_disks`` for ``agent.core.model.Disk`` definitions (their pool, image and path indexes)."""
+    start_records(http, [(d.id, d.pool, d.image, [p.index for p in d.paths]) for d in disks], prefix)
+
+
+def start_records(http: str, disks: Iterable[tuple[str, str, str, Iterable[int]]], prefix: str = "pathagent") -> None:
+    """The disk key ``{"pool", "image"}`` and one empty path key per index for each (id, pool, image,
+    indexes), in 64-op transactions."""
     ops: list[dict[str, Any]] = []
-    for d, n in disk_paths.items():
-        ops.append({"KV": {"Verb": "set", "Key": f"{prefix}/disks/{d}",
-                           "Value": base64.b64encode(json.dumps({"pool": "rbd", "image": f"pathagent-{d}"}).encode()).decode()}})
-        ops += [{"KV": {"Verb": "set", "Key": f"{prefix}/disks/{d}/{i}", "Value": ""}} for i in range(1, n + 1)]
+    for d, pool, image, indexes in disks:
+        rec = json.dumps({"pool": pool, "image": image}).encode()
+        ops.append({"KV": {"Verb": "set", "Key": f"{prefix}/disks/{d}", "Value": base64.b64encode(rec).decode()}})
+        ops += [{"KV": {"Verb": "set", "Key": f"{prefix}/disks/{d}/{i}", "Value": ""}} for i in indexes]
     for i in range(0, len(ops), 64):
         r = txn(http, ops[i:i + 64])
         r.raise_for_status()

@@ -38,7 +38,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from lab.agents import start_defined
 from lab.ceph import MicroCeph
+from lab.gwtools import RbdImages
 from lab.consul import ConsulCluster, consul_binary, http_json
 from lab.guest import TOP, Guest, GuestError
 from lab.iscsilab import path_owners
@@ -167,8 +169,7 @@ class GuestGatewayLab:
         self.consul: ConsulCluster | None = None
         self.gw: dict[str, GuestGateway] = {}
         self.disks: dict[str, Any] = {}
-        self._cluster: Any = None
-        self._ioctx: Any = None
+        self.images: RbdImages | None = None
         self._vip = 0
 
     # --- host services ----------------------------------------------------------------------------------
@@ -180,10 +181,7 @@ class GuestGatewayLab:
         self.dir.mkdir(parents=True, exist_ok=True)
         try:
             self.ceph = MicroCeph(self.dir / "ceph", ip=self.lab.host_ip).start()
-            import rados
-            self._cluster = rados.Rados(conffile=self.ceph.conf_path)
-            self._cluster.connect(timeout=10)
-            self._ioctx = self._cluster.open_ioctx("rbd")
+            self.images = RbdImages(self.ceph.conf_path)
             self.consul = ConsulCluster(str(self.dir / "consul"), servers=1, mode="netns", server_ip=self.lab.host_ip)
             self.consul.start()
         except BaseException:
@@ -336,40 +334,26 @@ backend = "rbd"
 
     def create_disk(self, paths: int = 2, size: int = 64 << 20, initiators: tuple[str, ...] | None = None) -> Any:
         """An RBD image with its definition in the metadata, then the Consul keys (``disk start``)."""
-        import rbd
-        from agent.core import schema
         from agent.core.model import Disk, PathSpec
+        assert self.images is not None
         did = uuid.uuid4().hex[:12]
         image = f"pathagent-{did}"
-        rbd.RBD().create(self._ioctx, image, size, old_format=False,
-                         features=rbd.RBD_FEATURE_LAYERING | rbd.RBD_FEATURE_EXCLUSIVE_LOCK)
         d = Disk(id=did, name=f"lio-{did}", iqn=f"iqn.2016-05.io.pathagent:{did}", serial=str(uuid.uuid4()),
                  paths=tuple(PathSpec(i, self.vip(), self.lab.prefixlen) for i in range(1, paths + 1)),
                  pool="rbd", image=image, size=size, initiators=initiators)
-        with rbd.Image(self._ioctx, image) as img:
-            img.metadata_set("pathagent.disk", schema.dump(d))
+        self.images.define(d)
         self.disks[did] = d
-        rec = json.dumps({"pool": d.pool, "image": d.image}).encode()
-        ops: list[dict[str, Any]] = [{"KV": {"Verb": "set", "Key": f"{PREFIX}/disks/{d.id}",
-                                             "Value": base64.b64encode(rec).decode()}}]
-        ops += [{"KV": {"Verb": "set", "Key": f"{PREFIX}/disks/{d.id}/{p.index}", "Value": ""}} for p in d.paths]
-        http_json(self.http, "/v1/txn", timeout=10, method="PUT", data=json.dumps(ops).encode())
+        start_defined(self.http, [d], PREFIX)
         return d
 
     def read_image(self, d: Any, offset: int, length: int) -> bytes:
-        import rbd
-        with rbd.Image(self._ioctx, d.image, read_only=True) as img:
-            return bytes(img.read(offset, length))
+        assert self.images is not None
+        return self.images.read(d.image, offset, length)
 
     def blocklist(self) -> list[str]:
         """The addresses in the OSD blocklist (``ceph osd blocklist ls``)."""
-        ret, out, errs = self._cluster.mon_command(json.dumps({"prefix": "osd blocklist ls", "format": "json"}), b"")
-        if ret != 0:
-            raise RuntimeError(f"osd blocklist ls: {ret} {errs}")
-        # pacific prints two documents: the address entries, then the (empty) range entries
-        text = (out or b"[]").decode() if isinstance(out, bytes) else str(out or "[]")
-        entries, _ = json.JSONDecoder().raw_decode(text.strip())
-        return [str(e.get("addr")) for e in entries]
+        assert self.images is not None
+        return self.images.blocklist()
 
     def served(self, d: Any, by: Iterable[GuestGateway] | None = None) -> dict[str, str]:
         """path "disk/index" -> its owner, for the paths whose owner is one of ``by`` (default: every gateway)
@@ -396,12 +380,9 @@ backend = "rbd"
         if self.consul is not None:
             self.consul.teardown()
             self.consul = None
-        if self._ioctx is not None:
-            self._ioctx.close()
-            self._ioctx = None
-        if self._cluster is not None:
-            self._cluster.shutdown()
-            self._cluster = None
+        if self.images is not None:
+            self.images.close()
+            self.images = None
         if self.ceph is not None:
             self.ceph.stop()
             self.ceph = None

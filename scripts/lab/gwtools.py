@@ -1,9 +1,12 @@
 """Small helpers shared by the gateway tests, the benchmark and the demo: which tools are missing, RBD
-images through one librados handle, and stopping a tgtd that a tgt backend started."""
+images (and the cluster's blocklist) through one librados handle, and stopping a tgtd that a tgt backend
+started."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
+from typing import Any
 
 from lab import proc
 
@@ -59,6 +62,31 @@ class RbdImages:
         with rbd.Image(self.ioctx, name, read_only=True) as img:
             img.diff_iterate(0, img.size(), None, count)
         return total
+
+    def write(self, name: str, offset: int, data: bytes) -> None:
+        import rbd
+        with rbd.Image(self.ioctx, name) as img:
+            img.write(data, offset)
+
+    def define(self, disk: Any) -> None:
+        """Create ``disk``'s image and write its definition into the image metadata (``disk create``)."""
+        from agent.core import schema
+        self.create(disk.image, disk.size)
+        self.set_meta(disk.image, schema.META_KEY, schema.dump(disk))
+
+    def blocklist(self) -> list[str]:
+        """The addresses in the OSD blocklist (``ceph osd blocklist ls``)."""
+        ret, out, errs = self.cluster.mon_command(json.dumps({"prefix": "osd blocklist ls", "format": "json"}), b"")
+        if ret != 0:
+            raise RuntimeError(f"osd blocklist ls: {ret} {errs}")
+        # pacific prints two documents: the address entries, then the range entries
+        text, dec, addrs = (out or b"").decode(), json.JSONDecoder(), []
+        i = len(text) - len(text.lstrip())
+        while i < len(text):
+            doc, end = dec.raw_decode(text, i)
+            addrs += [str(e.get("addr")) for e in doc]
+            i = end + len(text[end:]) - len(text[end:].lstrip())
+        return addrs
 
     def set_meta(self, name: str, key: str, value: str) -> None:
         import rbd

@@ -40,7 +40,9 @@ import requests
 
 from lab import proc
 from lab.ceph import MicroCeph
+from lab.agents import start_defined
 from lab.consul import ClientSpec, ConsulCluster
+from lab.gwtools import RbdImages
 from lab.netns import GatewayLab, ip
 
 REPO = Path(__file__).resolve().parents[2]
@@ -250,8 +252,7 @@ class IscsiLab:
         self.consul: ConsulCluster | None = None
         self.gw: dict[str, Gateway] = {}
         self.disks: dict[str, Any] = {}       # id -> agent.core.model.Disk
-        self._cluster: Any = None
-        self._ioctx: Any = None
+        self.images: RbdImages | None = None    # the lab's own librados handle (client.admin)
         self._vip = 0
 
     # --- build ----------------------------------------------------------------------------------------
@@ -271,10 +272,7 @@ class IscsiLab:
             for entity, caps in guide_users(self.names):
                 self.ceph.add_user(entity, caps)
             self.client_id = GUIDE_CLIENT_ID
-        import rados
-        self._cluster = rados.Rados(conffile=self.ceph.conf_path)
-        self._cluster.connect(timeout=10)
-        self._ioctx = self._cluster.open_ioctx("rbd")
+        self.images = RbdImages(self.ceph.conf_path)
         self.consul = ConsulCluster(str(self.dir / "consul"), servers=1, mode="netns", server_ip=self.net.host_ip,
                                     clients=[ClientSpec(n, self.net.node_ip(n), self.net.ns(n)) for n in self.names])
         self.consul.start()
@@ -367,19 +365,16 @@ level = "INFO"
                     chap: tuple[str, str] | None = None, mutual: tuple[str, str] | None = None,
                     start: bool = True) -> Any:
         """An RBD image with its definition in the metadata; ``start`` also creates the Consul keys."""
-        import rbd
         from agent.core import schema
         from agent.core.model import Chap, Disk, PathSpec
+        assert self.images is not None
         did = uuid.uuid4().hex[:12]
         image = f"pathagent-{did}"            # the CLI's naming: `pathagent disk start|stop ID` find it
-        rbd.RBD().create(self._ioctx, image, size, old_format=False,
-                         features=rbd.RBD_FEATURE_LAYERING | rbd.RBD_FEATURE_EXCLUSIVE_LOCK)
         d = Disk(id=did, name=f"lab-{did}", iqn=f"iqn.2016-05.io.pathagent:{did}", serial=str(uuid.uuid4()),
                  paths=tuple(PathSpec(i, self.vip(), self.net.prefixlen) for i in range(1, paths + 1)), pool="rbd", image=image,
                  size=size, initiators=initiators, chap=Chap(*chap) if chap else None,
                  mutual_chap=Chap(*mutual) if mutual else None)
-        with rbd.Image(self._ioctx, image) as img:
-            img.metadata_set("pathagent.disk", schema.dump(d))
+        self.images.define(d)
         self.disks[did] = d
         if self.catalog != "rbd":
             cat = self.dir / "catalog.json"
@@ -393,25 +388,16 @@ level = "INFO"
         return d
 
     def start_disks(self, disks: Iterable[Any]) -> None:
-        ops: list[dict[str, Any]] = []
-        for d in disks:
-            rec = json.dumps({"pool": d.pool, "image": d.image}).encode()
-            ops.append({"KV": {"Verb": "set", "Key": f"{PREFIX}/disks/{d.id}", "Value": base64.b64encode(rec).decode()}})
-            ops += [{"KV": {"Verb": "set", "Key": f"{PREFIX}/disks/{d.id}/{p.index}", "Value": ""}} for p in d.paths]
-        for i in range(0, len(ops), 64):
-            r = requests.put(f"http://{self.http}/v1/txn", data=json.dumps(ops[i:i + 64]), timeout=10)
-            r.raise_for_status()
+        start_defined(self.http, disks, PREFIX)
 
     def read_image(self, d: Any, offset: int, length: int) -> bytes:
-        import rbd
-        with rbd.Image(self._ioctx, d.image, read_only=True) as img:
-            return bytes(img.read(offset, length))
+        assert self.images is not None
+        return self.images.read(d.image, offset, length)
 
     def write_image(self, d: Any, offset: int, data: bytes) -> None:
         """Write straight into the disk's image (tests that must show a check can fail)."""
-        import rbd
-        with rbd.Image(self._ioctx, d.image) as img:
-            img.write(data, offset)
+        assert self.images is not None
+        self.images.write(d.image, offset, data)
 
     # --- observation ----------------------------------------------------------------------------------
     def owners(self) -> dict[str, str | None]:
@@ -455,12 +441,9 @@ level = "INFO"
         if self.consul is not None:
             self.consul.teardown()
             self.consul = None
-        if self._ioctx is not None:
-            self._ioctx.close()
-            self._ioctx = None
-        if self._cluster is not None:
-            self._cluster.shutdown()
-            self._cluster = None
+        if self.images is not None:
+            self.images.close()
+            self.images = None
         if self.ceph is not None:
             self.ceph.stop()
             self.ceph = None

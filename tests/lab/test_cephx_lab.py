@@ -33,22 +33,12 @@ def lab(cephx_lab: IscsiLab) -> IscsiLab:
 
 
 def _auth(lab: IscsiLab, entity: str) -> dict[str, Any]:
-    ret, out, err = lab._cluster.mon_command(json.dumps({"prefix": "auth get", "entity": entity,
-                                                         "format": "json"}), b"")
+    assert lab.images is not None
+    ret, out, err = lab.images.cluster.mon_command(json.dumps({"prefix": "auth get", "entity": entity,
+                                                               "format": "json"}), b"")
     assert ret == 0, err
     v = json.loads(out)
     return dict(v[0] if isinstance(v, list) else v)
-
-
-def _blocklist(lab: IscsiLab) -> list[str]:
-    ret, out, err = lab._cluster.mon_command(json.dumps({"prefix": "osd blocklist ls", "format": "json"}), b"")
-    assert ret == 0, err
-    text, addrs, i = out.decode(), [], 0      # Ceph 16 prints two lists: addresses, then ranges
-    dec = json.JSONDecoder()
-    while i < len(text.strip()):
-        v, i = dec.raw_decode(text, i)
-        addrs += [e["addr"] for e in v]
-    return addrs
 
 
 def _no_caps_problem(lab: IscsiLab) -> None:
@@ -68,7 +58,8 @@ def test_the_lab_runs_the_guides_users_and_nothing_more(lab: IscsiLab) -> None:
         got = _auth(lab, entity)["caps"]
         assert got == dict(zip(caps[::2], caps[1::2])), entity
     assert all(f'client_id = "{GUIDE_CLIENT_ID}"' in g.config.read_text() for g in lab.gw.values())
-    ret, _, _ = lab._cluster.mon_command(json.dumps({"prefix": "auth get", "entity": "client.nosuch"}), b"")
+    assert lab.images is not None
+    ret, _, _ = lab.images.cluster.mon_command(json.dumps({"prefix": "auth get", "entity": "client.nosuch"}), b"")
     assert ret != 0
 
 
@@ -99,16 +90,16 @@ def test_the_cli_and_every_gateway_work_with_the_guides_caps(lab: IscsiLab) -> N
             assert s.read(2048 + 256 * i, len(data[i]) // 512) == data[i]
     with iscsi.Session(f"{vips[1]}:3260", iqn, netns=lab.ini(), timeout=30) as s:
         assert s.read(2048, len(data[0]) // 512) == data[0], "written at path 1, read at path 2"
-    import rbd
-    with lab._cluster.open_ioctx("rbd") as io, rbd.Image(io, f"pathagent-{disk_id}", read_only=True) as img:
-        assert bytes(img.read(2048 * 512, len(data[0]))) == data[0]
+    assert lab.images is not None
+    assert lab.images.read(f"pathagent-{disk_id}", 2048 * 512, len(data[0])) == data[0]
     cli("disk", "stop", disk_id, "--force")
     cli("disk", "delete", disk_id)
     _no_caps_problem(lab)
 
 
 def test_a_crashed_gateway_is_fenced_by_the_leader_with_the_guides_caps(lab: IscsiLab) -> None:
-    before = set(_blocklist(lab))
+    assert lab.images is not None
+    before = set(lab.images.blocklist())
     o = failover.run(lab, "crash", log=lambda m: print(f"  {m}", flush=True))
     msg = o.line()
     print(f"\n{msg}")
@@ -116,7 +107,7 @@ def test_a_crashed_gateway_is_fenced_by_the_leader_with_the_guides_caps(lab: Isc
     for v in o.verdicts:
         assert v.checked > 100 and v.ok + v.newer == v.checked and v.bad == 0, msg
     assert o.gap.recovered and o.owner_after not in (None, o.victim), msg
-    added = set(_blocklist(lab)) - before
+    added = set(lab.images.blocklist()) - before
     assert added, f"the leader blocklisted the crashed gateway's clients; {msg}"
     print(f"blocklisted: {sorted(added)}")
     _no_caps_problem(lab)

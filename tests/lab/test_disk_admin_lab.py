@@ -69,12 +69,10 @@ def wait_served(lab: IscsiLab, disk_id: str, vips: list[str]) -> float:
 def test_import_serves_the_original_data_and_serial(iscsi_lab: IscsiLab) -> None:
     import rbd
     lab = iscsi_lab
-    image = f"legacy-{uuid.uuid4().hex[:6]}"
-    rbd.RBD().create(lab._ioctx, image, 32 << 20, old_format=False,
-                     features=rbd.RBD_FEATURE_LAYERING | rbd.RBD_FEATURE_EXCLUSIVE_LOCK)
+    assert lab.images is not None
+    image = lab.images.create(f"legacy-{uuid.uuid4().hex[:6]}", 32 << 20)
     data = os.urandom(256 * 1024)
-    with rbd.Image(lab._ioctx, image) as img:
-        img.write(data, 1 << 20)
+    lab.images.write(image, 1 << 20, data)
     serial = str(uuid.uuid4())
     vips = [lab.vip(), lab.vip()]
     out = cli(lab, "disk", "import", image, "--image", f"rbd/{image}", "--serial", serial, "--open",
@@ -91,9 +89,8 @@ def test_import_serves_the_original_data_and_serial(iscsi_lab: IscsiLab) -> None
     print(f"\nimported rbd/{image} served on 2 paths {took:.2f} s after start; original data and serial read back")
     cli(lab, "disk", "stop", image, "--force")
     cli(lab, "disk", "delete", image)
-    with rbd.Image(lab._ioctx, image, read_only=True) as img:      # an imported image keeps its data
-        assert bytes(img.read(1 << 20, len(data))) == data
-    rbd.RBD().remove(lab._ioctx, image)
+    assert lab.images.read(image, 1 << 20, len(data)) == data      # an imported image keeps its data
+    rbd.RBD().remove(lab.images.ioctx, image)
 
 
 def _capacity(s: iscsi.Session) -> int:
