@@ -43,7 +43,7 @@ def rows(view: ClusterView) -> list[dict[str, Any]]:
         rec = view.records.get(n)
         row: dict[str, Any] = {"node": n, "live": n in view.nodes, "drained": n in view.drained,
                                "paths": held.get(n, 0), "leader": n == leader,
-                               "backend": rec.backend or None if rec is not None else None}
+                               "backend": (rec.backend or None) if rec is not None else None}
         if rec is not None and rec.weight != 1.0:
             row["weight"] = rec.weight
         if rec is not None and rec.orphaned():

@@ -306,16 +306,26 @@ def test_batch_acquire_and_a_rolled_back_batch_falls_back_to_one_by_one(tmp_path
     assert txns < 45
 
 
-def test_move_request_hands_a_path_over(tmp_path: Path, store: MemoryStore, clock: FakeClock) -> None:
+def _two_serving(tmp_path: Path, store: MemoryStore, clock: FakeClock) -> tuple[Any, Any]:
+    """Two nodes serving d1 (two paths): (the owner of path 1, the other)."""
     store.start_disk("d1", 2)
     a = one(tmp_path, store, clock, "gwa")
     b = one(tmp_path, store, clock, "gwb")
     for _ in range(3):
         a.step()
         b.step()
-    owner, other = (a, b) if store.holder(P1) == a.session else (b, a)
+    return (a, b) if store.holder(P1) == a.session else (b, a)
+
+
+def _request_move(store: MemoryStore, path: PathKey, to: Any) -> None:
+    """What `pathagent path move` writes: a move key locked by a CLI session."""
     cli = store.create_session("cli", "pathagent-cli", (), 0.0, 10.0, "delete")
-    store._txn([("lock", keys.move_key(store.prefix, P1), cli, ('{"node":"%s"}' % other.agent.node).encode())])
+    store._txn([("lock", keys.move_key(store.prefix, path), cli, ('{"node":"%s"}' % to.agent.node).encode())])
+
+
+def test_move_request_hands_a_path_over(tmp_path: Path, store: MemoryStore, clock: FakeClock) -> None:
+    owner, other = _two_serving(tmp_path, store, clock)
+    _request_move(store, P1, other)
     for _ in range(3):
         owner.step()
         other.step()
@@ -328,17 +338,10 @@ def test_a_planned_move_goes_silent_and_the_new_owner_tickles_the_old_connection
     """The holder takes the address down before it unexports (no goodbye can leave: the connections go
     silent), records the connections it saw in the released key, and the new owner tickles exactly those
     once its address is up; an acquire that carries connections keeps them in its lock value."""
-    store.start_disk("d1", 2)
-    a = one(tmp_path, store, clock, "gwa")
-    b = one(tmp_path, store, clock, "gwb")
-    for _ in range(3):
-        a.step()
-        b.step()
-    owner, other = (a, b) if store.holder(P1) == a.session else (b, a)
+    owner, other = _two_serving(tmp_path, store, clock)
     peers = (("198.18.0.50", 40000, 3260),)
     owner.network.conns[P1] = peers
-    cli = store.create_session("cli", "pathagent-cli", (), 0.0, 10.0, "delete")
-    store._txn([("lock", keys.move_key(store.prefix, P1), cli, ('{"node":"%s"}' % other.agent.node).encode())])
+    _request_move(store, P1, other)
     owner.step()
     assert store.holder(P1) is None
     assert decode_peers(store.kv[keys.path_key(store.prefix, P1)].value) == peers
