@@ -12,7 +12,9 @@
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export HOME=/root LANG=C.UTF-8
 say() { echo "pathagent-init: $*" > /dev/console; }
-off() { sync; say "power off"; echo o > /proc/sysrq-trigger; sleep 30 2>/dev/null; }
+# PID 1 must outlive the power-off it asks for (if it exits first the kernel panics, "Attempted to kill init!"):
+# once seen when the sleep after the sysrq could not be executed (exit 126) while the system went down
+off() { sync; say "power off"; echo o > /proc/sysrq-trigger; while :; do sleep 1 2>/dev/null || :; done; }
 
 mount -t proc -o nosuid,nodev,noexec proc /proc
 mount -t sysfs -o nosuid,nodev,noexec sysfs /sys
